@@ -1,0 +1,122 @@
+"""MoLFConfig: which layers become MoLF layers, which experts they hold, how they are routed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from molf.errors import MolfError
+
+SCORES = ("epd", "pfn")
+LORA_GRAD_PATHS = ("auto", "fused", "dual")
+
+
+@dataclass
+class MoLFConfig:
+    """Configuration of a MoLF model.
+
+    Each target ``nn.Linear`` computes ``W x + b + sum_i s_i B_i A_i x`` with an FFT
+    expert (``W``, ``b``; trained when ``train_base``) and one LoRA expert per entry of
+    ``lora_ranks``. The optimizer routes each module's update to its ``top_k`` experts
+    by ``score`` ("epd": expected preconditioned descent, "pfn": preconditioned
+    Frobenius norm).
+
+    ``target_modules`` follows PEFT's rules: ``"all-linear"`` (every ``nn.Linear`` but
+    the output layer), a list of name suffixes, or a regex string that must match the
+    whole qualified module name. ``exclude_modules`` uses the same rules.
+    ``lora_grad_path`` picks how LoRA gradients are computed: ``"fused"`` forms
+    ``W + sum_i s_i B_i A_i`` and derives the LoRA gradients from ``dL/dW``; ``"dual"``
+    runs the LoRA branch per token; ``"auto"`` uses fused when the base is trained and
+    dropout is 0.
+    """
+
+    target_modules: str | Sequence[str] = "all-linear"
+    exclude_modules: str | Sequence[str] | None = ("lm_head",)
+    lora_ranks: Sequence[int] = (128,)
+    lora_alphas: Sequence[float] = (32,)
+    use_rslora: bool = True
+    lora_dropout: float = 0.0
+    train_base: bool = True
+    train_non_linear: bool = True
+    top_k: int = 1
+    score: str = "epd"
+    lora_grad_path: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target_modules, str):
+            self.target_modules = tuple(self.target_modules)
+        if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
+            self.exclude_modules = tuple(self.exclude_modules)
+        self.lora_ranks = tuple(self.lora_ranks)
+        self.lora_alphas = tuple(self.lora_alphas)
+        self._validate()
+
+    def _validate(self) -> None:
+        if len(self.lora_ranks) == 0:
+            raise MolfError("lora_ranks is empty: give at least one LoRA rank, e.g. (128,)")
+        if len(self.lora_alphas) != len(self.lora_ranks):
+            raise MolfError(
+                f"lora_alphas has {len(self.lora_alphas)} entries but lora_ranks has "
+                f"{len(self.lora_ranks)}: give one alpha per LoRA expert"
+            )
+        for r in self.lora_ranks:
+            if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+                raise MolfError(f"lora_ranks must hold positive integers, got {r!r}")
+        for a in self.lora_alphas:
+            if not isinstance(a, (int, float)) or not math.isfinite(a) or a <= 0:
+                raise MolfError(f"lora_alphas must hold positive numbers, got {a!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise MolfError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.score not in SCORES:
+            raise MolfError(f"score must be one of {SCORES}, got {self.score!r}")
+        if self.lora_grad_path not in LORA_GRAD_PATHS:
+            raise MolfError(
+                f"lora_grad_path must be one of {LORA_GRAD_PATHS}, got {self.lora_grad_path!r}"
+            )
+        if self.lora_grad_path == "fused" and self.lora_dropout > 0:
+            raise MolfError(
+                "lora_grad_path='fused' needs lora_dropout=0 (dropout applies to the LoRA "
+                "input only); use lora_grad_path='dual' or 'auto'"
+            )
+        n = self.num_experts
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= n:
+            raise MolfError(
+                f"top_k must be between 1 and the number of experts ({n}: "
+                f"{', '.join(self.expert_names)}), got {self.top_k!r}"
+            )
+        if isinstance(self.target_modules, tuple) and not self.target_modules:
+            raise MolfError("target_modules is empty: use 'all-linear' or name the layers")
+
+    @property
+    def expert_names(self) -> list[str]:
+        """``"fft"`` when the base is trained, then ``"lora0"``, ``"lora1"``, ..."""
+        names = ["fft"] if self.train_base else []
+        return names + [f"lora{i}" for i in range(len(self.lora_ranks))]
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.lora_ranks) + int(self.train_base)
+
+    def scalings(self) -> list[float]:
+        """``s_i = alpha_i / sqrt(r_i)`` with rsLoRA, else ``alpha_i / r_i``."""
+        return [
+            a / math.sqrt(r) if self.use_rslora else a / r
+            for r, a in zip(self.lora_ranks, self.lora_alphas)
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MoLFConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise MolfError(f"unknown MoLFConfig field(s) {sorted(unknown)}; valid: {sorted(known)}")
+        return cls(**d)

@@ -1,0 +1,166 @@
+"""MoLFLinear: a linear layer with an FFT expert (the dense weight) and LoRA experts.
+
+    y = x W^T + b + sum_i s_i (x A_i^T) B_i^T
+
+Two ways to get the same gradients:
+
+* **dual path**: the LoRA branch runs per token beside the base layer. Needed for
+  LoRA dropout (which applies to the LoRA input only) and cheap when ``W`` is frozen
+  (MoLF-E), since ``dL/dW`` is then never formed.
+* **fused path**: forms ``W' = W + sum_i s_i B_i A_i`` on the fly and runs one matmul.
+  With ``G = dL/dW'`` (which FFT computes anyway), the LoRA gradients are
+  ``dL/dB_i = s_i G A_i^T`` and ``dL/dA_i = s_i B_i^T G``: ``O(d_out d_in r)`` per step,
+  independent of the number of tokens, and no activation is saved beyond ``x``.
+  ``W'`` is recomputed in backward instead of being kept.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def _effective_weight(
+    weight: torch.Tensor, loras: tuple[torch.Tensor, ...], scalings: tuple[float, ...], dtype
+) -> torch.Tensor:
+    """``W + sum_i s_i B_i A_i`` in ``dtype``; ``loras`` is ``(A_0, B_0, A_1, B_1, ...)``."""
+    w = weight.to(dtype)
+    for i, s in enumerate(scalings):
+        a, b = loras[2 * i].to(dtype), loras[2 * i + 1].to(dtype)
+        w = torch.addmm(w, b, a, alpha=s) if i == 0 else w.addmm_(b, a, alpha=s)
+    return w
+
+
+class _FusedLoRALinear(torch.autograd.Function):
+    """``y = x (W + sum_i s_i B_i A_i)^T + b`` with LoRA gradients derived from ``dL/dW``."""
+
+    @staticmethod
+    def forward(ctx: Any, x, weight, bias, scalings, *loras):  # type: ignore[override]
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w = _effective_weight(weight, loras, scalings, dtype)
+            y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+        ctx.scalings, ctx.dtype = scalings, dtype
+        ctx.save_for_backward(x, weight, bias, *loras)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y: torch.Tensor):  # type: ignore[override]
+        x, weight, bias, *loras = ctx.saved_tensors
+        scalings, dtype = ctx.scalings, ctx.dtype
+        needs = ctx.needs_input_grad
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(x.device.type, enabled=False):
+            if needs[0]:
+                w = _effective_weight(weight, tuple(loras), scalings, dtype)
+                grad_x = (g @ w).reshape(x.shape).to(x.dtype)
+            if bias is not None and needs[2]:
+                grad_b = g.sum(0).to(bias.dtype)
+            lora_grads: list[torch.Tensor | None] = [None] * len(loras)
+            if needs[1] or any(needs[4:]):
+                big_g = g.t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # dL/dW', d_out x d_in
+                if needs[1]:
+                    grad_w = big_g.to(weight.dtype)
+                for i, s in enumerate(scalings):
+                    a, b = loras[2 * i], loras[2 * i + 1]
+                    if needs[4 + 2 * i]:
+                        lora_grads[2 * i] = (b.to(dtype).t() @ big_g).mul_(s).to(a.dtype)
+                    if needs[5 + 2 * i]:
+                        lora_grads[2 * i + 1] = (big_g @ a.to(dtype).t()).mul_(s).to(b.dtype)
+        return (grad_x, grad_w, grad_b, None, *lora_grads)
+
+
+class MoLFLinear(nn.Module):
+    """An ``nn.Linear`` reparameterized as an FFT expert plus LoRA experts.
+
+    ``base_layer`` is the wrapped ``nn.Linear`` (the FFT expert). ``lora_A[i]`` is
+    ``r_i x d_in`` (kaiming-uniform, a=sqrt(5)) and ``lora_B[i]`` is ``d_out x r_i``
+    (zeros), so a fresh wrap leaves outputs unchanged. ``scalings[i]`` is ``s_i``.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        ranks: tuple[int, ...],
+        scalings: tuple[float, ...],
+        lora_dropout: float = 0.0,
+        grad_path: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.scalings = tuple(float(s) for s in scalings)
+        self.ranks = tuple(ranks)
+        w = base_layer.weight
+        factory = {"device": w.device, "dtype": w.dtype}
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.empty(r, base_layer.in_features, **factory)) for r in ranks]
+        )
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.zeros(base_layer.out_features, r, **factory)) for r in ranks]
+        )
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.grad_path = grad_path
+
+    # nn.Linear's attributes, so model code that reads them keeps working.
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base_layer.bias
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def uses_fused_path(self) -> bool:
+        """Whether gradients come from ``dL/dW`` (see the module docstring)."""
+        if self.grad_path == "auto":
+            return self.base_layer.weight.requires_grad and isinstance(
+                self.lora_dropout, nn.Identity
+            )
+        return self.grad_path == "fused"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Without autograd (generation) the per-token path is the cheap one.
+        if torch.is_grad_enabled() and self.uses_fused_path():
+            loras = [t for ab in zip(self.lora_A, self.lora_B) for t in ab]
+            return _FusedLoRALinear.apply(
+                x, self.base_layer.weight, self.base_layer.bias, self.scalings, *loras
+            )
+        y = self.base_layer(x)
+        xd = self.lora_dropout(x)
+        for a, b, s in zip(self.lora_A, self.lora_B, self.scalings):
+            y = y + F.linear(F.linear(xd, a), b) * s
+        return y
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """``W + sum_i s_i B_i A_i``, computed in fp32 and cast back to ``W``'s dtype."""
+        w = self.base_layer.weight
+        return _effective_weight(
+            w.float(), tuple(t.float() for ab in zip(self.lora_A, self.lora_B) for t in ab),
+            self.scalings, torch.float32,
+        ).to(w.dtype)
+
+    def extra_repr(self) -> str:
+        return f"ranks={self.ranks}, scalings={tuple(round(s, 4) for s in self.scalings)}"

@@ -1,0 +1,188 @@
+"""Wrap a model's linear layers as MoLF layers, merge them back, export MoLF-E as PEFT."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from molf.config import MoLFConfig
+from molf.errors import MolfError
+from molf.layer import MoLFLinear
+
+
+def molf_modules(model: nn.Module) -> Iterator[tuple[str, MoLFLinear]]:
+    """The MoLF layers of ``model`` with their qualified names, in ``named_modules`` order."""
+    for name, module in model.named_modules():
+        if isinstance(module, MoLFLinear):
+            yield name, module
+
+
+def _matches(name: str, spec: str | Sequence[str]) -> bool:
+    """PEFT's rules: a string is a regex on the whole name, a list holds name suffixes."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == s or name.endswith("." + s) for s in spec)
+
+
+def _output_layer_names(model: nn.Module) -> set[str]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    return {name for name, m in model.named_modules() if out is not None and m is out}
+
+
+def find_target_modules(model: nn.Module, config: MoLFConfig) -> list[str]:
+    """Qualified names of the ``nn.Linear`` layers that ``config`` targets."""
+    linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    excluded = _output_layer_names(model) if config.target_modules == "all-linear" else set()
+    names = []
+    for name in linear:
+        if name in excluded or (
+            config.exclude_modules is not None and _matches(name, config.exclude_modules)
+        ):
+            continue
+        if config.target_modules == "all-linear" or _matches(name, config.target_modules):
+            names.append(name)
+    if not names:
+        shown = ", ".join(linear[:8]) + (" ..." if len(linear) > 8 else "")
+        raise MolfError(
+            f"target_modules={config.target_modules!r} (exclude_modules="
+            f"{config.exclude_modules!r}) matches no nn.Linear layer; the model's linear "
+            f"layers are: {shown or 'none'}"
+        )
+    return names
+
+
+def get_molf_model(model: nn.Module, config: MoLFConfig) -> nn.Module:
+    """Replace the targeted linear layers of ``model`` by :class:`MoLFLinear`, in place.
+
+    Sets ``requires_grad``: the base weights follow ``config.train_base``, the LoRA
+    experts are trained, and every other parameter follows ``config.train_non_linear``.
+    The config is kept as ``model.molf_config``. Returns ``model``.
+    """
+    if any(True for _ in molf_modules(model)) or hasattr(model, "molf_config"):
+        raise MolfError(
+            "the model already holds MoLF layers: wrap a fresh model, or call "
+            "merge_and_unload(model) first"
+        )
+    targets = find_target_modules(model, config)
+    for name in targets:
+        base = model.get_submodule(name)
+        too_big = [r for r in config.lora_ranks if r > min(base.in_features, base.out_features)]
+        if too_big:
+            raise MolfError(
+                f"lora_ranks {too_big} exceed min(d_in, d_out) = "
+                f"{min(base.in_features, base.out_features)} of layer '{name}' "
+                f"({base.in_features} -> {base.out_features}): use smaller ranks or "
+                "exclude that layer with exclude_modules"
+            )
+    for p in model.parameters():
+        p.requires_grad_(config.train_non_linear)
+    scalings = tuple(config.scalings())
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        base = getattr(parent, child)
+        for p in base.parameters():
+            p.requires_grad_(config.train_base)
+        layer = MoLFLinear(
+            base, config.lora_ranks, scalings, config.lora_dropout, config.lora_grad_path
+        )
+        setattr(parent, child, layer)
+    model.molf_config = config
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every LoRA expert into its base weight (in fp32, cast back) and restore the
+    plain ``nn.Linear`` layers, so the result is a vanilla model. In place; returns it."""
+    for name, layer in list(molf_modules(model)):
+        with torch.no_grad():
+            layer.base_layer.weight.copy_(layer.merged_weight())
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base_layer)
+    if hasattr(model, "molf_config"):
+        del model.molf_config
+    return model
+
+
+def _trained_non_molf_modules(model: nn.Module) -> list[str]:
+    """Names of the modules outside MoLF layers that own a trainable parameter."""
+    inside = {n for n, _ in molf_modules(model)}
+    owners = []
+    for name, module in model.named_modules():
+        if any(name == i or name.startswith(i + ".") for i in inside):
+            continue
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            owners.append(name)
+    return owners
+
+
+def export_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
+    """Save a MoLF-E model as a PEFT LoRA adapter that reproduces its outputs.
+
+    The experts of a layer become one LoRA of rank ``R = sum_i r_i``:
+    ``A = [A_0; A_1; ...]`` (R x d_in), ``B = [s_0 B_0, s_1 B_1, ...]`` (d_out x R),
+    with ``lora_alpha = R`` and no rsLoRA, so PEFT's scaling is 1 and
+    ``B A = sum_i s_i B_i A_i``. Trained parameters outside MoLF layers (embeddings,
+    norms) go into ``modules_to_save``. Load with ``PeftModel.from_pretrained(base, path)``.
+    Written to a temporary directory first, then renamed into place.
+    """
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config: MoLFConfig | None = getattr(model, "molf_config", None)
+    if config is None:
+        raise MolfError("export_peft_adapter needs a model wrapped by get_molf_model")
+    if config.train_base:
+        raise MolfError(
+            "export_peft_adapter needs a MoLF-Efficient model (train_base=False): this "
+            "model's base weights were trained, so a LoRA adapter cannot reproduce it; "
+            "use merge_and_unload(model) and save the merged model instead"
+        )
+    layers = list(molf_modules(model))
+    rank = sum(config.lora_ranks)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        with torch.no_grad():
+            a = torch.cat(list(layer.lora_A), dim=0)
+            b = torch.cat([bi * s for bi, s in zip(layer.lora_B, layer.scalings)], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    to_save = _trained_non_molf_modules(model)
+    for name in to_save:
+        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+            tensors[f"base_model.model.{name}.{pname}"] = p.detach().contiguous()
+    peft_config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        use_rslora=False,
+        lora_dropout=config.lora_dropout,
+        target_modules=[name for name, _ in layers],
+        modules_to_save=to_save or None,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
+    )
+    path = os.fspath(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
+    try:
+        peft_config.save_pretrained(tmp)
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(tmp, "molf_config.json"), "w") as f:
+            json.dump(config.to_dict(), f, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,49 @@
+"""The types every task shares: a training pair, a loaded dataset, the task protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training pair. The loss is taken on the completion tokens only."""
+
+    prompt: str
+    completion: str  # e.g. " English": a leading space where the text continues naturally
+
+
+@dataclass
+class TaskData:
+    """What ``Task.load`` returns: training pairs, evaluation records and their origin."""
+
+    train: list[Example]
+    eval: list[Any]  # task-specific records, consumed by the same task's ``evaluate``
+    source: str  # human-readable: the path or hub id the data came from
+
+
+class Task(Protocol):
+    """An evaluation task: loads its data and scores a model on it."""
+
+    name: str
+    primary_metric: str  # the key of evaluate()'s dict that results tables lead with
+
+    def load(
+        self,
+        data: str | None,
+        *,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> TaskData: ...
+
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[Any],
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 64,
+    ) -> dict[str, float]: ...

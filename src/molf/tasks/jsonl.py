@@ -1,0 +1,99 @@
+"""The user's own data: JSON lines of ``{"prompt": ..., "completion": ...}``.
+
+A file is both the training and the evaluation set (did the model learn these
+pairs?); a directory holds ``train.jsonl`` and ``eval.jsonl`` for a held-out check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from molf.errors import MolfError
+from molf.tasks.base import Example, TaskData
+from molf.tasks.metrics import mean, text_exact_match
+from molf.tasks.scoring import completion_logprobs, generate
+from molf.tasks.sources import (
+    Origin,
+    existing_path,
+    nonempty,
+    parse_rows,
+    read_rows,
+    take,
+    text,
+)
+
+TRAIN_FILE, EVAL_FILE = "train.jsonl", "eval.jsonl"  # read when --data is a directory
+
+
+def parse_pair_row(row: dict[str, Any], origin: Origin) -> Example:
+    """An Example from a row; both fields must be non-empty strings, used as written."""
+    return Example(text(row, "prompt", origin), text(row, "completion", origin))
+
+
+class JsonlTask:
+    """Prompt/completion pairs from the user; results lead with exact match."""
+
+    name = "jsonl"
+    primary_metric = "exact_match"
+
+    def load(
+        self,
+        data: str | None,
+        *,
+        max_train_samples: int | None = None,
+        max_eval_samples: int | None = None,
+        seed: int = 0,
+    ) -> TaskData:
+        """Pairs from a file (train = eval) or a directory (train.jsonl, eval.jsonl)."""
+        if data is None:
+            raise MolfError(
+                "the jsonl task has no hub dataset; pass --data FILE.jsonl or a "
+                f"directory with {TRAIN_FILE} and {EVAL_FILE}"
+            )
+        path = existing_path(data)
+        if path.is_dir():
+            missing = [n for n in (TRAIN_FILE, EVAL_FILE) if not (path / n).is_file()]
+            if missing:
+                raise MolfError(
+                    f"--data {path}: missing {', '.join(missing)}; a directory needs "
+                    f"{TRAIN_FILE} and {EVAL_FILE}"
+                )
+            train_path, eval_path = path / TRAIN_FILE, path / EVAL_FILE
+        else:
+            train_path = eval_path = path
+        train = parse_rows(read_rows(train_path), parse_pair_row, skip_bad=False)[0]
+        evals = (
+            train
+            if eval_path == train_path
+            else parse_rows(read_rows(eval_path), parse_pair_row, skip_bad=False)[0]
+        )
+        source = str(path)
+        return TaskData(
+            nonempty(take(train, max_train_samples, seed, "max_train_samples"), "pairs", source),
+            nonempty(take(evals, max_eval_samples, seed, "max_eval_samples"), "pairs", source),
+            source,
+        )
+
+    def evaluate(
+        self,
+        model: Any,
+        tokenizer: Any,
+        records: list[Example],
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 64,
+    ) -> dict[str, float]:
+        """How well the model reproduces each completion.
+
+        - exact_match: share of greedy generations equal to the completion, both stripped;
+        - mean_logprob: mean over pairs of the completion's mean token log-prob (<= 0).
+        """
+        prompts = [r.prompt for r in records]
+        generated = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        scores = completion_logprobs(
+            model, tokenizer, prompts, [r.completion for r in records], batch_size
+        )
+        return {
+            "exact_match": text_exact_match(generated, [r.completion for r in records]),
+            "mean_logprob": mean(scores),
+        }

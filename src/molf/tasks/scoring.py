@@ -1,0 +1,115 @@
+"""Scoring and greedy generation with a causal LM, batched, for every task's metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from molf.errors import MolfError
+from molf.tasks.encoding import IGNORE_INDEX, collate, encode_example, ensure_pad_token, prompt_ids
+
+
+@contextmanager
+def inference(model: Any) -> Iterator[None]:
+    """``model.eval()`` and no gradients inside; the previous training mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def context_length(model: Any) -> int | None:
+    """How many positions the model was trained for, when its config says."""
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def completion_logprobs(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    completions: list[str],
+    batch_size: int = 8,
+) -> list[float]:
+    """Mean token log-probability of each completion given its prompt.
+
+    The mean (not the sum) keeps answers of different token lengths comparable.
+    Pairs are encoded as for training (without EOS) and right-padded in batches;
+    the attention mask keeps each score equal to scoring the pair alone.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    pad_id = ensure_pad_token(tokenizer)
+    encoded = [
+        encode_example(tokenizer, p, c, max_length=context_length(model), add_eos=False)
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+    for item, completion in zip(encoded, completions, strict=True):
+        if all(label == IGNORE_INDEX for label in item["labels"]):
+            raise MolfError(f"completion {completion!r} has no tokens to score; make it non-empty")
+    scores: list[float] = []
+    with inference(model):
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], pad_id)
+            batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .logits[:, :-1]
+                .float()
+            )
+            targets = batch["labels"][:, 1:]
+            scored = targets != IGNORE_INDEX
+            picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            token_logp = (picked - logits.logsumexp(-1)) * scored
+            scores.extend((token_logp.sum(-1) / scored.sum(-1)).tolist())
+    return scores
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int = 8,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (only the new text), each stopping at EOS.
+
+    Prompts are left-padded so every row's new tokens start at the same position;
+    a prompt too long for the model's context loses tokens from its left.
+    """
+    pad_id = ensure_pad_token(tokenizer)
+    eos_id = tokenizer.eos_token_id
+    limit = context_length(model)
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    if limit is not None:
+        keep = max(1, limit - max_new_tokens)
+        encoded = [ids[-keep:] for ids in encoded]
+    texts: list[str] = []
+    with inference(model):
+        for start in range(0, len(encoded), batch_size):
+            chunk = encoded[start : start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in chunk])
+            mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
+            out = model.generate(
+                input_ids=ids.to(model_device(model)),
+                attention_mask=mask.to(model_device(model)),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                eos_token_id=eos_id,
+            )
+            for row in out[:, width:].tolist():
+                if eos_id is not None and eos_id in row:
+                    row = row[: row.index(eos_id)]
+                texts.append(tokenizer.decode(row, skip_special_tokens=True))
+    return texts

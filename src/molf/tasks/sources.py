@@ -1,0 +1,207 @@
+"""Where task rows come from: local JSON / JSON-lines files or the Hugging Face hub.
+
+Both sources yield the same ``(Origin, dict)`` pairs, so every task parses hub rows
+and local rows with one function, and a malformed row is reported the same way:
+file (or hub split), 1-based line (or row number), field.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from molf.errors import DataError, MolfError
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a row came from, so errors can point at it."""
+
+    path: str
+    line: int
+
+    def error(self, field: str, problem: str) -> DataError:
+        return DataError(self.path, self.line, field, problem)
+
+
+Row = tuple[Origin, dict[str, Any]]
+
+
+def existing_path(data: str) -> Path:
+    """The user's ``--data`` path, or a MolfError saying it does not exist."""
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise MolfError(f"--data {data}: no such file or directory; pass an existing path")
+    return path
+
+
+def read_rows(path: Path) -> list[Row]:
+    """Rows of a JSON-list file or a JSON-lines file (told apart by a leading '[')."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MolfError(f"{path}: cannot read it as UTF-8 text ({e}); pass a JSON file") from e
+    if text.lstrip().startswith("["):
+        return _json_list_rows(str(path), text)
+    return _jsonl_rows(str(path), text)
+
+
+def _jsonl_rows(path: str, text: str) -> list[Row]:
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(path, number, "<json>", f"invalid JSON: {e.msg}") from e
+        rows.append(_as_row(Origin(path, number), value))
+    return rows
+
+
+def _json_list_rows(path: str, text: str) -> list[Row]:
+    """Decode a JSON list item by item, to know the line each item starts on."""
+    decoder = json.JSONDecoder()
+    rows: list[Row] = []
+    pos, line, counted = text.index("[") + 1, 1, 0
+    while True:
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == "]" and not rows:
+            return rows
+        line, counted = line + text.count("\n", counted, pos), pos
+        try:
+            value, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise DataError(path, e.lineno, "<json>", f"invalid JSON: {e.msg}") from e
+        rows.append(_as_row(Origin(path, line), value))
+        pos = _skip_space(text, pos)
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos < len(text) and text[pos] == "]":
+            return rows
+        else:
+            line += text.count("\n", counted, pos)
+            raise DataError(path, line, "<json>", "invalid JSON: expected ',' or ']' after an item")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+def _as_row(origin: Origin, value: Any) -> Row:
+    if not isinstance(value, dict):
+        raise origin.error("<row>", f"expected a JSON object, got {type(value).__name__}")
+    return origin, value
+
+
+def hub_rows(dataset_id: str, split: str) -> list[Row]:
+    """Rows of one split of a hub dataset; ``datasets`` is an optional dependency."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise MolfError(
+            f"loading {dataset_id} from the Hugging Face hub needs the 'datasets' package: "
+            "pip install datasets (or pass a local copy with --data PATH)"
+        ) from e
+    try:
+        table = datasets.load_dataset(dataset_id, split=split)
+    except Exception as e:  # network, auth or cache problems all mean the same to the user
+        raise MolfError(
+            f"could not load hub dataset {dataset_id} (split {split}): {e}; "
+            "check the network, or pass a local copy with --data PATH"
+        ) from e
+    name = f"hub:{dataset_id}[{split}]"
+    return [(Origin(name, number), dict(row)) for number, row in enumerate(table, 1)]
+
+
+def parse_rows(
+    rows: list[Row], parse: Callable[[dict[str, Any], Origin], R], *, skip_bad: bool
+) -> tuple[list[R], int]:
+    """Records parsed from ``rows`` and how many rows were skipped.
+
+    A malformed local row is the user's to fix, so it raises. Hub data is not the
+    user's to fix, so with ``skip_bad`` such rows are dropped and counted instead.
+    """
+    records: list[R] = []
+    skipped = 0
+    for origin, row in rows:
+        try:
+            records.append(parse(row, origin))
+        except DataError:
+            if not skip_bad:
+                raise
+            skipped += 1
+    return records, skipped
+
+
+def describe(source: str, skipped: int) -> str:
+    """``source`` plus a note of skipped malformed rows, for ``TaskData.source``."""
+    return f"{source} (skipped {skipped} malformed rows)" if skipped else source
+
+
+def field(row: dict[str, Any], name: str, origin: Origin) -> Any:
+    """``row[name]``, following dots into nested objects; missing or null is an error."""
+    value: Any = row
+    for part in name.split("."):
+        if not isinstance(value, dict) or value.get(part) is None:
+            raise origin.error(name, "missing; every row needs it")
+        value = value[part]
+    return value
+
+
+def text(row: dict[str, Any], name: str, origin: Origin) -> str:
+    """A required non-empty string field."""
+    value = field(row, name, origin)
+    if not isinstance(value, str) or not value.strip():
+        raise origin.error(name, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def text_list(row: dict[str, Any], name: str, origin: Origin) -> tuple[str, ...]:
+    """A required non-empty list of non-empty strings."""
+    value = field(row, name, origin)
+    if not isinstance(value, list) or not value:
+        raise origin.error(name, f"must be a non-empty list of strings, got {value!r}")
+    if not all(isinstance(item, str) and item.strip() for item in value):
+        raise origin.error(name, "every item must be a non-empty string")
+    return tuple(value)
+
+
+def shuffled(items: Sequence[T], seed: int) -> list[T]:
+    """A copy of ``items`` in a seeded random order (the same for the same seed)."""
+    out = list(items)
+    random.Random(seed).shuffle(out)
+    return out
+
+
+def take(items: Sequence[T], limit: int | None, seed: int, name: str) -> list[T]:
+    """A seeded shuffle of ``items`` capped at ``limit``; ``name`` is the limit's option."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise MolfError(f"{name} must be a positive integer or unset, got {limit!r}")
+    return shuffled(items, seed)[:limit]
+
+
+def split(items: Sequence[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
+    """A seeded disjoint (train, eval) split; each side gets at least one item when it can."""
+    order = shuffled(items, seed)
+    n_eval = max(0, min(max(1, round(len(order) * eval_fraction)), len(order) - 1))
+    return order[n_eval:], order[:n_eval]
+
+
+def nonempty(items: list[T], what: str, source: str) -> list[T]:
+    """``items``, or a MolfError when filtering or limits left nothing."""
+    if not items:
+        raise MolfError(
+            f"{source}: no {what} left after filtering and limits; "
+            "check the data and the max_*_samples options"
+        )
+    return items

@@ -1,0 +1,281 @@
+"""MoLFAdamW against a slow, per-parameter re-implementation of the paper's equations."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from molf import MoLFAdamW, MoLFConfig, MolfError, get_molf_model, molf_modules
+
+BETAS, EPS = (0.9, 0.999), 1e-8
+
+
+class ReferenceMoLF:
+    """The equations, written out one parameter at a time, in float64."""
+
+    def __init__(self, model, lr, lora_lr, wd, lora_wd):
+        cfg = model.molf_config
+        self.k, self.score = cfg.top_k, cfg.score
+        self.experts = []  # per module: list of (expert params, lr, weight decays)
+        self.params = {}  # name -> float64 copy
+        self.state = {}
+        named = {id(p): n for n, p in model.named_parameters()}
+        inside = set()
+        for _, layer in molf_modules(model):
+            row = []
+            if cfg.train_base:
+                b = layer.base_layer
+                ps = [(named[id(b.weight)], wd)] + ([(named[id(b.bias)], 0.0)] if b.bias is not None else [])
+                row.append((ps, "lr"))
+            for a, bb in zip(layer.lora_A, layer.lora_B):
+                row.append(([(named[id(a)], lora_wd), (named[id(bb)], lora_wd)], "lora_lr"))
+            self.experts.append(row)
+            inside |= {id(p) for p in layer.parameters()}
+        self.others = [(n, wd if p.ndim >= 2 else 0.0) for n, p in model.named_parameters()
+                       if p.requires_grad and id(p) not in inside]
+        self.lrs = {"lr": lr, "lora_lr": lora_lr}
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                self.params[n] = p.detach().double().clone()
+                self.state[n] = [torch.zeros_like(self.params[n]), torch.zeros_like(self.params[n]), 0]
+
+    def _moments(self, n, g):
+        m, v, t = self.state[n]
+        m.mul_(BETAS[0]).add_(g, alpha=1 - BETAS[0])
+        v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
+        self.state[n][2] = t + 1
+
+    def _adamw(self, n, lr, wd):
+        m, v, t = self.state[n]
+        p = self.params[n]
+        p.mul_(1 - lr * wd)
+        m_hat = m / (1 - BETAS[0] ** t)
+        v_hat = v / (1 - BETAS[1] ** t)
+        p.sub_(lr * m_hat / (v_hat.sqrt() + EPS))
+
+    def step(self, grads, lr_scale=1.0):
+        for n, g in grads.items():
+            self._moments(n, g.double())
+        selections, scores = [], []
+        for row in self.experts:
+            s = []
+            for ps, lr_key in row:
+                lr = self.lrs[lr_key] * lr_scale
+                total, count = 0.0, 0
+                for n, _ in ps:
+                    m, v, _ = self.state[n]
+                    if self.score == "epd":
+                        total += float((m * m / (v.sqrt() + EPS)).sum()) * lr
+                    else:
+                        total += float(((m / (v.sqrt() + EPS)) ** 2).sum())
+                    count += m.numel()
+                s.append(total / count if self.score == "epd" else math.sqrt(total / count))
+            order = sorted(range(len(s)), key=lambda e: (-s[e], e))
+            winners = set(order[: self.k])
+            for e, (ps, lr_key) in enumerate(row):
+                if e in winners:
+                    for n, wd in ps:
+                        self._adamw(n, self.lrs[lr_key] * lr_scale, wd)
+            selections.append([e in winners for e in range(len(s))])
+            scores.append(s)
+        for n, wd in self.others:
+            self._adamw(n, self.lrs["lr"] * lr_scale, wd)
+        return torch.tensor(selections), torch.tensor(scores, dtype=torch.float64)
+
+
+def _batch(step: int, vocab: int = 96) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, vocab, (2, 12), generator=g)
+
+
+def _grads(model, step):
+    model.zero_grad(set_to_none=True)
+    x = _batch(step)
+    model(x, labels=x).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+CASES = {
+    "epd-k1-molf": dict(lora_ranks=(4,), lora_alphas=(8,), top_k=1, score="epd"),
+    "pfn-k1-molf": dict(lora_ranks=(4,), lora_alphas=(8,), top_k=1, score="pfn"),
+    "epd-k2-three": dict(lora_ranks=(4, 8), lora_alphas=(8, 32), top_k=2, score="epd"),
+    "pfn-k2-three": dict(lora_ranks=(4, 8), lora_alphas=(8, 32), top_k=2, score="pfn"),
+    "epd-molf-e": dict(lora_ranks=(2, 8), lora_alphas=(10, 16), top_k=1, score="epd",
+                       train_base=False),
+    "pfn-molf-e": dict(lora_ranks=(2, 8), lora_alphas=(10, 16), top_k=1, score="pfn",
+                       train_base=False, train_non_linear=False),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_matches_reference(case, scheduled):
+    arch = "qwen2" if "three" in case else "llama"  # qwen2: FFT experts with biases
+    model = get_molf_model(tiny_model(arch), MoLFConfig(**CASES[case]))
+    lr, lora_lr, wd, lora_wd = 1e-2, 8e-3, 0.1, 0.01
+    ref = ReferenceMoLF(model, lr, lora_lr, wd, lora_wd)
+    opt = MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=wd, lora_weight_decay=lora_wd,
+                    betas=BETAS, eps=EPS)
+    warm = lambda s: min(1.0, (s + 1) / 5) * (0.5 if s > 12 else 1.0)  # noqa: E731
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warm) if scheduled else None
+    names = dict(model.named_parameters())
+    winners_seen = set()
+    for step in range(22):
+        grads = _grads(model, step)
+        scale = warm(step) if scheduled else 1.0
+        ref_sel, ref_scores = ref.step(grads, scale)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        routing = opt.last_routing
+        assert torch.equal(routing.selected.cpu(), ref_sel), f"step {step}"
+        torch.testing.assert_close(routing.scores.double(), ref_scores, rtol=1e-4, atol=1e-30)
+        winners_seen |= {tuple(r) for r in ref_sel.tolist()}
+        for n, p_ref in ref.params.items():
+            torch.testing.assert_close(names[n].detach().double(), p_ref, rtol=1e-6, atol=1e-7,
+                                       msg=lambda m, n=n: f"{n} at step {step}: {m}")
+    if case != "pfn-k1-molf":  # PFN is scale-free and always picks FFT on this model
+        assert len(winners_seen) > 1, "routing never changed: the test would not catch a mix-up"
+
+
+def test_top_k_all_experts_is_adamw():
+    model = get_molf_model(tiny_model("qwen2"), MoLFConfig(lora_ranks=(4, 8), lora_alphas=(8, 8),
+                                                           top_k=3))
+    twin = copy.deepcopy(model)
+    opt = MoLFAdamW(model, lr=1e-2, lora_lr=3e-3, weight_decay=0.1, lora_weight_decay=0.02)
+    groups = [{"params": [dict(twin.named_parameters())[n] for n in _names(model, g["params"])],
+               "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+    ref = torch.optim.AdamW(groups, betas=BETAS, eps=EPS, foreach=False)
+    tw = dict(twin.named_parameters())
+    for step in range(15):
+        model.zero_grad()
+        x = _batch(step)
+        model(x, labels=x).loss.backward()
+        for n, p in model.named_parameters():  # the same gradients for both optimizers
+            tw[n].grad = p.grad.clone()
+        opt.step()
+        ref.step()
+        assert opt.last_routing.selected.all()
+    for (n, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def _names(model, params):
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return [ids[id(p)] for p in params]
+
+
+def test_param_groups_and_scheduler_scale_every_group():
+    model = get_molf_model(tiny_model("qwen2"), MoLFConfig(lora_ranks=(4,), lora_alphas=(8,)))
+    opt = MoLFAdamW(model, lr=1e-3, lora_lr=5e-3, weight_decay=0.1, lora_weight_decay=0.01)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert list(by_name) == ["fft", "fft_bias", "lora0", "other", "other_no_decay"]
+    assert by_name["fft_bias"]["weight_decay"] == 0.0 and by_name["other_no_decay"]["weight_decay"] == 0.0
+    assert by_name["lora0"]["lr"] == 5e-3 and by_name["lora0"]["weight_decay"] == 0.01
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    for _ in range(3):
+        opt.step()
+        sched.step()
+    assert by_name["fft"]["lr"] == pytest.approx(1e-3 / 8)
+    assert by_name["lora0"]["lr"] == pytest.approx(5e-3 / 8)
+    assert by_name["other_no_decay"]["lr"] == pytest.approx(1e-3 / 8)
+
+
+def _train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        model.zero_grad()
+        x = _batch(step)
+        model(x, labels=x).loss.backward()
+        opt.step()
+
+
+def test_resume_is_bit_identical():
+    cfg = MoLFConfig(lora_ranks=(4, 8), lora_alphas=(8, 8), top_k=1)
+    model = get_molf_model(tiny_model(), cfg)
+    opt = MoLFAdamW(model, lr=1e-2, lora_lr=2e-2, weight_decay=0.1)
+    _train(model, opt, 5)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    sd = opt.state_dict()
+    assert all(not isinstance(v, torch.Tensor) for g in sd["param_groups"] for v in g.values())
+    assert not any(isinstance(v, torch.Tensor) for k, v in sd.items() if k != "state")
+    _train(model, opt, 10, start=5)
+
+    buf.seek(0)
+    saved = torch.load(buf)
+    fresh = get_molf_model(tiny_model(seed=7), cfg)
+    fresh.load_state_dict(saved["model"])
+    fresh_opt = MoLFAdamW(fresh, lr=1e-2, lora_lr=2e-2, weight_decay=0.1)
+    fresh_opt.load_state_dict(saved["opt"])
+    _train(fresh, fresh_opt, 10, start=5)
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_non_finite_gradient_skips_the_whole_step(caplog):
+    model = get_molf_model(tiny_model(), MoLFConfig(lora_ranks=(4,), lora_alphas=(8,)))
+    opt = MoLFAdamW(model, lr=1e-2)
+    _train(model, opt, 2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = copy.deepcopy(opt.state_dict()["state"])
+    model.zero_grad()
+    x = _batch(9)
+    model(x, labels=x).loss.backward()
+    next(iter(dict(molf_modules(model)).values())).lora_B[0].grad[0, 0] = float("nan")
+    with caplog.at_level(logging.WARNING, logger="molf"):
+        opt.step()
+    assert opt.skipped_steps == 1
+    assert "non-finite" in caplog.text
+    assert not opt.last_routing.selected.any()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for i, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, state[i][k]), (i, k)
+    model.zero_grad()
+    model(x, labels=x).loss.backward()
+    opt.step()
+    assert opt.skipped_steps == 1 and opt.last_routing.selected.any()
+
+
+def test_expert_without_gradient_takes_no_part():
+    model = get_molf_model(tiny_model(), MoLFConfig(lora_ranks=(4, 4), lora_alphas=(64, 64),
+                                                    top_k=2))
+    opt = MoLFAdamW(model, lr=1e-6, lora_lr=1e-1)
+    frozen = [layer.lora_A[1] for _, layer in molf_modules(model)] + [
+        layer.lora_B[1] for _, layer in molf_modules(model)]
+    for step in range(3):
+        model.zero_grad()
+        x = _batch(step)
+        model(x, labels=x).loss.backward()
+        for p in frozen:
+            p.grad = None
+        opt.step()
+        sel = opt.last_routing.selected
+        assert not sel[:, 2].any() and sel[:, :2].all()
+    assert all(p not in opt.state for p in frozen)
+
+
+def test_ties_go_to_the_lower_index():
+    from molf.optim import select_top_k
+
+    scores = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 2.0], [3.0, 1.0, 3.0]])
+    every = torch.ones_like(scores, dtype=torch.bool)
+    assert select_top_k(scores, every, 1).tolist() == [[True, False, False], [False, True, False],
+                                                       [True, False, False]]
+    assert select_top_k(scores, every, 2).tolist() == [[True, True, False], [False, True, True],
+                                                       [True, False, True]]
+    part = torch.tensor([[False, True, True]] * 3)
+    assert select_top_k(scores, part, 1).tolist() == [[False, True, False], [False, True, False],
+                                                      [False, False, True]]
+
+
+def test_rejects_a_model_without_molf_layers():
+    with pytest.raises(MolfError, match="get_molf_model"):
+        MoLFAdamW(tiny_model(), lr=1e-3)
