@@ -18,8 +18,15 @@ from transformers import (
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:

@@ -31,19 +31,28 @@ class ReferenceMoLF:
             row = []
             if cfg.train_base:
                 b = layer.base_layer
-                ps = [(named[id(b.weight)], wd)] + ([(named[id(b.bias)], 0.0)] if b.bias is not None else [])
+                ps = [(named[id(b.weight)], wd)] + (
+                    [(named[id(b.bias)], 0.0)] if b.bias is not None else []
+                )
                 row.append((ps, "lr"))
             for a, bb in zip(layer.lora_A, layer.lora_B):
                 row.append(([(named[id(a)], lora_wd), (named[id(bb)], lora_wd)], "lora_lr"))
             self.experts.append(row)
             inside |= {id(p) for p in layer.parameters()}
-        self.others = [(n, wd if p.ndim >= 2 else 0.0) for n, p in model.named_parameters()
-                       if p.requires_grad and id(p) not in inside]
+        self.others = [
+            (n, wd if p.ndim >= 2 else 0.0)
+            for n, p in model.named_parameters()
+            if p.requires_grad and id(p) not in inside
+        ]
         self.lrs = {"lr": lr, "lora_lr": lora_lr}
         for n, p in model.named_parameters():
             if p.requires_grad:
                 self.params[n] = p.detach().double().clone()
-                self.state[n] = [torch.zeros_like(self.params[n]), torch.zeros_like(self.params[n]), 0]
+                self.state[n] = [
+                    torch.zeros_like(self.params[n]),
+                    torch.zeros_like(self.params[n]),
+                    0,
+                ]
 
     def _moments(self, n, g):
         m, v, t = self.state[n]
@@ -106,10 +115,17 @@ CASES = {
     "pfn-k1-molf": dict(lora_ranks=(4,), lora_alphas=(8,), top_k=1, score="pfn"),
     "epd-k2-three": dict(lora_ranks=(4, 8), lora_alphas=(8, 32), top_k=2, score="epd"),
     "pfn-k2-three": dict(lora_ranks=(4, 8), lora_alphas=(8, 32), top_k=2, score="pfn"),
-    "epd-molf-e": dict(lora_ranks=(2, 8), lora_alphas=(10, 16), top_k=1, score="epd",
-                       train_base=False),
-    "pfn-molf-e": dict(lora_ranks=(2, 8), lora_alphas=(10, 16), top_k=1, score="pfn",
-                       train_base=False, train_non_linear=False),
+    "epd-molf-e": dict(
+        lora_ranks=(2, 8), lora_alphas=(10, 16), top_k=1, score="epd", train_base=False
+    ),
+    "pfn-molf-e": dict(
+        lora_ranks=(2, 8),
+        lora_alphas=(10, 16),
+        top_k=1,
+        score="pfn",
+        train_base=False,
+        train_non_linear=False,
+    ),
 }
 
 
@@ -120,8 +136,15 @@ def test_matches_reference(case, scheduled):
     model = get_molf_model(tiny_model(arch), MoLFConfig(**CASES[case]))
     lr, lora_lr, wd, lora_wd = 1e-2, 8e-3, 0.1, 0.01
     ref = ReferenceMoLF(model, lr, lora_lr, wd, lora_wd)
-    opt = MoLFAdamW(model, lr=lr, lora_lr=lora_lr, weight_decay=wd, lora_weight_decay=lora_wd,
-                    betas=BETAS, eps=EPS)
+    opt = MoLFAdamW(
+        model,
+        lr=lr,
+        lora_lr=lora_lr,
+        weight_decay=wd,
+        lora_weight_decay=lora_wd,
+        betas=BETAS,
+        eps=EPS,
+    )
     warm = lambda s: min(1.0, (s + 1) / 5) * (0.5 if s > 12 else 1.0)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm) if scheduled else None
     names = dict(model.named_parameters())
@@ -138,19 +161,31 @@ def test_matches_reference(case, scheduled):
         torch.testing.assert_close(routing.scores.double(), ref_scores, rtol=1e-4, atol=1e-30)
         winners_seen |= {tuple(r) for r in ref_sel.tolist()}
         for n, p_ref in ref.params.items():
-            torch.testing.assert_close(names[n].detach().double(), p_ref, rtol=1e-6, atol=1e-7,
-                                       msg=lambda m, n=n: f"{n} at step {step}: {m}")
+            torch.testing.assert_close(
+                names[n].detach().double(),
+                p_ref,
+                rtol=1e-6,
+                atol=1e-7,
+                msg=lambda m, n=n, step=step: f"{n} at step {step}: {m}",
+            )
     if case != "pfn-k1-molf":  # PFN is scale-free and always picks FFT on this model
         assert len(winners_seen) > 1, "routing never changed: the test would not catch a mix-up"
 
 
 def test_top_k_all_experts_is_adamw():
-    model = get_molf_model(tiny_model("qwen2"), MoLFConfig(lora_ranks=(4, 8), lora_alphas=(8, 8),
-                                                           top_k=3))
+    model = get_molf_model(
+        tiny_model("qwen2"), MoLFConfig(lora_ranks=(4, 8), lora_alphas=(8, 8), top_k=3)
+    )
     twin = copy.deepcopy(model)
     opt = MoLFAdamW(model, lr=1e-2, lora_lr=3e-3, weight_decay=0.1, lora_weight_decay=0.02)
-    groups = [{"params": [dict(twin.named_parameters())[n] for n in _names(model, g["params"])],
-               "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+    groups = [
+        {
+            "params": [dict(twin.named_parameters())[n] for n in _names(model, g["params"])],
+            "lr": g["lr"],
+            "weight_decay": g["weight_decay"],
+        }
+        for g in opt.param_groups
+    ]
     ref = torch.optim.AdamW(groups, betas=BETAS, eps=EPS, foreach=False)
     tw = dict(twin.named_parameters())
     for step in range(15):
@@ -176,9 +211,12 @@ def test_param_groups_and_scheduler_scale_every_group():
     opt = MoLFAdamW(model, lr=1e-3, lora_lr=5e-3, weight_decay=0.1, lora_weight_decay=0.01)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert list(by_name) == ["fft", "fft_bias", "lora0", "other", "other_no_decay"]
-    assert by_name["fft_bias"]["weight_decay"] == 0.0 and by_name["other_no_decay"]["weight_decay"] == 0.0
+    assert (
+        by_name["fft_bias"]["weight_decay"] == 0.0
+        and by_name["other_no_decay"]["weight_decay"] == 0.0
+    )
     assert by_name["lora0"]["lr"] == 5e-3 and by_name["lora0"]["weight_decay"] == 0.01
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
     for _ in range(3):
         opt.step()
         sched.step()
@@ -245,11 +283,13 @@ def test_non_finite_gradient_skips_the_whole_step(caplog):
 
 
 def test_expert_without_gradient_takes_no_part():
-    model = get_molf_model(tiny_model(), MoLFConfig(lora_ranks=(4, 4), lora_alphas=(64, 64),
-                                                    top_k=2))
+    model = get_molf_model(
+        tiny_model(), MoLFConfig(lora_ranks=(4, 4), lora_alphas=(64, 64), top_k=2)
+    )
     opt = MoLFAdamW(model, lr=1e-6, lora_lr=1e-1)
     frozen = [layer.lora_A[1] for _, layer in molf_modules(model)] + [
-        layer.lora_B[1] for _, layer in molf_modules(model)]
+        layer.lora_B[1] for _, layer in molf_modules(model)
+    ]
     for step in range(3):
         model.zero_grad()
         x = _batch(step)
@@ -267,13 +307,22 @@ def test_ties_go_to_the_lower_index():
 
     scores = torch.tensor([[1.0, 1.0, 1.0], [0.0, 2.0, 2.0], [3.0, 1.0, 3.0]])
     every = torch.ones_like(scores, dtype=torch.bool)
-    assert select_top_k(scores, every, 1).tolist() == [[True, False, False], [False, True, False],
-                                                       [True, False, False]]
-    assert select_top_k(scores, every, 2).tolist() == [[True, True, False], [False, True, True],
-                                                       [True, False, True]]
+    assert select_top_k(scores, every, 1).tolist() == [
+        [True, False, False],
+        [False, True, False],
+        [True, False, False],
+    ]
+    assert select_top_k(scores, every, 2).tolist() == [
+        [True, True, False],
+        [False, True, True],
+        [True, False, True],
+    ]
     part = torch.tensor([[False, True, True]] * 3)
-    assert select_top_k(scores, part, 1).tolist() == [[False, True, False], [False, True, False],
-                                                      [False, False, True]]
+    assert select_top_k(scores, part, 1).tolist() == [
+        [False, True, False],
+        [False, True, False],
+        [False, False, True],
+    ]
 
 
 def test_rejects_a_model_without_molf_layers():

@@ -81,7 +81,11 @@ class MoLFConfig:
                 "input only); use lora_grad_path='dual' or 'auto'"
             )
         n = self.num_experts
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or not 1 <= self.top_k <= n:
+        if (
+            isinstance(self.top_k, bool)
+            or not isinstance(self.top_k, int)
+            or not 1 <= self.top_k <= n
+        ):
             raise MolfError(
                 f"top_k must be between 1 and the number of experts ({n}: "
                 f"{', '.join(self.expert_names)}), got {self.top_k!r}"
@@ -118,5 +122,7 @@ class MoLFConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise MolfError(f"unknown MoLFConfig field(s) {sorted(unknown)}; valid: {sorted(known)}")
+            raise MolfError(
+                f"unknown MoLFConfig field(s) {sorted(unknown)}; valid: {sorted(known)}"
+            )
         return cls(**d)

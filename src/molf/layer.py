@@ -158,8 +158,10 @@ class MoLFLinear(nn.Module):
         """``W + sum_i s_i B_i A_i``, computed in fp32 and cast back to ``W``'s dtype."""
         w = self.base_layer.weight
         return _effective_weight(
-            w.float(), tuple(t.float() for ab in zip(self.lora_A, self.lora_B) for t in ab),
-            self.scalings, torch.float32,
+            w.float(),
+            tuple(t.float() for ab in zip(self.lora_A, self.lora_B) for t in ab),
+            self.scalings,
+            torch.float32,
         ).to(w.dtype)
 
     def extra_repr(self) -> str:

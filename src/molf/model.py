@@ -177,7 +177,9 @@ def export_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
     try:
         peft_config.save_pretrained(tmp)
-        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"}
+        )
         with open(os.path.join(tmp, "molf_config.json"), "w") as f:
             json.dump(config.to_dict(), f, indent=2)
         if os.path.exists(path):

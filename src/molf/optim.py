@@ -112,8 +112,9 @@ def masked_adamw_update(
     mask64 = mask.double()
     neg_step = torch._foreach_mul(list((mask64 / (beta1**t - 1.0)).unbind()), lrs)
     bc2_sqrt = list((1.0 - beta2**t).sqrt().float().unbind())
-    decay = torch._foreach_mul(list(mask64.unbind()),
-                               [-lr * wd for lr, wd in zip(lrs, weight_decays)])
+    decay = torch._foreach_mul(
+        list(mask64.unbind()), [-lr * wd for lr, wd in zip(lrs, weight_decays)]
+    )
     torch._foreach_add_(decay, 1.0)
     neg_step = list(torch.stack(neg_step).float().unbind())
     decay = list(torch.stack(decay).float().unbind())
@@ -169,9 +170,13 @@ class MoLFAdamW(torch.optim.Optimizer):
             )
         lora_lr = lr if lora_lr is None else lora_lr
         lora_weight_decay = weight_decay if lora_weight_decay is None else lora_weight_decay
-        for name, value in (("lr", lr), ("lora_lr", lora_lr), ("eps", eps),
-                            ("weight_decay", weight_decay),
-                            ("lora_weight_decay", lora_weight_decay)):
+        for name, value in (
+            ("lr", lr),
+            ("lora_lr", lora_lr),
+            ("eps", eps),
+            ("weight_decay", weight_decay),
+            ("lora_weight_decay", lora_weight_decay),
+        ):
             if not isinstance(value, (int, float)) or value < 0:
                 raise MolfError(f"MoLFAdamW: {name} must be a non-negative number, got {value!r}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -203,26 +208,36 @@ class MoLFAdamW(torch.optim.Optimizer):
         buckets["other"] = [p for p in others if p.ndim >= 2]
         buckets["other_no_decay"] = [p for p in others if p.ndim < 2]
         hyper = {
-            "fft": (lr, weight_decay), "fft_bias": (lr, 0.0),
-            "other": (lr, weight_decay), "other_no_decay": (lr, 0.0),
+            "fft": (lr, weight_decay),
+            "fft_bias": (lr, 0.0),
+            "other": (lr, weight_decay),
+            "other_no_decay": (lr, 0.0),
         }
         groups = [
-            {"params": ps, "name": key,
-             "lr": hyper.get(key, (lora_lr, lora_weight_decay))[0],
-             "weight_decay": hyper.get(key, (lora_lr, lora_weight_decay))[1]}
-            for key, ps in buckets.items() if ps
+            {
+                "params": ps,
+                "name": key,
+                "lr": hyper.get(key, (lora_lr, lora_weight_decay))[0],
+                "weight_decay": hyper.get(key, (lora_lr, lora_weight_decay))[1],
+            }
+            for key, ps in buckets.items()
+            if ps
         ]
         devices = {p.device for g in groups for p in g["params"]}
         if len(devices) > 1:
-            raise MolfError(f"MoLFAdamW needs all trainable parameters on one device, got {devices}")
-        super().__init__(groups, {"lr": lr, "weight_decay": weight_decay,
-                                  "betas": tuple(betas), "eps": eps})
+            raise MolfError(
+                f"MoLFAdamW needs all trainable parameters on one device, got {devices}"
+            )
+        super().__init__(
+            groups, {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+        )
         self._cells = cells
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._device = devices.pop()
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
-        self._skipped_host = torch.zeros((), dtype=torch.int64,
-                                         pin_memory=self._device.type == "cuda")
+        self._skipped_host = torch.zeros(
+            (), dtype=torch.int64, pin_memory=self._device.type == "cuda"
+        )
         self._skip_event: torch.cuda.Event | None = None
         self._skips_reported = 0
         self.score_sums_hook: Callable[[Tensor], None] | None = None
@@ -311,13 +326,34 @@ class MoLFAdamW(torch.optim.Optimizer):
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
         found_inf = (~torch.stack(norms).sum().isfinite()).float()
         # Moments and step counts of every expert; lr=0 leaves the weights untouched.
-        _functional_adamw(params, grads, exp_avgs, exp_avg_sqs, [], steps, fused=True,
-                          found_inf=found_inf, amsgrad=False, beta1=beta1, beta2=beta2,
-                          lr=0.0, weight_decay=0.0, eps=eps, maximize=False)
+        _functional_adamw(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            fused=True,
+            found_inf=found_inf,
+            amsgrad=False,
+            beta1=beta1,
+            beta2=beta2,
+            lr=0.0,
+            weight_decay=0.0,
+            eps=eps,
+            maximize=False,
+        )
         r = layout.num_routed
         num_cells = layout.cell_sizes.numel()
-        sums = molf_scores(exp_avgs[:r], exp_avg_sqs[:r], lrs[:r], layout.cell_index[:r],
-                           num_cells, score=self.score, eps=eps)
+        sums = molf_scores(
+            exp_avgs[:r],
+            exp_avg_sqs[:r],
+            lrs[:r],
+            layout.cell_index[:r],
+            num_cells,
+            score=self.score,
+            eps=eps,
+        )
         if self.score_sums_hook is not None:
             self.score_sums_hook(sums)
         scores = sums / layout.cell_sizes
@@ -327,8 +363,9 @@ class MoLFAdamW(torch.optim.Optimizer):
         keep = 1.0 - found_inf
         selected = select_top_k(scores, layout.participating, self.top_k) & keep.bool()
         mask = torch.cat([selected.flatten().float(), keep.view(1)])[layout.cell_index]
-        masked_adamw_update(params, exp_avgs, exp_avg_sqs, steps, mask, lrs, wds,
-                            beta1=beta1, beta2=beta2, eps=eps)
+        masked_adamw_update(
+            params, exp_avgs, exp_avg_sqs, steps, mask, lrs, wds, beta1=beta1, beta2=beta2, eps=eps
+        )
         self._skipped += found_inf.long()
         self._publish_skips()
         self.last_routing = Routing(self._modules, self._experts, scores, selected)
@@ -352,5 +389,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         if count > self._skips_reported:
             logger.warning(
                 "MoLFAdamW skipped %d step(s) with a non-finite gradient (%d in all): no "
-                "weight or moment changed", count - self._skips_reported, count)
+                "weight or moment changed",
+                count - self._skips_reported,
+                count,
+            )
             self._skips_reported = count

@@ -34,7 +34,7 @@ from molf.tasks.sources import (
     text,
 )
 from molf.tasks.spider import spider_schemas
-from molf.tasks.sql_exec import execute, has_rows, open_database
+from molf.tasks.sql_exec import Outcome, execute, has_rows, open_database
 from molf.tasks.sql_text import is_valid_sql, postprocess_sql, sql_exact_match
 
 HUB_ID = "gretelai/synthetic_text_to_sql"
@@ -164,25 +164,27 @@ def sql_metrics(records: list[SqlRecord], predictions: list[str]) -> dict[str, f
       Schema-only contexts (Spider) have empty tables, where any runnable query
       "matches", so they get `executes` and no execution accuracy.
     """
-    gold = []
-    for r in records:
-        outcome = execute(r.context, r.query, r.name)
-        if outcome is None:
-            raise MolfError(f"{r.name}: the gold query does not execute in SQLite; fix the record")
-        gold.append(outcome)
-    predicted = [execute(r.context, p, r.name) for r, p in zip(records, predictions, strict=True)]
+    pairs = list(zip(records, predictions, strict=True))
+    outcomes = [execute(r.context, p, r.name) for r, p in pairs]
     metrics = {
-        "exact_match": mean(
-            [float(sql_exact_match(p, r.query)) for r, p in zip(records, predictions, strict=True)]
-        ),
+        "exact_match": mean([float(sql_exact_match(p, r.query)) for r, p in pairs]),
         "valid_sql": mean([float(is_valid_sql(p)) for p in predictions]),
-        "executes": mean([float(p is not None) for p in predicted]),
+        "executes": mean([float(o is not None) for o in outcomes]),
     }
-    with_data = [i for i, r in enumerate(records) if has_rows(r.context)]
+    with_data = [(r, o) for r, o in zip(records, outcomes, strict=True) if has_rows(r.context)]
     if with_data:
-        metrics["execution_accuracy"] = mean([float(predicted[i] == gold[i]) for i in with_data])
+        matches = [float(o is not None and o == gold_outcome(r)) for r, o in with_data]
+        metrics["execution_accuracy"] = mean(matches)
         metrics["execution_coverage"] = len(with_data) / len(records)
     return metrics
+
+
+def gold_outcome(record: SqlRecord) -> Outcome:
+    """What the gold query does; a gold query that fails is the record's fault: MolfError."""
+    outcome = execute(record.context, record.query, record.name)
+    if outcome is None:
+        raise MolfError(f"{record.name}: the gold query does not execute in SQLite; fix the record")
+    return outcome
 
 
 class SqlTask:

@@ -1,0 +1,50 @@
+"""Fixtures for the task tests: the shared real data, a real tiny model, a word tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """``$MOLF_DATA_DIR`` (relative paths are taken from the repository root)."""
+    value = os.environ.get("MOLF_DATA_DIR")
+    if not value:
+        pytest.skip("MOLF_DATA_DIR is unset: set it to the shared data folder (../shared/data)")
+    path = Path(value)
+    path = path if path.is_absolute() else REPO_ROOT / path
+    if not path.is_dir():
+        pytest.skip(f"MOLF_DATA_DIR={value} is not a directory")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny(data_root: Path):
+    """(model, tokenizer) of the real pretrained stories260k Llama, loaded offline."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = data_root / "models" / "stories260k"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@pytest.fixture
+def word_tokenizer():
+    """A real fast tokenizer over a tiny word vocabulary: BOS on prompts, EOS known, no pad."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "the", "cat", "sat", "on", "a", "mat", "dog", "ran"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

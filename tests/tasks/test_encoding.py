@@ -1,0 +1,79 @@
+"""Encoding pairs for training and scoring, padding, and the pad-token fallback."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from molf.errors import MolfError
+from molf.tasks.encoding import collate, encode_example, ensure_pad_token
+
+# word ids in the word_tokenizer fixture
+BOS, EOS, THE, CAT, SAT, ON, A, MAT = 1, 2, 3, 4, 5, 6, 7, 8
+
+
+def test_prompt_gets_bos_completion_gets_eos_and_only_completion_is_labelled(
+    word_tokenizer,
+) -> None:
+    out = encode_example(word_tokenizer, "the cat sat", " on a mat")
+    assert out["input_ids"] == [BOS, THE, CAT, SAT, ON, A, MAT, EOS]
+    assert out["labels"] == [-100, -100, -100, -100, ON, A, MAT, EOS]
+
+
+def test_scoring_encoding_has_no_eos(word_tokenizer) -> None:
+    out = encode_example(word_tokenizer, "the cat", " sat", add_eos=False)
+    assert out == {"input_ids": [BOS, THE, CAT, SAT], "labels": [-100, -100, -100, SAT]}
+
+
+def test_long_pair_loses_prompt_tokens_from_the_left(word_tokenizer) -> None:
+    out = encode_example(word_tokenizer, "the cat sat on", " a mat", max_length=5)
+    assert out["input_ids"] == [SAT, ON, A, MAT, EOS]
+    assert out["labels"] == [-100, -100, A, MAT, EOS]
+
+
+def test_too_long_completion_is_cut_from_the_right_keeping_one_prompt_token(
+    word_tokenizer,
+) -> None:
+    out = encode_example(word_tokenizer, "the cat", " sat on a mat", max_length=3)
+    assert out["input_ids"] == [CAT, SAT, ON]
+    assert out["labels"] == [-100, SAT, ON]
+
+
+def test_max_length_below_two_is_refused(word_tokenizer) -> None:
+    with pytest.raises(MolfError, match="max_length must be at least 2"):
+        encode_example(word_tokenizer, "the", " cat", max_length=1)
+
+
+def test_collate_right_pads_ids_labels_and_mask() -> None:
+    batch = collate(
+        [{"input_ids": [1, 3, 4], "labels": [-100, 3, 4]}, {"input_ids": [1], "labels": [-100]}],
+        pad_id=0,
+    )
+    assert batch["input_ids"].tolist() == [[1, 3, 4], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 3, 4], [-100, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert all(t.dtype == torch.long for t in batch.values())
+
+
+def test_missing_pad_becomes_eos_then_unk(word_tokenizer) -> None:
+    assert word_tokenizer.pad_token_id is None
+    assert ensure_pad_token(word_tokenizer) == EOS == word_tokenizer.pad_token_id
+    assert ensure_pad_token(word_tokenizer) == EOS  # an existing pad is kept
+
+
+def test_pad_falls_back_to_unk_and_fails_without_any(word_tokenizer) -> None:
+    word_tokenizer.eos_token = None
+    assert ensure_pad_token(word_tokenizer) == 0  # <unk>
+    word_tokenizer.pad_token = None
+    word_tokenizer.unk_token = None
+    with pytest.raises(MolfError, match="no pad, eos or unk token"):
+        ensure_pad_token(word_tokenizer)
+
+
+def test_real_sentencepiece_tokenizer_adds_bos_only_to_the_prompt(tiny) -> None:
+    _, tokenizer = tiny
+    out = encode_example(tokenizer, "Once upon a time", " there was")
+    completion = tokenizer(" there was", add_special_tokens=False)["input_ids"]
+    assert out["input_ids"][0] == tokenizer.bos_token_id
+    assert out["input_ids"][-len(completion) - 1 :] == [*completion, tokenizer.eos_token_id]
+    assert out["labels"].count(-100) == len(out["input_ids"]) - len(completion) - 1
