@@ -105,8 +105,8 @@ def test_fused_path_in_bfloat16_and_under_autocast():
 def test_auto_path_choice():
     cfg = dict(lora_ranks=(4,), lora_alphas=(8,))
     assert all(
-        l.uses_fused_path()
-        for _, l in molf_modules(get_molf_model(tiny_model(), MoLFConfig(**cfg)))
+        layer.uses_fused_path()
+        for _, layer in molf_modules(get_molf_model(tiny_model(), MoLFConfig(**cfg)))
     )
     e = get_molf_model(tiny_model(), MoLFConfig(**cfg, train_base=False))
     assert not any(layer.uses_fused_path() for _, layer in molf_modules(e))

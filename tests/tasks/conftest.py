@@ -10,6 +10,18 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread():
+    """One thread for these tests: the models are tiny, and a second thread waiting
+    on a busy core slows each forward pass a hundredfold."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """``$MOLF_DATA_DIR`` (relative paths are taken from the repository root)."""
