@@ -1,0 +1,3 @@
+from molf.cli import main
+
+raise SystemExit(main())

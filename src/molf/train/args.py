@@ -1,0 +1,179 @@
+"""TrainArgs: every setting of a training or evaluation job, from YAML and/or flags.
+
+One dataclass is the single source of truth: the CLI builds its flags from the field
+metadata, a YAML file (``--config``) may set any field, flags win over the file, and
+the resolved arguments are written to the run directory as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from molf.errors import MolfError
+
+METHODS = ("fft", "lora", "dora", "adalora", "molf", "molf-e")
+SCHEDULERS = ("cosine", "linear", "constant")
+DTYPES = ("fp32", "bf16")
+REPORT_TO = ("none", "tensorboard", "wandb")
+PARALLEL = ("auto", "none", "ddp", "fsdp2")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainArgs:
+    model: str | None = _f(None, "hub id or local directory (default: SmolLM2-135M-Instruct)")
+    gguf_file: str | None = _f(None, "GGUF file name inside the --model directory")
+    task: str = _f("fact", "fact | med | sql | jsonl")
+    data: str | None = _f(None, "local file or directory; omitted = the task's hub dataset; "
+                                "'builtin' = the demo's facts (task fact)")
+    method: str = _f("molf", "fft | lora | dora | adalora | molf | molf-e")
+    output_dir: str | None = _f(None, "run directory (default: runs/<task>-<method>)")
+    max_steps: int | None = _f(None, "optimizer steps; overrides --epochs")
+    epochs: float = _f(1.0, "passes over the training set when --max-steps is not given")
+    batch_size: int = _f(8, "examples per device per micro-batch")
+    grad_accum: int = _f(1, "micro-batches per optimizer step")
+    lr: float = _f(5e-5, "learning rate (FFT expert / full fine-tuning)")
+    lora_lr: float | None = _f(None, "learning rate of LoRA experts and adapters (default: --lr)")
+    weight_decay: float = _f(0.0, "decoupled weight decay (FFT expert, 2-D weights)")
+    lora_weight_decay: float | None = _f(None, "weight decay of LoRA parameters "
+                                               "(default: --weight-decay)")
+    lora_ranks: tuple[int, ...] = _f((128,), "LoRA expert ranks, e.g. 32,128 (PEFT baselines "
+                                              "use their sum)", list=int)
+    lora_alphas: tuple[float, ...] = _f((32.0,), "one alpha per rank, e.g. 16,64", list=float)
+    use_rslora: bool = _f(True, "scale LoRA by alpha/sqrt(r) instead of alpha/r")
+    lora_dropout: float = _f(0.0, "LoRA dropout (the paper's runs used 0.05)")
+    target_modules: str = _f("all-linear", "'all-linear', comma-separated name suffixes, or "
+                                           "a regex")
+    top_k: int = _f(1, "experts updated per layer and step (molf, molf-e)")
+    score: str = _f("epd", "routing score: epd | pfn")
+    train_non_linear: bool | None = _f(None, "train embeddings/norms/lm_head too (default: "
+                                             "yes for molf, no for molf-e)")
+    scheduler: str = _f("cosine", "cosine | linear | constant")
+    warmup_ratio: float = _f(0.0, "share of steps with linear warm-up")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
+    max_length: int = _f(512, "maximum tokens per example")
+    max_train_samples: int | None = _f(None, "cap on training examples (seeded shuffle)")
+    max_eval_samples: int | None = _f(None, "cap on evaluation records (seeded shuffle)")
+    eval_batch_size: int = _f(16, "batch size for evaluation")
+    max_new_tokens: int = _f(64, "generation length for generation metrics")
+    eval_before: bool = _f(True, "also evaluate before training")
+    seed: int = _f(0, "seed for initialisation and data order")
+    dtype: str = _f("fp32", "fp32 | bf16 parameters")
+    gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
+    save_steps: int = _f(0, "checkpoint every N optimizer steps (0 = only at the end)")
+    save_total_limit: int = _f(2, "checkpoints kept")
+    save_merged: bool = _f(False, "also save a merged model for adapter methods")
+    logging_steps: int = _f(1, "log every N optimizer steps")
+    report_to: str = _f("none", "none | tensorboard | wandb")
+    resume: bool = _f(False, "continue from the latest checkpoint in --output-dir")
+    overwrite: bool = _f(False, "replace a previous run in --output-dir")
+    parallel: str = _f("auto", "auto | none | ddp | fsdp2 (auto = ddp under torchrun)")
+
+    def __post_init__(self) -> None:
+        self.lora_ranks = tuple(self.lora_ranks)
+        self.lora_alphas = tuple(float(a) for a in self.lora_alphas)
+        if self.output_dir is None:
+            self.output_dir = str(Path("runs") / f"{self.task}-{self.method}")
+        self.validate()
+
+    def validate(self) -> None:
+        from molf.tasks import TASK_NAMES
+
+        choices = {"task": TASK_NAMES, "method": METHODS, "scheduler": SCHEDULERS,
+                   "dtype": DTYPES, "report_to": REPORT_TO, "parallel": PARALLEL}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise MolfError(f"--{name.replace('_', '-')}: unknown value "
+                                f"{getattr(self, name)!r}; choose one of {', '.join(allowed)}")
+        positive = ("batch_size", "grad_accum", "max_length", "eval_batch_size",
+                    "save_total_limit", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise MolfError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise MolfError("--max-steps must be at least 1")
+        if self.epochs <= 0:
+            raise MolfError("--epochs must be positive")
+        if not 0 <= self.warmup_ratio < 1:
+            raise MolfError("--warmup-ratio must be in [0, 1)")
+        if self.resume and self.overwrite:
+            raise MolfError("--resume and --overwrite exclude each other: pick one")
+        if self.save_steps < 0:
+            raise MolfError("--save-steps must be >= 0")
+
+    @property
+    def effective_lora_lr(self) -> float:
+        return self.lr if self.lora_lr is None else self.lora_lr
+
+    @property
+    def effective_train_non_linear(self) -> bool:
+        if self.train_non_linear is None:
+            return self.method == "molf"
+        return self.train_non_linear
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    """Turn a YAML or flag value into the field's type, or say which field is wrong."""
+    flag = "--" + f.name.replace("_", "-")
+    if value is None:
+        return None
+    try:
+        if "list" in f.metadata:
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, (int, float)):
+                items = [items]
+            return tuple(f.metadata["list"](x) for x in items)
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        if kind.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes"):
+                return True
+            if text in ("0", "false", "no"):
+                return False
+            raise ValueError(value)
+        if kind.startswith("int"):
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise MolfError(f"{flag}: cannot read {value!r} as {f.type}") from None
+
+
+def resolve_args(config_path: str | None, overrides: dict[str, Any]) -> TrainArgs:
+    """Merge a YAML file and command-line overrides (which win) into :class:`TrainArgs`."""
+    values: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.is_file():
+            raise MolfError(f"--config: {config_path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise MolfError(f"--config: {config_path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise MolfError(f"--config: {config_path} must hold a mapping of settings")
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in fields:
+                raise MolfError(f"--config: {config_path}: unknown setting {key!r}")
+            values[name] = _coerce(fields[name], value)
+    for name, value in overrides.items():
+        if value is not None:
+            values[name] = _coerce(fields[name], value)
+    return TrainArgs(**values)

@@ -1,0 +1,222 @@
+"""A training or evaluation job from resolved :class:`TrainArgs` to a run directory.
+
+Run directory: ``config.yaml`` (resolved args), ``train_log.jsonl``, ``routing.jsonl``
+(molf methods), ``eval.json`` (metrics before and after), ``checkpoint-N/``, ``final/``;
+and one row appended to ``results.csv`` in the parent of the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+from molf.errors import MolfError
+from molf.model import export_peft_adapter, merge_and_unload
+from molf.tasks import TaskData, get_task
+from molf.tasks.encoding import ensure_pad_token
+from molf.train.args import TrainArgs
+from molf.train.checkpoint import (
+    atomic_dir,
+    commit_dir,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    write_text_atomic,
+)
+from molf.train.data import Batches
+from molf.train.logs import RunLogger, append_result, peak_memory_mb
+from molf.train.loop import LoopContext, train_loop
+from molf.train.methods import MOLF_METHODS, PEFT_METHODS, prepare
+from molf.train.modeling import load_model_and_tokenizer, load_tokenizer
+
+RUN_MARKERS = ("config.yaml", "train_log.jsonl", "eval.json", "final")
+
+
+def _say(msg: str, enabled: bool = True) -> None:
+    if enabled:
+        print(f"[molf] {msg}", flush=True)
+
+
+def prepare_run_dir(args: TrainArgs) -> Path:
+    """Refuse to mix runs: an existing run needs ``--resume`` or ``--overwrite``."""
+    run_dir = Path(args.output_dir)
+    holds_run = run_dir.is_dir() and (
+        any((run_dir / m).exists() for m in RUN_MARKERS) or list_checkpoints(run_dir))
+    if args.resume:
+        if not list_checkpoints(run_dir):
+            raise MolfError(f"--resume: no checkpoint in {run_dir} (save them with "
+                            "--save-steps N)")
+        return run_dir
+    if holds_run and not args.overwrite:
+        raise MolfError(f"--output-dir: {run_dir} already holds a run; pass --resume to "
+                        "continue it or --overwrite to replace it")
+    if holds_run:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _check_resume_config(run_dir: Path, args: TrainArgs) -> None:
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (
+        run_dir / "config.yaml").exists() else {}
+    for key in ("model", "task", "method", "lora_ranks", "seed", "batch_size", "grad_accum"):
+        if key in saved and saved[key] != args.to_dict()[key]:
+            raise MolfError(f"--resume: --{key.replace('_', '-')} is {args.to_dict()[key]!r} "
+                            f"but the run in {run_dir} used {saved[key]!r}")
+
+
+def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
+    task = get_task(args.task)
+    data = task.load(args.data, max_train_samples=args.max_train_samples,
+                     max_eval_samples=args.max_eval_samples, seed=args.seed)
+    return task, data
+
+
+def _evaluate(task, model, tokenizer, records, args: TrainArgs) -> dict[str, float]:
+    return task.evaluate(model, tokenizer, records, batch_size=args.eval_batch_size,
+                         max_new_tokens=args.max_new_tokens)
+
+
+def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base: dict) -> Path:
+    """``final/``: a merged HF model (fft, molf) or a PEFT adapter (lora, dora, adalora,
+    molf-e), with the tokenizer; ``final/merged`` too for adapters with --save-merged."""
+    final = run_dir / "final"
+    tmp = atomic_dir(final)
+    try:
+        if args.method in PEFT_METHODS:
+            model.save_pretrained(tmp)
+            merged = model.merge_and_unload() if args.save_merged else None
+        elif args.method == "molf-e":
+            export_peft_adapter(model, tmp / "adapter")
+            for f in (tmp / "adapter").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "adapter").rmdir()
+            merged = merge_and_unload(model) if args.save_merged else None
+        else:
+            merged = merge_and_unload(model) if args.method == "molf" else model
+            merged.save_pretrained(tmp)
+            merged = None
+        if merged is not None:
+            merged.save_pretrained(tmp / "merged")
+            tokenizer.save_pretrained(tmp / "merged")
+        tokenizer.save_pretrained(tmp)
+        (tmp / "molf_run.json").write_text(json.dumps({**base, "method": args.method}, indent=2))
+        commit_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def run_train(args: TrainArgs) -> dict[str, Any]:
+    """Train, evaluate before and after, save the final model; returns ``eval.json``'s dict."""
+    from transformers import get_scheduler
+
+    run_dir = prepare_run_dir(args)
+    if args.resume:
+        _check_resume_config(run_dir, args)
+    task, data = load_task(args)
+    _say(f"task {args.task}: {len(data.train)} training examples, {len(data.eval)} eval "
+         f"records from {data.source}")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    model, tokenizer, name, gguf = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype)
+    _say(f"model {name}{' (' + gguf + ')' if gguf else ''}: "
+         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    pad_id = ensure_pad_token(tokenizer)
+    model.config.pad_token_id = pad_id
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
+        {**args.to_dict(), "resolved_model": name, "resolved_gguf_file": gguf}, sort_keys=False))
+
+    eval_path = run_dir / "eval.json"
+    results: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
+    if args.eval_before and "before" not in results:
+        results["before"] = _evaluate(task, model, tokenizer, data.eval, args)
+        write_text_atomic(eval_path, json.dumps(results, indent=2))
+        _say(f"before training: {_fmt(results['before'])}")
+
+    batches = Batches(data.train, tokenizer, args.max_length, pad_id, args.batch_size,
+                      args.grad_accum, args.seed)
+    total = batches.plan.total_steps(args.max_steps, args.epochs)
+    model, optimizer = prepare(model, args, total)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if args.scheduler == "constant" else args.scheduler, optimizer,
+        num_warmup_steps=int(args.warmup_ratio * total), num_training_steps=total)
+    start = 0
+    if args.resume:
+        latest = list_checkpoints(run_dir)[-1]
+        start = load_checkpoint(latest, model, optimizer, scheduler)
+        _say(f"resumed from {latest.name} (step {start} of {total})")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _say(f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
+         f"{batches.plan.global_batch} examples")
+    logger = RunLogger(run_dir, args.report_to, args.to_dict())
+    ctx = LoopContext(run_dir=run_dir, device=device, logger=logger)
+    seconds = train_loop(model, optimizer, scheduler, batches, args, ctx, start, total)
+    if args.save_steps:
+        save_checkpoint(run_dir, total, model, optimizer, scheduler, args.save_total_limit)
+    logger.close()
+
+    results["after"] = _evaluate(task, model, tokenizer, data.eval, args)
+    results["train_seconds"] = results.get("train_seconds", 0.0) + seconds
+    results["peak_memory_mb"] = peak_memory_mb(device)
+    if args.method in MOLF_METHODS:
+        results["skipped_steps"] = optimizer.skipped_steps
+    write_text_atomic(eval_path, json.dumps(results, indent=2))
+    _say(f"after training:  {_fmt(results['after'])}")
+    final = save_final(model, tokenizer, args, run_dir, {"base_model": name, "gguf_file": gguf})
+    _say(f"saved {final}")
+    append_result(run_dir.parent / "results.csv", {
+        **args.to_dict(), "output_dir": str(run_dir), "model": name, "steps": total,
+        "lora_lr": args.effective_lora_lr, "primary_metric": task.primary_metric,
+        "before": results.get("before", {}).get(task.primary_metric),
+        "after": results["after"].get(task.primary_metric),
+        "metrics_after": json.dumps(results["after"]), "train_seconds": round(seconds, 2),
+        "peak_memory_mb": round(results["peak_memory_mb"], 1)})
+    return results
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def load_for_eval(model_dir: str | None, gguf_file: str | None, dtype: str) -> tuple[Any, Any]:
+    """A plain model, or a PEFT adapter directory written by ``molf train`` (its base model
+    is read from ``molf_run.json`` or ``adapter_config.json``)."""
+    path = Path(model_dir) if model_dir else None
+    if path is not None and (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        run = json.loads((path / "molf_run.json").read_text()) if (
+            path / "molf_run.json").is_file() else {}
+        base_name = run.get("base_model") or json.loads(
+            (path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base, _, _, _ = load_model_and_tokenizer(base_name, run.get("gguf_file"), dtype)
+        return PeftModel.from_pretrained(base, path).eval(), load_tokenizer(str(path), None)
+    model, tokenizer, _, _ = load_model_and_tokenizer(model_dir, gguf_file, dtype)
+    return model, tokenizer
+
+
+def run_eval(args: TrainArgs, write: bool) -> dict[str, float]:
+    task, data = load_task(args)
+    model, tokenizer = load_for_eval(args.model, args.gguf_file, args.dtype)
+    ensure_pad_token(tokenizer)
+    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    metrics = _evaluate(task, model, tokenizer, data.eval, args)
+    if write:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / "eval.json", json.dumps({"after": metrics}, indent=2))
+    return metrics
