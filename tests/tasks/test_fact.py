@@ -13,31 +13,7 @@ from molf.tasks.fact_builtin import BUILTIN_FACTS
 from molf.tasks.scoring import completion_logprobs
 from molf.tasks.sources import Origin
 
-from .helpers import write_json
-
-EASYEDIT = {
-    "case_id": 1,
-    "prompt": "The mother tongue of Danielle Darrieux is",
-    "target_new": "English",
-    "ground_truth": "French",
-    "subject": "Danielle Darrieux",
-    "rephrase_prompt": "Danielle Darrieux spoke the language",
-    "locality_prompt": "The mother tongue of Michel Rocard is",
-    "locality_ground_truth": "French",
-}
-ROME = {
-    "case_id": 0,
-    "requested_rewrite": {
-        "prompt": "The mother tongue of {} is",
-        "relation_id": "P103",
-        "subject": "Danielle Darrieux",
-        "target_new": {"str": "English", "id": "Q1860"},
-        "target_true": {"str": "French", "id": "Q150"},
-    },
-    "paraphrase_prompts": ["Danielle Darrieux spoke the language", "Darrieux's first language is"],
-    "neighborhood_prompts": ["Michel Rocard's mother tongue is", "Jean Moulin speaks"],
-    "generation_prompts": ["Danielle Darrieux's mother tongue is"],
-}
+from .helpers import EASYEDIT, ROME, write_json
 
 
 def test_easyedit_row() -> None:

@@ -69,6 +69,16 @@ def test_generation_stops_at_eos_per_row(tiny) -> None:
     assert "little" not in out[1] and len(out[1]) > len(out[0])  # the other row ran on
 
 
+def test_generation_also_stops_at_the_models_configured_eos_ids(tiny) -> None:
+    model, tokenizer = tiny
+    chat_like = copy.deepcopy(model)
+    little = tokenizer.convert_tokens_to_ids("\u2581little")
+    chat_like.generation_config.eos_token_id = [tokenizer.eos_token_id, little]
+    assert generate(chat_like, tokenizer, ["Once upon a time"], max_new_tokens=12) == [
+        ", there was a"
+    ]
+
+
 def test_inference_runs_without_grad_in_eval_mode_and_restores_training(tiny) -> None:
     model, tokenizer = tiny
     seen = []

@@ -6,6 +6,7 @@ pairs?); a directory holds ``train.jsonl`` and ``eval.jsonl`` for a held-out che
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
@@ -30,6 +31,29 @@ def parse_pair_row(row: dict[str, Any], origin: Origin) -> Example:
     return Example(text(row, "prompt", origin), text(row, "completion", origin))
 
 
+def jsonl_files(data: str | None) -> tuple[Path, Path]:
+    """(train file, eval file) for ``--data``: the same file twice, or a directory's two."""
+    if data is None:
+        raise MolfError(
+            "the jsonl task has no hub dataset; pass --data FILE.jsonl or a "
+            f"directory with {TRAIN_FILE} and {EVAL_FILE}"
+        )
+    path = existing_path(data)
+    if not path.is_dir():
+        return path, path
+    missing = [n for n in (TRAIN_FILE, EVAL_FILE) if not (path / n).is_file()]
+    if missing:
+        raise MolfError(
+            f"--data {path}: missing {', '.join(missing)}; a directory needs "
+            f"{TRAIN_FILE} and {EVAL_FILE}"
+        )
+    return path / TRAIN_FILE, path / EVAL_FILE
+
+
+def read_pairs(path: Path) -> list[Example]:
+    return parse_rows(read_rows(path), parse_pair_row, skip_bad=False)[0]
+
+
 class JsonlTask:
     """Prompt/completion pairs from the user; results lead with exact match."""
 
@@ -45,29 +69,10 @@ class JsonlTask:
         seed: int = 0,
     ) -> TaskData:
         """Pairs from a file (train = eval) or a directory (train.jsonl, eval.jsonl)."""
-        if data is None:
-            raise MolfError(
-                "the jsonl task has no hub dataset; pass --data FILE.jsonl or a "
-                f"directory with {TRAIN_FILE} and {EVAL_FILE}"
-            )
-        path = existing_path(data)
-        if path.is_dir():
-            missing = [n for n in (TRAIN_FILE, EVAL_FILE) if not (path / n).is_file()]
-            if missing:
-                raise MolfError(
-                    f"--data {path}: missing {', '.join(missing)}; a directory needs "
-                    f"{TRAIN_FILE} and {EVAL_FILE}"
-                )
-            train_path, eval_path = path / TRAIN_FILE, path / EVAL_FILE
-        else:
-            train_path = eval_path = path
-        train = parse_rows(read_rows(train_path), parse_pair_row, skip_bad=False)[0]
-        evals = (
-            train
-            if eval_path == train_path
-            else parse_rows(read_rows(eval_path), parse_pair_row, skip_bad=False)[0]
-        )
-        source = str(path)
+        train_path, eval_path = jsonl_files(data)
+        train = read_pairs(train_path)
+        evals = train if eval_path == train_path else read_pairs(eval_path)
+        source = str(data)
         return TaskData(
             nonempty(take(train, max_train_samples, seed, "max_train_samples"), "pairs", source),
             nonempty(take(evals, max_eval_samples, seed, "max_eval_samples"), "pairs", source),

@@ -44,7 +44,8 @@ def completion_logprobs(
 
     The mean (not the sum) keeps answers of different token lengths comparable.
     Pairs are encoded as for training (without EOS) and right-padded in batches;
-    the attention mask keeps each score equal to scoring the pair alone.
+    the attention mask keeps each score equal (up to float rounding) to scoring the
+    pair alone.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -87,7 +88,7 @@ def generate(
     a prompt too long for the model's context loses tokens from its left.
     """
     pad_id = ensure_pad_token(tokenizer)
-    eos_id = tokenizer.eos_token_id
+    stops = stop_ids(model, tokenizer)
     limit = context_length(model)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     if limit is not None:
@@ -98,18 +99,24 @@ def generate(
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
             width = max(len(ids) for ids in chunk)
-            ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in chunk])
+            input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in chunk])
             mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in chunk])
             out = model.generate(
-                input_ids=ids.to(model_device(model)),
+                input_ids=input_ids.to(model_device(model)),
                 attention_mask=mask.to(model_device(model)),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
-                eos_token_id=eos_id,
+                eos_token_id=stops or None,
             )
             for row in out[:, width:].tolist():
-                if eos_id is not None and eos_id in row:
-                    row = row[: row.index(eos_id)]
-                texts.append(tokenizer.decode(row, skip_special_tokens=True))
+                end = next((i for i, token in enumerate(row) if token in stops), len(row))
+                texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return texts
+
+
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokenizer's EOS plus the model's configured ones (chat models often have several)."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in [*configured, tokenizer.eos_token_id] if i is not None})

@@ -11,18 +11,27 @@ from sqlglot.errors import SqlglotError
 DIALECT = "sqlite"
 # parse trees that are whole statements; sqlglot also parses bare words as expressions
 _STATEMENTS = (exp.Query, exp.DML, exp.DDL, exp.Drop, exp.Alter)
-_FENCE = re.compile(r"```[ \t]*(?:sqlite|sql)?[ \t]*\n?(.*?)(?:```|$)", re.S | re.I)
+_TAG = re.compile(r"^[ \t]*(?:sqlite|sql)?[ \t]*\n", re.I)  # a code fence's language line
 _LEAD = re.compile(r"^\s*SQL\s*:", re.I)
 
 
 def postprocess_sql(generated: str) -> str:
     """The first SQL statement in a generation, without its semicolon.
 
-    Handles ```sql code fences```, a leading "SQL:", and prose after the statement:
-    cut at the first ';' outside quotes, else keep the most leading lines that parse.
+    Handles ```sql code fences``` (also unclosed, or only a closing one), a leading
+    "SQL:", and prose after the statement. Text inside fences is tried first, then
+    the text around them; the first piece that yields a valid statement wins, else
+    the first piece's text is returned as it is (and will score as invalid).
     """
-    fenced = _FENCE.search(generated)
-    text = _LEAD.sub("", fenced.group(1) if fenced else generated).strip()
+    pieces = generated.split("```")
+    inside = [_TAG.sub("", piece, count=1) for piece in pieces[1::2]]
+    statements = [first_statement(piece) for piece in [*inside, *pieces[0::2]]]
+    return next((s for s in statements if is_valid_sql(s)), statements[0])
+
+
+def first_statement(text: str) -> str:
+    """Text up to the first ';' outside quotes, else its most leading lines that parse."""
+    text = _LEAD.sub("", text).strip()
     end = _statement_end(text)
     if end is not None:
         return text[:end].strip()
@@ -60,7 +69,8 @@ def _parse_one(sql: str) -> exp.Expression | None:
 
 
 def is_valid_sql(sql: str) -> bool:
-    """Whether sqlglot parses ``sql`` (SQLite dialect) as exactly one SQL statement."""
+    """Whether sqlglot parses ``sql`` (SQLite dialect) as exactly one query, DML or DDL
+    statement (bare expressions, PRAGMAs and unparsed commands do not count)."""
     return isinstance(_parse_one(sql), _STATEMENTS)
 
 

@@ -44,8 +44,9 @@ def _say(msg: str, enabled: bool = True) -> None:
         print(f"[molf] {msg}", flush=True)
 
 
-def prepare_run_dir(args: TrainArgs) -> Path:
-    """Refuse to mix runs: an existing run needs ``--resume`` or ``--overwrite``."""
+def check_run_dir(args: TrainArgs) -> Path:
+    """Refuse to mix runs: an existing run needs ``--resume`` or ``--overwrite``.
+    Nothing is created or deleted here (see :func:`create_run_dir`)."""
     run_dir = Path(args.output_dir)
     holds_run = run_dir.is_dir() and (
         any((run_dir / m).exists() for m in RUN_MARKERS) or list_checkpoints(run_dir))
@@ -57,10 +58,14 @@ def prepare_run_dir(args: TrainArgs) -> Path:
     if holds_run and not args.overwrite:
         raise MolfError(f"--output-dir: {run_dir} already holds a run; pass --resume to "
                         "continue it or --overwrite to replace it")
-    if holds_run:
+    return run_dir
+
+
+def create_run_dir(run_dir: Path, args: TrainArgs) -> None:
+    """Called once data and model loaded fine, so a bad input leaves nothing behind."""
+    if args.overwrite and run_dir.is_dir():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 def _check_resume_config(run_dir: Path, args: TrainArgs) -> None:
@@ -119,7 +124,7 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     """Train, evaluate before and after, save the final model; returns ``eval.json``'s dict."""
     from transformers import get_scheduler
 
-    run_dir = prepare_run_dir(args)
+    run_dir = check_run_dir(args)
     if args.resume:
         _check_resume_config(run_dir, args)
     task, data = load_task(args)
@@ -132,6 +137,7 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     pad_id = ensure_pad_token(tokenizer)
     model.config.pad_token_id = pad_id
+    create_run_dir(run_dir, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if args.gradient_checkpointing:
