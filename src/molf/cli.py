@@ -12,36 +12,59 @@ import sys
 
 from molf.errors import MolfError
 
-DEMO = {"task": "fact", "data": "builtin", "method": "molf", "output_dir": "runs/demo",
-        "overwrite": True, "max_steps": 24, "batch_size": 8, "lr": 2e-4, "lora_lr": 2e-4,
-        "lora_ranks": "16", "lora_alphas": "16", "max_new_tokens": 8, "warmup_ratio": 0.1}
+DEMO = {
+    "task": "fact",
+    "data": "builtin",
+    "method": "molf",
+    "output_dir": "runs/demo",
+    "overwrite": True,
+    "max_steps": 24,
+    "batch_size": 8,
+    "lr": 2e-4,
+    "lora_lr": 2e-4,
+    "lora_ranks": "16",
+    "lora_alphas": "16",
+    "max_new_tokens": 8,
+    "warmup_ratio": 0.1,
+}
 
 
 def _add_train_args(parser: argparse.ArgumentParser) -> None:
     from molf.train.args import TrainArgs
 
-    parser.add_argument("--config", help="YAML file with any of the settings below "
-                                         "(flags win over it)")
+    parser.add_argument(
+        "--config", help="YAML file with any of the settings below (flags win over it)"
+    )
     for f in dataclasses.fields(TrainArgs):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata.get("help", "")
         default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
         if str(f.type).startswith("bool"):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=f"{help_text} (default: {default})")
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{help_text} (default: {default})",
+            )
         else:
-            parser.add_argument(flag, dest=f.name, default=None,
-                                help=f"{help_text} (default: {default})")
+            parser.add_argument(
+                flag, dest=f.name, default=None, help=f"{help_text} (default: {default})"
+            )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="molf", description="Fine-tune causal LMs with MoLF, FFT, LoRA, DoRA or AdaLoRA, "
-                                 "and evaluate them on fact / med / sql / jsonl tasks.")
+        prog="molf",
+        description="Fine-tune causal LMs with MoLF, FFT, LoRA, DoRA or AdaLoRA, "
+        "and evaluate them on fact / med / sql / jsonl tasks.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fine-tune and evaluate before and after; with no "
-                                         "arguments, runs the offline demo",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser(
+        "train",
+        help="fine-tune and evaluate before and after; with no arguments, runs the offline demo",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_train_args(train)
     ev = sub.add_parser("eval", help="evaluate a model or a run's final/ directory on a task")
     _add_train_args(ev)
@@ -56,8 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
     demo = command == "train" and len(argv) == 1
     if demo:
-        print("[molf] no arguments: running the offline demo (MoLF on the default model, "
-              "learning the built-in counterfactual statements)", flush=True)
+        print(
+            "[molf] no arguments: running the offline demo (MoLF on the default model, "
+            "learning the built-in counterfactual statements)",
+            flush=True,
+        )
         overrides.update(DEMO)
     try:
         from molf.train.args import resolve_args
@@ -69,8 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             if demo:
                 before = results.get("before", {}).get("efficacy")
                 after = results["after"].get("efficacy")
-                print(f"[molf] demo: efficacy {before:.2f} before -> {after:.2f} after "
-                      f"training ({results['train_seconds']:.0f} s)", flush=True)
+                print(
+                    f"[molf] demo: efficacy {before:.2f} before -> {after:.2f} after "
+                    f"training ({results['train_seconds']:.0f} s)",
+                    flush=True,
+                )
         else:
             import json
 

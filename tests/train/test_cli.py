@@ -14,9 +14,24 @@ from safetensors.torch import load_file
 from molf.cli import main
 from molf.train import loop as loop_module
 
-QUICK = ["--max-train-samples", "8", "--max-eval-samples", "6", "--batch-size", "4",
-         "--eval-batch-size", "8", "--max-new-tokens", "4", "--lora-ranks", "4,8",
-         "--lora-alphas", "8,8", "--lr", "1e-3"]
+QUICK = [
+    "--max-train-samples",
+    "8",
+    "--max-eval-samples",
+    "6",
+    "--batch-size",
+    "4",
+    "--eval-batch-size",
+    "8",
+    "--max-new-tokens",
+    "4",
+    "--lora-ranks",
+    "4,8",
+    "--lora-alphas",
+    "8,8",
+    "--lr",
+    "1e-3",
+]
 
 
 def _train(tmp_path: Path, name: str, *extra: str) -> Path:
@@ -27,17 +42,29 @@ def _train(tmp_path: Path, name: str, *extra: str) -> Path:
 
 @pytest.mark.parametrize("method", ["fft", "lora", "dora", "adalora", "molf", "molf-e"])
 def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_data, method):
-    out = _train(tmp_path, method, "--model", str(stories), "--task", "fact", "--data",
-                 str(shared_data / "counterfact" / "counterfact-val.json"),
-                 "--method", method, "--max-steps", "3")
+    out = _train(
+        tmp_path,
+        method,
+        "--model",
+        str(stories),
+        "--task",
+        "fact",
+        "--data",
+        str(shared_data / "counterfact" / "counterfact-val.json"),
+        "--method",
+        method,
+        "--max-steps",
+        "3",
+    )
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["method"] == method and config["lora_ranks"] == [4, 8]
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "step_time"} <= r.keys() for r in log)
     evals = json.loads((out / "eval.json").read_text())
-    assert set(evals["before"]) == set(evals["after"]) == {"efficacy", "generalization",
-                                                           "specificity"}
+    assert (
+        set(evals["before"]) == set(evals["after"]) == {"efficacy", "generalization", "specificity"}
+    )
     final = out / "final"
     adapter = method in ("lora", "dora", "adalora", "molf-e")
     assert (final / "adapter_config.json").exists() == adapter
@@ -53,10 +80,26 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
     rows = list(csv.DictReader(open(tmp_path / "runs" / "results.csv")))
     assert rows[-1]["method"] == method and rows[-1]["primary_metric"] == "efficacy"
     # the final artifact evaluates to the same metrics through `molf eval`
-    assert main(["eval", "--model", str(final), "--task", "fact", "--data",
-                 str(shared_data / "counterfact" / "counterfact-val.json"),
-                 "--max-train-samples", "8", "--max-eval-samples", "6",
-                 "--output-dir", str(tmp_path / "ev")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                str(final),
+                "--task",
+                "fact",
+                "--data",
+                str(shared_data / "counterfact" / "counterfact-val.json"),
+                "--max-train-samples",
+                "8",
+                "--max-eval-samples",
+                "6",
+                "--output-dir",
+                str(tmp_path / "ev"),
+            ]
+        )
+        == 0
+    )
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())["after"]
     for k, v in evals["after"].items():
         assert again[k] == pytest.approx(v, abs=1e-6), k
@@ -64,9 +107,24 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
 
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_tiny_random_architectures(tmp_path, tiny_dir, arch):
-    out = _train(tmp_path, arch, "--model", str(tiny_dir(arch)), "--data", "builtin",
-                 "--max-steps", "2", "--method", "molf", "--top-k", "2", "--lora-ranks", "4",
-                 "--lora-alphas", "8")
+    out = _train(
+        tmp_path,
+        arch,
+        "--model",
+        str(tiny_dir(arch)),
+        "--data",
+        "builtin",
+        "--max-steps",
+        "2",
+        "--method",
+        "molf",
+        "--top-k",
+        "2",
+        "--lora-ranks",
+        "4",
+        "--lora-alphas",
+        "8",
+    )
     assert (out / "final" / "model.safetensors").exists()
 
 
@@ -78,8 +136,20 @@ def test_tiny_random_architectures(tmp_path, tiny_dir, arch):
     ],
 )
 def test_paper_tasks_on_local_files(tmp_path, stories, shared_data, task, data, metrics):
-    out = _train(tmp_path, task, "--model", str(stories), "--task", task, "--data",
-                 str(shared_data / data), "--max-steps", "2", "--max-length", "256")
+    out = _train(
+        tmp_path,
+        task,
+        "--model",
+        str(stories),
+        "--task",
+        task,
+        "--data",
+        str(shared_data / data),
+        "--max-steps",
+        "2",
+        "--max-length",
+        "256",
+    )
     after = json.loads((out / "eval.json").read_text())["after"]
     assert metrics <= set(after)
     assert all(0.0 <= after[m] <= 1.0 for m in metrics)
@@ -87,17 +157,49 @@ def test_paper_tasks_on_local_files(tmp_path, stories, shared_data, task, data, 
 
 def test_jsonl_task_and_yaml_config(tmp_path, stories):
     data = tmp_path / "pairs.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Tom has {i} cats. Tom has",
-                                        "completion": f" {i} cats."}) + "\n" for i in range(6)))
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Tom has {i} cats. Tom has", "completion": f" {i} cats."}) + "\n"
+            for i in range(6)
+        )
+    )
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump({"model": str(stories), "task": "jsonl", "data": str(data),
-                                   "method": "molf-e", "max_steps": 2, "lr": 0.5}))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "model": str(stories),
+                "task": "jsonl",
+                "data": str(data),
+                "method": "molf-e",
+                "max_steps": 2,
+                "lr": 0.5,
+            }
+        )
+    )
     out = tmp_path / "runs" / "j"
-    assert main(["train", "--config", str(cfg), "--lr", "1e-3", "--output-dir", str(out),
-                 "--lora-ranks", "4", "--lora-alphas", "8"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(cfg),
+                "--lr",
+                "1e-3",
+                "--output-dir",
+                str(out),
+                "--lora-ranks",
+                "4",
+                "--lora-alphas",
+                "8",
+            ]
+        )
+        == 0
+    )
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["lr"] == 1e-3 and config["method"] == "molf-e"  # flags win over YAML
-    assert {"exact_match", "mean_logprob"} <= set(json.loads((out / "eval.json").read_text())["after"])
+    assert {"exact_match", "mean_logprob"} <= set(
+        json.loads((out / "eval.json").read_text())["after"]
+    )
 
 
 class Crash(Exception):
@@ -105,11 +207,26 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("method", ["molf", "lora"])
-def test_resume_ends_with_the_uninterrupted_weights(tmp_path, stories, shared_data, method,
-                                                    monkeypatch):
-    args = ["--model", str(stories), "--data", str(shared_data / "counterfact" /
-            "counterfact-val.json"), "--method", method, "--max-steps", "6", "--save-steps",
-            "3", "--grad-accum", "2", "--lora-dropout", "0.1", "--eval-before"]
+def test_resume_ends_with_the_uninterrupted_weights(
+    tmp_path, stories, shared_data, method, monkeypatch
+):
+    args = [
+        "--model",
+        str(stories),
+        "--data",
+        str(shared_data / "counterfact" / "counterfact-val.json"),
+        "--method",
+        method,
+        "--max-steps",
+        "6",
+        "--save-steps",
+        "3",
+        "--grad-accum",
+        "2",
+        "--lora-dropout",
+        "0.1",
+        "--eval-before",
+    ]
     full = _train(tmp_path, "full", *args)
 
     real_save = loop_module.save_checkpoint
@@ -146,25 +263,49 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
     base = ["train", "--model", str(stories), "--output-dir", str(tmp_path / "r")]
     _fails(capsys, [*base, "--task", "poems"], "--task", "poems", "fact, med, sql, jsonl")
     _fails(capsys, [*base, "--method", "qlora"], "--method", "qlora")
-    _fails(capsys, ["train", "--model", str(tmp_path / "nope"), "--output-dir",
-                    str(tmp_path / "r")], "--model", "does not exist")
+    _fails(
+        capsys,
+        ["train", "--model", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "r")],
+        "--model",
+        "does not exist",
+    )
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n')
     _fails(capsys, [*base, "--task", "jsonl", "--data", str(bad)], f"{bad}:2", "completion")
-    _fails(capsys, [*base, "--max-train-samples", "0", "--data", "builtin"], "max_train_samples")
+    _fails(capsys, [*base, "--max-train-samples", "0", "--data", "builtin"], "--max-train-samples")
     ctx = tmp_path / "sql.jsonl"
-    ctx.write_text(json.dumps({"sql_prompt": "How many?", "sql_context": "CREATE TABLE t (",
-                               "sql": "SELECT 1"}) + "\n")
-    _fails(capsys, [*base, "--task", "sql", "--data", str(ctx)], "sql.jsonl:1")
+    good = {"sql_prompt": "How many?", "sql_context": "CREATE TABLE t (a INT);", "sql": "SELECT 1"}
+    rows = [good] * 4 + [{**good, "sql_context": "CREATE TABLE t ("}] * 6
+    ctx.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _fails(capsys, [*base, "--task", "sql", "--data", str(ctx)], "sql.jsonl:", "context")
+    _fails(capsys, [*base, "--data", "builtin", "--lora-ranks", "128"], "lora_ranks [128]")
     _fails(capsys, [*base, "--lora-ranks", "4,x"], "--lora-ranks")
     assert not (tmp_path / "r").exists(), "a failed run left a half-written directory"
 
-    out = _train(tmp_path, "taken", "--model", str(stories), "--data", "builtin",
-                 "--max-steps", "1")
-    _fails(capsys, ["train", "--model", str(stories), "--data", "builtin", "--output-dir",
-                    str(out)], "already holds a run", "--resume", "--overwrite")
-    _fails(capsys, ["train", "--model", str(stories), "--data", "builtin", "--output-dir",
-                    str(out), "--resume"], "no checkpoint")
+    out = _train(
+        tmp_path, "taken", "--model", str(stories), "--data", "builtin", "--max-steps", "1"
+    )
+    _fails(
+        capsys,
+        ["train", "--model", str(stories), "--data", "builtin", "--output-dir", str(out)],
+        "already holds a run",
+        "--resume",
+        "--overwrite",
+    )
+    _fails(
+        capsys,
+        [
+            "train",
+            "--model",
+            str(stories),
+            "--data",
+            "builtin",
+            "--output-dir",
+            str(out),
+            "--resume",
+        ],
+        "no checkpoint",
+    )
 
 
 def test_help_explains_every_flag(capsys):
@@ -172,11 +313,36 @@ def test_help_explains_every_flag(capsys):
         main(["train", "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--model", "--gguf-file", "--task", "--data", "--method", "--output-dir",
-                 "--max-steps", "--epochs", "--batch-size", "--grad-accum", "--lr", "--lora-lr",
-                 "--weight-decay", "--lora-weight-decay", "--lora-ranks", "--lora-alphas",
-                 "--lora-dropout", "--top-k", "--score", "--scheduler", "--warmup-ratio",
-                 "--max-train-samples", "--max-eval-samples", "--seed", "--dtype",
-                 "--gradient-checkpointing", "--resume", "--overwrite", "--save-steps",
-                 "--report-to"):
+    for flag in (
+        "--model",
+        "--gguf-file",
+        "--task",
+        "--data",
+        "--method",
+        "--output-dir",
+        "--max-steps",
+        "--epochs",
+        "--batch-size",
+        "--grad-accum",
+        "--lr",
+        "--lora-lr",
+        "--weight-decay",
+        "--lora-weight-decay",
+        "--lora-ranks",
+        "--lora-alphas",
+        "--lora-dropout",
+        "--top-k",
+        "--score",
+        "--scheduler",
+        "--warmup-ratio",
+        "--max-train-samples",
+        "--max-eval-samples",
+        "--seed",
+        "--dtype",
+        "--gradient-checkpointing",
+        "--resume",
+        "--overwrite",
+        "--save-steps",
+        "--report-to",
+    ):
         assert flag in text, flag

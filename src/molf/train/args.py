@@ -32,8 +32,11 @@ class TrainArgs:
     model: str | None = _f(None, "hub id or local directory (default: SmolLM2-135M-Instruct)")
     gguf_file: str | None = _f(None, "GGUF file name inside the --model directory")
     task: str = _f("fact", "fact | med | sql | jsonl")
-    data: str | None = _f(None, "local file or directory; omitted = the task's hub dataset; "
-                                "'builtin' = the demo's facts (task fact)")
+    data: str | None = _f(
+        None,
+        "local file or directory; omitted = the task's hub dataset; "
+        "'builtin' = the demo's facts (task fact)",
+    )
     method: str = _f("molf", "fft | lora | dora | adalora | molf | molf-e")
     output_dir: str | None = _f(None, "run directory (default: runs/<task>-<method>)")
     max_steps: int | None = _f(None, "optimizer steps; overrides --epochs")
@@ -43,19 +46,23 @@ class TrainArgs:
     lr: float = _f(5e-5, "learning rate (FFT expert / full fine-tuning)")
     lora_lr: float | None = _f(None, "learning rate of LoRA experts and adapters (default: --lr)")
     weight_decay: float = _f(0.0, "decoupled weight decay (FFT expert, 2-D weights)")
-    lora_weight_decay: float | None = _f(None, "weight decay of LoRA parameters "
-                                               "(default: --weight-decay)")
-    lora_ranks: tuple[int, ...] = _f((128,), "LoRA expert ranks, e.g. 32,128 (PEFT baselines "
-                                              "use their sum)", list=int)
+    lora_weight_decay: float | None = _f(
+        None, "weight decay of LoRA parameters (default: --weight-decay)"
+    )
+    lora_ranks: tuple[int, ...] = _f(
+        (128,), "LoRA expert ranks, e.g. 32,128 (PEFT baselines use their sum)", list=int
+    )
     lora_alphas: tuple[float, ...] = _f((32.0,), "one alpha per rank, e.g. 16,64", list=float)
     use_rslora: bool = _f(True, "scale LoRA by alpha/sqrt(r) instead of alpha/r")
     lora_dropout: float = _f(0.0, "LoRA dropout (the paper's runs used 0.05)")
-    target_modules: str = _f("all-linear", "'all-linear', comma-separated name suffixes, or "
-                                           "a regex")
+    target_modules: str = _f(
+        "all-linear", "'all-linear', comma-separated name suffixes, or a regex"
+    )
     top_k: int = _f(1, "experts updated per layer and step (molf, molf-e)")
     score: str = _f("epd", "routing score: epd | pfn")
-    train_non_linear: bool | None = _f(None, "train embeddings/norms/lm_head too (default: "
-                                             "yes for molf, no for molf-e)")
+    train_non_linear: bool | None = _f(
+        None, "train embeddings/norms/lm_head too (default: yes for molf, no for molf-e)"
+    )
     scheduler: str = _f("cosine", "cosine | linear | constant")
     warmup_ratio: float = _f(0.0, "share of steps with linear warm-up")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
@@ -87,17 +94,34 @@ class TrainArgs:
     def validate(self) -> None:
         from molf.tasks import TASK_NAMES
 
-        choices = {"task": TASK_NAMES, "method": METHODS, "scheduler": SCHEDULERS,
-                   "dtype": DTYPES, "report_to": REPORT_TO, "parallel": PARALLEL}
+        choices = {
+            "task": TASK_NAMES,
+            "method": METHODS,
+            "scheduler": SCHEDULERS,
+            "dtype": DTYPES,
+            "report_to": REPORT_TO,
+            "parallel": PARALLEL,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise MolfError(f"--{name.replace('_', '-')}: unknown value "
-                                f"{getattr(self, name)!r}; choose one of {', '.join(allowed)}")
-        positive = ("batch_size", "grad_accum", "max_length", "eval_batch_size",
-                    "save_total_limit", "logging_steps")
+                raise MolfError(
+                    f"--{name.replace('_', '-')}: unknown value "
+                    f"{getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
+        positive = (
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "eval_batch_size",
+            "save_total_limit",
+            "logging_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise MolfError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise MolfError(f"--{name.replace('_', '-')} must be at least 1 (or unset)")
         if self.max_steps is not None and self.max_steps < 1:
             raise MolfError("--max-steps must be at least 1")
         if self.epochs <= 0:

@@ -48,19 +48,26 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler,
-                    keep: int) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, keep: int
+) -> Path:
     final = run_dir / f"checkpoint-{step}"
     tmp = atomic_dir(final)
     try:
-        torch.save({
-            "step": step,
-            "model": trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        }, tmp / "state.pt")
+        torch.save(
+            {
+                "step": step,
+                "model": trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+            },
+            tmp / "state.pt",
+        )
         (tmp / "meta.json").write_text(json.dumps({"step": step}))
         commit_dir(tmp, final)
     except BaseException:
@@ -73,8 +80,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, sched
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
-    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*")
-             if (m := PATTERN.search(p.name)) and (p / "meta.json").is_file()]
+    found = [
+        (int(m.group(1)), p)
+        for p in run_dir.glob("checkpoint-*")
+        if (m := PATTERN.search(p.name)) and (p / "meta.json").is_file()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -85,8 +95,10 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
     missing = [n for n in state["model"] if n not in params]
     expected = {n for n, p in params.items() if p.requires_grad}
     if missing or expected - set(state["model"]):
-        raise MolfError(f"--resume: {path} does not match this model/method "
-                        f"(unknown {missing[:3]}, missing {sorted(expected - set(state['model']))[:3]})")
+        raise MolfError(
+            f"--resume: {path} does not match this model/method "
+            f"(unknown {missing[:3]}, missing {sorted(expected - set(state['model']))[:3]})"
+        )
     with torch.no_grad():
         for n, t in state["model"].items():
             params[n].copy_(t)

@@ -36,20 +36,31 @@ class BatchPlan:
     def indices(self, step: int) -> list[int]:
         """The example indices of optimizer step ``step`` (0-based)."""
         epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(self.num_examples,
-                               generator=torch.Generator().manual_seed(self.seed + epoch))
+        order = torch.randperm(
+            self.num_examples, generator=torch.Generator().manual_seed(self.seed + epoch)
+        )
         start = within * self.global_batch
-        return order[start:start + self.global_batch].tolist()
+        return order[start : start + self.global_batch].tolist()
 
 
 class Batches:
     """Tokenised examples and the micro-batches of each step for one rank."""
 
-    def __init__(self, examples: list[Example], tokenizer, max_length: int, pad_id: int,
-                 batch_size: int, grad_accum: int, seed: int, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.encoded = [encode_example(tokenizer, e.prompt, e.completion, max_length)
-                        for e in examples]
+    def __init__(
+        self,
+        examples: list[Example],
+        tokenizer,
+        max_length: int,
+        pad_id: int,
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.encoded = [
+            encode_example(tokenizer, e.prompt, e.completion, max_length) for e in examples
+        ]
         self.pad_id = pad_id
         self.batch_size, self.grad_accum = batch_size, grad_accum
         self.rank, self.world_size = rank, world_size
@@ -63,8 +74,11 @@ class Batches:
         targets = sum(sum(t != IGNORE_INDEX for t in it["labels"][1:]) for it in items)
         # Rank r takes a contiguous slice, then splits it into grad_accum micro-batches.
         per_rank = math.ceil(len(items) / self.world_size)
-        mine = items[self.rank * per_rank:(self.rank + 1) * per_rank]
+        mine = items[self.rank * per_rank : (self.rank + 1) * per_rank]
         per_micro = math.ceil(len(mine) / self.grad_accum) if mine else 0
-        micro = [collate(mine[i:i + per_micro], self.pad_id)
-                 for i in range(0, len(mine), per_micro)] if mine else []
+        micro = (
+            [collate(mine[i : i + per_micro], self.pad_id) for i in range(0, len(mine), per_micro)]
+            if mine
+            else []
+        )
         return micro, targets

