@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from molf.cli import main
-from molf.train import loop as loop_module
+from molf.train import run as run_module
 
 QUICK = [
     "--max-train-samples",
@@ -229,16 +229,16 @@ def test_resume_ends_with_the_uninterrupted_weights(
     ]
     full = _train(tmp_path, "full", *args)
 
-    real_save = loop_module.save_checkpoint
+    real_save = run_module.save_checkpoint
 
     def save_then_crash(*a, **kw):
         real_save(*a, **kw)
         raise Crash  # the process dies right after writing checkpoint-3
 
-    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(run_module, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         _train(tmp_path, "cut", *args)
-    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_module, "save_checkpoint", real_save)
     cut = tmp_path / "runs" / "cut"
     assert (cut / "checkpoint-3").is_dir() and not (cut / "final").exists()
     assert main(["train", "--output-dir", str(cut), *QUICK, *args, "--resume"]) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,8 +13,8 @@ from tqdm.auto import tqdm
 
 from molf.optim import MoLFAdamW
 from molf.train.args import TrainArgs
-from molf.train.checkpoint import save_checkpoint
 from molf.train.data import Batches
+from molf.train.distributed import DistContext, all_reduce_sum, check_routing_agrees
 from molf.train.logs import RunLogger
 from molf.train.methods import after_optimizer_step
 
@@ -25,8 +26,8 @@ class LoopContext:
     run_dir: Path
     device: torch.device
     logger: RunLogger
-    is_main: bool = True
-    loss_scale: float = 1.0  # world size under DDP, which averages gradients over ranks
+    dist: DistContext
+    checkpoint: Callable[[int], None]  # saves a checkpoint after the given step
 
 
 def train_loop(
@@ -45,58 +46,47 @@ def train_loop(
     by its number of target tokens, accumulated over micro-batches (and ranks).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    world = ctx.dist.world_size  # DDP and FSDP2 average gradients over ranks: undo that
     model.train()
-    bar = tqdm(
-        total=total_steps,
-        initial=start_step,
-        desc="train",
-        disable=not ctx.is_main,
-        dynamic_ncols=True,
-    )
+    bar = tqdm(total=total_steps, initial=start_step, desc="train",
+               disable=not ctx.dist.is_main, dynamic_ncols=True)
     started = time.perf_counter()
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         micro, num_targets = batches.step(step)
         loss = torch.zeros((), device=ctx.device)
-        tokens = 0
+        tokens = torch.zeros((), device=ctx.device)
         for mb in micro:
             mb = {k: v.to(ctx.device) for k, v in mb.items()}
             out = model(**mb, num_items_in_batch=num_targets)
-            (out.loss * ctx.loss_scale).backward()
+            (out.loss * world).backward()
             loss += out.loss.detach()
-            tokens += int(mb["attention_mask"].sum())
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-            if args.max_grad_norm > 0
-            else None
-        )
+            tokens += mb["attention_mask"].sum()
+        grad_norm = None
+        if args.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         after_optimizer_step(model, args, step)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         if isinstance(optimizer, MoLFAdamW) and optimizer.last_routing is not None:
+            if args.check_routing:
+                check_routing_agrees(optimizer, ctx.dist)
             ctx.logger.log_routing(done, optimizer.last_routing)
         if done % args.logging_steps == 0 or done == total_steps:
+            loss, tokens = all_reduce_sum(torch.stack([loss, tokens]), ctx.dist).tolist()
             seconds = time.perf_counter() - t0
-            record = {
-                "step": done,
-                "loss": float(loss),
-                "lr": float(scheduler.get_last_lr()[0]),
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": tokens * ctx.loss_scale / seconds,
-                "step_time": seconds,
-            }
+            if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            record = {"step": done, "loss": loss, "lr": float(scheduler.get_last_lr()[0]),
+                      "grad_norm": None if grad_norm is None else float(grad_norm),
+                      "tokens_per_s": tokens / seconds, "step_time": seconds}
             ctx.logger.log_train(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.4f}",
-                lr=f"{record['lr']:.2e}",
-                tok_s=f"{record['tokens_per_s']:.0f}",
-            )
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
+                            tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if args.save_steps and done % args.save_steps == 0 and done < total_steps:
-            save_checkpoint(
-                ctx.run_dir, done, model, optimizer, scheduler, args.save_total_limit
-            ) if ctx.is_main else None
+            ctx.checkpoint(done)
     bar.close()
     return time.perf_counter() - started

@@ -82,33 +82,30 @@ def _adamw(params: list[tuple[str, nn.Parameter]], lr: float, wd: float) -> torc
     return torch.optim.AdamW(groups, lr=lr)
 
 
-def prepare(
-    model: nn.Module, args: TrainArgs, total_steps: int
-) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """Wrap ``model`` for ``args.method`` and build its optimizer."""
+def wrap(model: nn.Module, args: TrainArgs, total_steps: int) -> nn.Module:
+    """Add the method's adapters or experts to ``model`` and set what is trainable."""
     if args.method == "fft":
-        model.requires_grad_(True)
-        return model, _adamw(list(model.named_parameters()), args.lr, args.weight_decay)
+        return model.requires_grad_(True)
     if args.method in MOLF_METHODS:
-        model = get_molf_model(model, molf_config(args))
-        lora_wd = args.weight_decay if args.lora_weight_decay is None else args.lora_weight_decay
-        opt = MoLFAdamW(
-            model,
-            lr=args.lr,
-            lora_lr=args.effective_lora_lr,
-            weight_decay=args.weight_decay,
-            lora_weight_decay=lora_wd,
-        )
-        return model, opt
+        return get_molf_model(model, molf_config(args))
     from peft import get_peft_model
 
-    model = get_peft_model(model, _peft_config(args, total_steps))
+    return get_peft_model(model, _peft_config(args, total_steps))
+
+
+def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
+    """The method's optimizer over ``model`` (after any FSDP2 sharding)."""
     lora_wd = args.weight_decay if args.lora_weight_decay is None else args.lora_weight_decay
+    if args.method == "fft":
+        return _adamw(list(model.named_parameters()), args.lr, args.weight_decay)
+    if args.method in MOLF_METHODS:
+        return MoLFAdamW(model, lr=args.lr, lora_lr=args.effective_lora_lr,
+                         weight_decay=args.weight_decay, lora_weight_decay=lora_wd)
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return model, _adamw(trainable, args.effective_lora_lr, lora_wd)
+    return _adamw(trainable, args.effective_lora_lr, lora_wd)
 
 
 def after_optimizer_step(model: nn.Module, args: TrainArgs, step: int) -> None:
     """Method-specific work after each optimizer step (AdaLoRA's rank allocation)."""
     if args.method == "adalora":
-        model.base_model.update_and_allocate(step)
+        getattr(model, "module", model).base_model.update_and_allocate(step)

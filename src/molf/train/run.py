@@ -27,13 +27,24 @@ from molf.train.checkpoint import (
     commit_dir,
     list_checkpoints,
     load_checkpoint,
+    load_sharded,
     save_checkpoint,
+    save_sharded,
     write_text_atomic,
 )
 from molf.train.data import Batches
+from molf.train.distributed import (
+    DistContext,
+    barrier,
+    init_distributed,
+    install_routing_reduce,
+    shutdown,
+    unwrap,
+    wrap_model,
+)
 from molf.train.logs import RunLogger, append_result, peak_memory_mb
 from molf.train.loop import LoopContext, train_loop
-from molf.train.methods import MOLF_METHODS, PEFT_METHODS, prepare
+from molf.train.methods import MOLF_METHODS, PEFT_METHODS, build_optimizer, wrap
 from molf.train.modeling import load_model_and_tokenizer, load_tokenizer, resolve_model
 
 RUN_MARKERS = ("config.yaml", "train_log.jsonl", "eval.json", "final")
@@ -137,102 +148,133 @@ def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base
 
 
 def run_train(args: TrainArgs) -> dict[str, Any]:
-    """Train, evaluate before and after, save the final model; returns ``eval.json``'s dict."""
+    """Train, evaluate before and after, save the final model; returns ``eval.json``'s dict.
+
+    Under torchrun every rank trains its slice of each global batch; rank 0 alone
+    evaluates and writes logs, routing, results and the final model.
+    """
+    ctx = init_distributed(args.parallel, args.dist_timeout)
+    try:
+        return _run_train(args, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     from transformers import get_scheduler
 
+    main = ctx.is_main
     run_dir = check_run_dir(args)
     if args.resume:
         _check_resume_config(run_dir, args)
     resolve_model(args.model, args.gguf_file)  # a wrong path fails before any work
     task, data = load_task(args)
-    _say(
-        f"task {args.task}: {len(data.train)} training examples, {len(data.eval)} eval "
-        f"records from {data.source}"
-    )
+    _say(f"task {args.task}: {len(data.train)} training examples, {len(data.eval)} eval "
+         f"records from {data.source}", main)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer, name, gguf = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype)
-    _say(
-        f"model {name}{' (' + gguf + ')' if gguf else ''}: "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters"
-    )
+    _say(f"model {name}{' (' + gguf + ')' if gguf else ''}: "
+         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", main)
     pad_id = ensure_pad_token(tokenizer)
     model.config.pad_token_id = pad_id
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    batches = Batches(
-        data.train, tokenizer, args.max_length, pad_id, args.batch_size, args.grad_accum, args.seed
-    )
+    model.to(ctx.device)
+    batches = Batches(data.train, tokenizer, args.max_length, pad_id, args.batch_size,
+                      args.grad_accum, args.seed, ctx.rank, ctx.world_size)
     total = batches.plan.total_steps(args.max_steps, args.epochs)
     # Wrapping validates ranks and targets; fresh adapters leave outputs unchanged, so
     # "before" metrics can be taken on the wrapped model.
-    model, optimizer = prepare(model, args, total)
-    scheduler = get_scheduler(
-        "constant_with_warmup" if args.scheduler == "constant" else args.scheduler,
-        optimizer,
-        num_warmup_steps=int(args.warmup_ratio * total),
-        num_training_steps=total,
-    )
-    create_run_dir(run_dir, args)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    write_text_atomic(
-        run_dir / "config.yaml",
-        yaml.safe_dump(
-            {**args.to_dict(), "resolved_model": name, "resolved_gguf_file": gguf}, sort_keys=False
-        ),
-    )
-
+    model = wrap(model, args, total)
+    barrier(ctx)
+    if main:
+        create_run_dir(run_dir, args)
+        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
+            {**args.to_dict(), "resolved_model": name, "resolved_gguf_file": gguf,
+             "world_size": ctx.world_size, "parallel_mode": ctx.mode}, sort_keys=False))
     eval_path = run_dir / "eval.json"
     results: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
-    if args.eval_before and "before" not in results:
+    if main and args.eval_before and "before" not in results:
         results["before"] = _evaluate(task, model, tokenizer, data.eval, args)
         write_text_atomic(eval_path, json.dumps(results, indent=2))
         _say(f"before training: {_fmt(results['before'])}")
+    barrier(ctx)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model = wrap_model(model, ctx)
+    optimizer = build_optimizer(unwrap(model), args)
+    install_routing_reduce(optimizer, ctx)
+    scheduler = get_scheduler(
+        "constant_with_warmup" if args.scheduler == "constant" else args.scheduler, optimizer,
+        num_warmup_steps=int(args.warmup_ratio * total), num_training_steps=total)
+
+    def checkpoint(step: int) -> None:
+        if ctx.active:
+            save_sharded(run_dir, step, model, optimizer, scheduler, args.save_total_limit,
+                         ctx.rank)
+        else:
+            save_checkpoint(run_dir, step, model, optimizer, scheduler, args.save_total_limit)
+
     start = 0
     if args.resume:
         latest = list_checkpoints(run_dir)[-1]
-        start = load_checkpoint(latest, model, optimizer, scheduler)
-        _say(f"resumed from {latest.name} (step {start} of {total})")
+        start = (load_sharded(latest, model, optimizer, scheduler, ctx.rank) if ctx.active
+                 else load_checkpoint(latest, model, optimizer, scheduler))
+        _say(f"resumed from {latest.name} (step {start} of {total})", main)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _say(
-        f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
-        f"{batches.plan.global_batch} examples"
-    )
-    logger = RunLogger(run_dir, args.report_to, args.to_dict())
-    ctx = LoopContext(run_dir=run_dir, device=device, logger=logger)
-    seconds = train_loop(model, optimizer, scheduler, batches, args, ctx, start, total)
+    _say(f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
+         f"{batches.plan.global_batch} examples ({ctx.world_size} process(es), "
+         f"parallel={ctx.mode})", main)
+    logger = RunLogger(run_dir, args.report_to, args.to_dict(), enabled=main)
+    loop_ctx = LoopContext(run_dir=run_dir, device=ctx.device, logger=logger, dist=ctx,
+                           checkpoint=checkpoint)
+    seconds = train_loop(model, optimizer, scheduler, batches, args, loop_ctx, start, total)
     if args.save_steps:
-        save_checkpoint(run_dir, total, model, optimizer, scheduler, args.save_total_limit)
+        checkpoint(total)
     logger.close()
-
+    skipped = optimizer.skipped_steps if args.method in MOLF_METHODS else None
+    model = gather_for_saving(model, args, ctx, total)
+    if not main:
+        barrier(ctx)
+        return results
     results["after"] = _evaluate(task, model, tokenizer, data.eval, args)
     results["train_seconds"] = results.get("train_seconds", 0.0) + seconds
-    results["peak_memory_mb"] = peak_memory_mb(device)
-    if args.method in MOLF_METHODS:
-        results["skipped_steps"] = optimizer.skipped_steps
+    results["peak_memory_mb"] = peak_memory_mb(ctx.device)
+    if skipped is not None:
+        results["skipped_steps"] = skipped
     write_text_atomic(eval_path, json.dumps(results, indent=2))
     _say(f"after training:  {_fmt(results['after'])}")
     final = save_final(model, tokenizer, args, run_dir, {"base_model": name, "gguf_file": gguf})
     _say(f"saved {final}")
-    append_result(
-        run_dir.parent / "results.csv",
-        {
-            **args.to_dict(),
-            "output_dir": str(run_dir),
-            "model": name,
-            "steps": total,
-            "lora_lr": args.effective_lora_lr,
-            "primary_metric": task.primary_metric,
-            "before": results.get("before", {}).get(task.primary_metric),
-            "after": results["after"].get(task.primary_metric),
-            "metrics_after": json.dumps(results["after"]),
-            "train_seconds": round(seconds, 2),
-            "peak_memory_mb": round(results["peak_memory_mb"], 1),
-        },
-    )
+    append_result(run_dir.parent / "results.csv", {
+        **args.to_dict(), "output_dir": str(run_dir), "model": name, "steps": total,
+        "lora_lr": args.effective_lora_lr, "primary_metric": task.primary_metric,
+        "before": results.get("before", {}).get(task.primary_metric),
+        "after": results["after"].get(task.primary_metric),
+        "metrics_after": json.dumps(results["after"]), "train_seconds": round(seconds, 2),
+        "peak_memory_mb": round(results["peak_memory_mb"], 1)})
+    barrier(ctx)
     return results
+
+
+def gather_for_saving(model: nn.Module, args: TrainArgs, ctx: DistContext,
+                      total: int) -> nn.Module:
+    """The trained model as one plain (unsharded, unwrapped) module on rank 0.
+
+    FSDP2: every rank joins the gather of the full state dict; rank 0 loads it into a
+    freshly wrapped copy of the base model on the CPU."""
+    if ctx.mode != "fsdp2":
+        return unwrap(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+    if not ctx.is_main:
+        return model
+    fresh, _, _, _ = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype)
+    fresh = wrap(fresh, args, total)
+    fresh.load_state_dict(full)
+    return fresh
 
 
 def _fmt(metrics: dict[str, float]) -> str:
