@@ -49,7 +49,7 @@ def data_dir() -> Path | None:
     return Path(d) if d else None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     d = data_dir()
     if d is None or not d.exists():

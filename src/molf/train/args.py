@@ -83,8 +83,11 @@ class TrainArgs:
     resume: bool = _f(False, "continue from the latest checkpoint in --output-dir")
     overwrite: bool = _f(False, "replace a previous run in --output-dir")
     parallel: str = _f("auto", "auto | none | ddp | fsdp2 (auto = ddp under torchrun)")
-    dist_timeout: float = _f(600.0, "seconds a collective may wait before the run fails "
-                                    "(a dead rank ends the run instead of hanging it)")
+    dist_timeout: float = _f(
+        600.0,
+        "seconds a collective may wait before the run fails "
+        "(a dead rank ends the run instead of hanging it)",
+    )
     check_routing: bool = _f(False, "debug: verify every step that all ranks routed alike")
 
     def __post_init__(self) -> None:

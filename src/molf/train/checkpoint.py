@@ -91,8 +91,10 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
     """Restore a checkpoint into the (already wrapped) model; returns its step."""
     if not (path / "state.pt").is_file():
-        raise MolfError(f"--resume: {path} is a sharded checkpoint; resume it with torchrun "
-                        "and the same --parallel mode")
+        raise MolfError(
+            f"--resume: {path} is a sharded checkpoint; resume it with torchrun "
+            "and the same --parallel mode"
+        )
     state: dict[str, Any] = torch.load(path / "state.pt", weights_only=False)
     params = dict(model.named_parameters())
     missing = [n for n in state["model"] if n not in params]
@@ -114,8 +116,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
     return int(state["step"])
 
 
-def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, keep: int,
-                 rank: int) -> None:
+def save_sharded(
+    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, keep: int, rank: int
+) -> None:
     """Multi-process checkpoint with torch.distributed.checkpoint: each rank writes its
     shards; rank 0 adds the scheduler and marks the directory complete, then renames it."""
     import torch.distributed as dist
@@ -130,9 +133,14 @@ def save_sharded(run_dir: Path, step: int, model: nn.Module, optimizer, schedule
     dist.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / f"rng-{rank}.pt")
+    torch.save(
+        {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+        tmp / f"rng-{rank}.pt",
+    )
     if rank == 0:
         torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "extra.pt")
     dist.barrier()
@@ -149,13 +157,15 @@ def load_sharded(path: Path, model: nn.Module, optimizer, scheduler, rank: int) 
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if not json.loads((path / "meta.json").read_text()).get("sharded"):
-        raise MolfError(f"--resume: {path} was written by a single process; resume it "
-                        "without torchrun")
+        raise MolfError(
+            f"--resume: {path} was written by a single process; resume it without torchrun"
+        )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
     extra = torch.load(path / "extra.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
     rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)

@@ -46,11 +46,12 @@ def init_distributed(parallel: str, timeout_s: float) -> DistContext:
     cuda = torch.cuda.is_available()
     if not launched_by_torchrun():
         if parallel in ("ddp", "fsdp2"):
-            raise MolfError(f"--parallel {parallel}: launch with torchrun, e.g. torchrun "
-                            "--nproc-per-node 2 -m molf train ...")
+            raise MolfError(
+                f"--parallel {parallel}: launch with torchrun, e.g. torchrun "
+                "--nproc-per-node 2 -m molf train ..."
+            )
         return DistContext("none", device=torch.device("cuda" if cuda else "cpu"))
-    mode = "ddp" if parallel in ("auto", "none") and int(os.environ["WORLD_SIZE"]) > 1 \
-        else parallel
+    mode = "ddp" if parallel in ("auto", "none") and int(os.environ["WORLD_SIZE"]) > 1 else parallel
     if mode in ("auto", "none"):
         mode = "ddp"
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -67,8 +68,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     names = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
-        raise MolfError("--parallel fsdp2: cannot find the model's decoder layers "
-                        "(_no_split_modules is empty); use --parallel ddp")
+        raise MolfError(
+            "--parallel fsdp2: cannot find the model's decoder layers "
+            "(_no_split_modules is empty); use --parallel ddp"
+        )
     return layers
 
 
@@ -106,8 +109,10 @@ def check_routing_agrees(optimizer: torch.optim.Optimizer, ctx: DistContext) -> 
     gathered = [torch.empty_like(mine) for _ in range(ctx.world_size)]
     dist.all_gather(gathered, mine)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError("routing differs between ranks: gradients or optimizer states "
-                           "diverged (this is a bug; please report it)")
+        raise RuntimeError(
+            "routing differs between ranks: gradients or optimizer states "
+            "diverged (this is a bug; please report it)"
+        )
 
 
 def all_reduce_sum(value: torch.Tensor, ctx: DistContext) -> torch.Tensor:

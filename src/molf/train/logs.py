@@ -76,6 +76,17 @@ class RunLogger:
             },
         )
 
+    def truncate(self, step: int) -> None:
+        """Drop lines logged after ``step`` (a resumed run logs them again)."""
+        if not self.enabled:
+            return
+        for name in ("train_log.jsonl", "routing.jsonl"):
+            path = self.run_dir / name
+            if path.exists():
+                lines = path.read_text().splitlines(keepends=True)
+                kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+                write_text_atomic(path, "".join(kept))
+
     def close(self) -> None:
         if self._tracker is not None:
             (self._tracker.close if hasattr(self._tracker, "close") else self._tracker.finish)()

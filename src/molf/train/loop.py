@@ -48,8 +48,13 @@ def train_loop(
     params = [p for p in model.parameters() if p.requires_grad]
     world = ctx.dist.world_size  # DDP and FSDP2 average gradients over ranks: undo that
     model.train()
-    bar = tqdm(total=total_steps, initial=start_step, desc="train",
-               disable=not ctx.dist.is_main, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps,
+        initial=start_step,
+        desc="train",
+        disable=not ctx.dist.is_main,
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
@@ -79,12 +84,18 @@ def train_loop(
             seconds = time.perf_counter() - t0
             if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
                 grad_norm = grad_norm.full_tensor()
-            record = {"step": done, "loss": loss, "lr": float(scheduler.get_last_lr()[0]),
-                      "grad_norm": None if grad_norm is None else float(grad_norm),
-                      "tokens_per_s": tokens / seconds, "step_time": seconds}
+            record = {
+                "step": done,
+                "loss": loss,
+                "lr": float(scheduler.get_last_lr()[0]),
+                "grad_norm": None if grad_norm is None else float(grad_norm),
+                "tokens_per_s": tokens / seconds,
+                "step_time": seconds,
+            }
             ctx.logger.log_train(record)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}",
-                            tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(
+                loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+            )
         bar.update(1)
         if args.save_steps and done % args.save_steps == 0 and done < total_steps:
             ctx.checkpoint(done)

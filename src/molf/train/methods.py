@@ -99,8 +99,13 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     if args.method == "fft":
         return _adamw(list(model.named_parameters()), args.lr, args.weight_decay)
     if args.method in MOLF_METHODS:
-        return MoLFAdamW(model, lr=args.lr, lora_lr=args.effective_lora_lr,
-                         weight_decay=args.weight_decay, lora_weight_decay=lora_wd)
+        return MoLFAdamW(
+            model,
+            lr=args.lr,
+            lora_lr=args.effective_lora_lr,
+            weight_decay=args.weight_decay,
+            lora_weight_decay=lora_wd,
+        )
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return _adamw(trainable, args.effective_lora_lr, lora_wd)
 

@@ -89,4 +89,10 @@ def load_model_and_tokenizer(
             f"--model: cannot load {name!r} ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); {hint}"
         ) from None
+    if gguf:
+        # GGUF weights are dequantized on load: drop the quantizer's mark so the
+        # fine-tuned model saves as a plain HF model.
+        lm.hf_quantizer = None
+        if hasattr(lm.config, "quantization_config"):
+            del lm.config.quantization_config
     return lm, tokenizer, name, gguf

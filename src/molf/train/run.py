@@ -169,18 +169,33 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         _check_resume_config(run_dir, args)
     resolve_model(args.model, args.gguf_file)  # a wrong path fails before any work
     task, data = load_task(args)
-    _say(f"task {args.task}: {len(data.train)} training examples, {len(data.eval)} eval "
-         f"records from {data.source}", main)
+    _say(
+        f"task {args.task}: {len(data.train)} training examples, {len(data.eval)} eval "
+        f"records from {data.source}",
+        main,
+    )
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer, name, gguf = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype)
-    _say(f"model {name}{' (' + gguf + ')' if gguf else ''}: "
-         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters", main)
+    _say(
+        f"model {name}{' (' + gguf + ')' if gguf else ''}: "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
+        main,
+    )
     pad_id = ensure_pad_token(tokenizer)
     model.config.pad_token_id = pad_id
     model.to(ctx.device)
-    batches = Batches(data.train, tokenizer, args.max_length, pad_id, args.batch_size,
-                      args.grad_accum, args.seed, ctx.rank, ctx.world_size)
+    batches = Batches(
+        data.train,
+        tokenizer,
+        args.max_length,
+        pad_id,
+        args.batch_size,
+        args.grad_accum,
+        args.seed,
+        ctx.rank,
+        ctx.world_size,
+    )
     total = batches.plan.total_steps(args.max_steps, args.epochs)
     # Wrapping validates ranks and targets; fresh adapters leave outputs unchanged, so
     # "before" metrics can be taken on the wrapped model.
@@ -188,9 +203,19 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     barrier(ctx)
     if main:
         create_run_dir(run_dir, args)
-        write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(
-            {**args.to_dict(), "resolved_model": name, "resolved_gguf_file": gguf,
-             "world_size": ctx.world_size, "parallel_mode": ctx.mode}, sort_keys=False))
+        write_text_atomic(
+            run_dir / "config.yaml",
+            yaml.safe_dump(
+                {
+                    **args.to_dict(),
+                    "resolved_model": name,
+                    "resolved_gguf_file": gguf,
+                    "world_size": ctx.world_size,
+                    "parallel_mode": ctx.mode,
+                },
+                sort_keys=False,
+            ),
+        )
     eval_path = run_dir / "eval.json"
     results: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
     if main and args.eval_before and "before" not in results:
@@ -205,29 +230,41 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     optimizer = build_optimizer(unwrap(model), args)
     install_routing_reduce(optimizer, ctx)
     scheduler = get_scheduler(
-        "constant_with_warmup" if args.scheduler == "constant" else args.scheduler, optimizer,
-        num_warmup_steps=int(args.warmup_ratio * total), num_training_steps=total)
+        "constant_with_warmup" if args.scheduler == "constant" else args.scheduler,
+        optimizer,
+        num_warmup_steps=int(args.warmup_ratio * total),
+        num_training_steps=total,
+    )
 
     def checkpoint(step: int) -> None:
         if ctx.active:
-            save_sharded(run_dir, step, model, optimizer, scheduler, args.save_total_limit,
-                         ctx.rank)
+            save_sharded(
+                run_dir, step, model, optimizer, scheduler, args.save_total_limit, ctx.rank
+            )
         else:
             save_checkpoint(run_dir, step, model, optimizer, scheduler, args.save_total_limit)
 
     start = 0
     if args.resume:
         latest = list_checkpoints(run_dir)[-1]
-        start = (load_sharded(latest, model, optimizer, scheduler, ctx.rank) if ctx.active
-                 else load_checkpoint(latest, model, optimizer, scheduler))
+        start = (
+            load_sharded(latest, model, optimizer, scheduler, ctx.rank)
+            if ctx.active
+            else load_checkpoint(latest, model, optimizer, scheduler)
+        )
         _say(f"resumed from {latest.name} (step {start} of {total})", main)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    _say(f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
-         f"{batches.plan.global_batch} examples ({ctx.world_size} process(es), "
-         f"parallel={ctx.mode})", main)
+    _say(
+        f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
+        f"{batches.plan.global_batch} examples ({ctx.world_size} process(es), "
+        f"parallel={ctx.mode})",
+        main,
+    )
     logger = RunLogger(run_dir, args.report_to, args.to_dict(), enabled=main)
-    loop_ctx = LoopContext(run_dir=run_dir, device=ctx.device, logger=logger, dist=ctx,
-                           checkpoint=checkpoint)
+    logger.truncate(start)
+    loop_ctx = LoopContext(
+        run_dir=run_dir, device=ctx.device, logger=logger, dist=ctx, checkpoint=checkpoint
+    )
     seconds = train_loop(model, optimizer, scheduler, batches, args, loop_ctx, start, total)
     if args.save_steps:
         checkpoint(total)
@@ -246,19 +283,27 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     _say(f"after training:  {_fmt(results['after'])}")
     final = save_final(model, tokenizer, args, run_dir, {"base_model": name, "gguf_file": gguf})
     _say(f"saved {final}")
-    append_result(run_dir.parent / "results.csv", {
-        **args.to_dict(), "output_dir": str(run_dir), "model": name, "steps": total,
-        "lora_lr": args.effective_lora_lr, "primary_metric": task.primary_metric,
-        "before": results.get("before", {}).get(task.primary_metric),
-        "after": results["after"].get(task.primary_metric),
-        "metrics_after": json.dumps(results["after"]), "train_seconds": round(seconds, 2),
-        "peak_memory_mb": round(results["peak_memory_mb"], 1)})
+    append_result(
+        run_dir.parent / "results.csv",
+        {
+            **args.to_dict(),
+            "output_dir": str(run_dir),
+            "model": name,
+            "steps": total,
+            "lora_lr": args.effective_lora_lr,
+            "primary_metric": task.primary_metric,
+            "before": results.get("before", {}).get(task.primary_metric),
+            "after": results["after"].get(task.primary_metric),
+            "metrics_after": json.dumps(results["after"]),
+            "train_seconds": round(seconds, 2),
+            "peak_memory_mb": round(results["peak_memory_mb"], 1),
+        },
+    )
     barrier(ctx)
     return results
 
 
-def gather_for_saving(model: nn.Module, args: TrainArgs, ctx: DistContext,
-                      total: int) -> nn.Module:
+def gather_for_saving(model: nn.Module, args: TrainArgs, ctx: DistContext, total: int) -> nn.Module:
     """The trained model as one plain (unsharded, unwrapped) module on rank 0.
 
     FSDP2: every rank joins the gather of the full state dict; rank 0 loads it into a
@@ -267,8 +312,9 @@ def gather_for_saving(model: nn.Module, args: TrainArgs, ctx: DistContext,
         return unwrap(model)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
     if not ctx.is_main:
         return model
     fresh, _, _, _ = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype)
