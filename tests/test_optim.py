@@ -131,7 +131,8 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("scheduled", [False, True])
-def test_matches_reference(case, scheduled):
+@pytest.mark.parametrize("implementation", ["auto", "foreach"])  # auto: the CPU kernel if built
+def test_matches_reference(case, scheduled, implementation):
     arch = "qwen2" if "three" in case else "llama"  # qwen2: FFT experts with biases
     model = get_molf_model(tiny_model(arch), MoLFConfig(**CASES[case]))
     lr, lora_lr, wd, lora_wd = 1e-2, 8e-3, 0.1, 0.01
@@ -144,6 +145,7 @@ def test_matches_reference(case, scheduled):
         lora_weight_decay=lora_wd,
         betas=BETAS,
         eps=EPS,
+        implementation=implementation,
     )
     warm = lambda s: min(1.0, (s + 1) / 5) * (0.5 if s > 12 else 1.0)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm) if scheduled else None

@@ -4,9 +4,10 @@
 
 Two ways to get the same gradients:
 
-* **dual path**: the LoRA branch runs per token beside the base layer. Needed for
-  LoRA dropout (which applies to the LoRA input only) and cheap when ``W`` is frozen
-  (MoLF-E), since ``dL/dW`` is then never formed.
+* **dual path**: the LoRA branch runs per token beside the base layer, all experts as
+  one LoRA of rank ``sum(r_i)`` whose output one ``addmm`` adds to the base output.
+  Needed for LoRA dropout (which applies to the LoRA input only) and cheap when ``W``
+  is frozen (MoLF-E), since ``dL/dW`` is then never formed.
 * **fused path**: forms ``W' = W + sum_i s_i B_i A_i`` on the fly and runs one matmul.
   With ``G = dL/dW'`` (which FFT computes anyway), the LoRA gradients are
   ``dL/dB_i = s_i G A_i^T`` and ``dL/dA_i = s_i B_i^T G``: ``O(d_out d_in r)`` per step,
@@ -17,6 +18,7 @@ Two ways to get the same gradients:
 from __future__ import annotations
 
 import math
+import threading
 from typing import Any
 
 import torch
@@ -32,14 +34,38 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _effective_weight(
-    weight: torch.Tensor, loras: tuple[torch.Tensor, ...], scalings: tuple[float, ...], dtype
+    weight: torch.Tensor,
+    loras: tuple[torch.Tensor, ...],
+    scalings: tuple[float, ...],
+    dtype,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``W + sum_i s_i B_i A_i`` in ``dtype``; ``loras`` is ``(A_0, B_0, A_1, B_1, ...)``."""
-    w = weight.to(dtype)
+    """``W + sum_i s_i B_i A_i`` in ``dtype``, in a new tensor or in ``out``; ``loras``
+    is ``(A_0, B_0, A_1, B_1, ...)``. Never writes to ``weight``."""
+    w = weight.to(dtype, copy=True) if out is None else out.copy_(weight)
     for i, s in enumerate(scalings):
-        a, b = loras[2 * i].to(dtype), loras[2 * i + 1].to(dtype)
-        w = torch.addmm(w, b, a, alpha=s) if i == 0 else w.addmm_(b, a, alpha=s)
+        w.addmm_(loras[2 * i + 1].to(dtype), loras[2 * i].to(dtype), alpha=s)
     return w
+
+
+_scratch = threading.local()
+
+
+def _workspace(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A reused buffer for ``W'`` on the CPU, one per thread and dtype, as large as the
+    largest weight seen. ``W'`` lives only inside one forward or one backward call, and
+    a fresh ``d_out x d_in`` allocation there costs page faults on every call (the CPU
+    allocator hands big blocks back to the OS), about 8% of a step at hidden 1024. On
+    other devices the caching allocator already reuses memory: ``None``."""
+    if weight.device.type != "cpu":
+        return None
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < weight.numel():
+        buf = bufs[dtype] = torch.empty(weight.numel(), dtype=dtype)
+    return buf[: weight.numel()].view(weight.shape)
 
 
 class _FusedLoRALinear(torch.autograd.Function):
@@ -49,8 +75,9 @@ class _FusedLoRALinear(torch.autograd.Function):
     def forward(ctx: Any, x, weight, bias, scalings, *loras):  # type: ignore[override]
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
-            w = _effective_weight(weight, loras, scalings, dtype)
+            w = _effective_weight(weight, loras, scalings, dtype, _workspace(weight, dtype))
             y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
+            del w  # not saved: recomputed in backward (saving it would cost a weight's memory)
         ctx.scalings, ctx.dtype = scalings, dtype
         ctx.save_for_backward(x, weight, bias, *loras)
         return y
@@ -64,8 +91,10 @@ class _FusedLoRALinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = None
         with torch.autocast(x.device.type, enabled=False):
             if needs[0]:
-                w = _effective_weight(weight, tuple(loras), scalings, dtype)
+                ws = _workspace(weight, dtype)
+                w = _effective_weight(weight, tuple(loras), scalings, dtype, ws)
                 grad_x = (g @ w).reshape(x.shape).to(x.dtype)
+                del w
             if bias is not None and needs[2]:
                 grad_b = g.sum(0).to(bias.dtype)
             lora_grads: list[torch.Tensor | None] = [None] * len(loras)
@@ -148,10 +177,17 @@ class MoLFLinear(nn.Module):
                 x, self.base_layer.weight, self.base_layer.bias, self.scalings, *loras
             )
         y = self.base_layer(x)
-        xd = self.lora_dropout(x)
-        for a, b, s in zip(self.lora_A, self.lora_B, self.scalings):
-            y = y + F.linear(F.linear(xd, a), b) * s
-        return y
+        # All experts as one LoRA of rank sum(r_i): A = [A_0; A_1; ...], B = [s_0 B_0, ...];
+        # the branch's output is accumulated into y by one addmm (no T x d_out temporaries).
+        if len(self.scalings) == 1:
+            a, b, alpha = self.lora_A[0], self.lora_B[0], self.scalings[0]
+        else:
+            a = torch.cat(list(self.lora_A))
+            b = torch.cat([bi * s for bi, s in zip(self.lora_B, self.scalings)], dim=1)
+            alpha = 1.0
+        h = F.linear(self.lora_dropout(x), a)
+        y2 = y.reshape(-1, y.shape[-1])
+        return torch.addmm(y2, h.reshape(-1, h.shape[-1]), b.t(), alpha=alpha).view(y.shape)
 
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:

@@ -20,11 +20,21 @@ FFT first) take the AdamW update
 and the others keep their weights (their moments still moved). Parameters outside
 MoLF layers get plain AdamW. A non-finite gradient anywhere skips the whole step.
 
-The step makes no host-device synchronisation: moments are updated by torch's fused
-AdamW kernel (``lr=0``, so weights do not move, and its ``found_inf`` skips a bad
-step), scores are per-tensor foreach reductions scattered into a
-``[modules x experts]`` table, routing is tensor ops on that table, and the update
-is masked per tensor by the routing decision.
+A step makes three passes over the experts, and no host-device synchronisation:
+
+1. is any gradient non-finite (a 0-d ``found_inf`` tensor, never read on the host);
+2. the moments of every expert (left alone when ``found_inf``), and per-tensor score
+   partial sums, scattered into a ``[modules x experts]`` table;
+3. Top-K routing as tensor ops on that table, then the AdamW update of the winners.
+
+Parameters outside MoLF layers take torch's fused AdamW (gated by ``found_inf``).
+Passes 2 and 3 have three implementations that compute the same thing (to float32
+rounding): ``"foreach"`` (torch's ``_foreach`` ops on bounded buckets of tensors; any
+device, dtype or tensor subclass), ``"cpu_kernel"`` (:mod:`molf._cpu_kernel`: C loops
+that do passes 2 and 3 module by module while the moments are in the cache, and never
+touch the losers' weights; float32 on the CPU) and ``"triton"``
+(:mod:`molf._triton_kernel`: one kernel launch per pass over all tensors; float32 on a
+GPU).
 """
 
 from __future__ import annotations
@@ -36,11 +46,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as _functional_adamw
+from torch.profiler import record_function
 
+from molf import _cpu_kernel
 from molf.errors import MolfError
 from molf.model import molf_modules
 
 logger = logging.getLogger("molf")
+
+IMPLEMENTATIONS = ("auto", "foreach", "cpu_kernel", "triton")
+# Elements per bucket of the foreach path: bounds its temporaries (2 x 128 MiB in fp32).
+FOREACH_BUCKET = 1 << 25
 
 
 @dataclass
@@ -64,33 +80,89 @@ def select_top_k(scores: Tensor, participating: Tensor, k: int) -> Tensor:
     return (rank < k) & participating
 
 
-def molf_scores(
+def _buckets(tensors: list[Tensor], limit: int = FOREACH_BUCKET) -> list[slice]:
+    """Consecutive slices of ``tensors`` holding at most ``limit`` elements (or one tensor)."""
+    out, start, size = [], 0, 0
+    for i, t in enumerate(tensors):
+        if size and size + t.numel() > limit:
+            out.append(slice(start, i))
+            start, size = i, 0
+        size += t.numel()
+    if start < len(tensors):
+        out.append(slice(start, len(tensors)))
+    return out
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return type(t).__name__ == "DTensor"
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of an FSDP2 DTensor (a view), or the tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def foreach_nonfinite(grads: list[Tensor]) -> Tensor:
+    """A 0-d float32 tensor: 1 if any gradient holds a NaN or an infinity, else 0."""
+    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    return (~torch.stack(norms).sum().isfinite()).float()
+
+
+def foreach_moments_and_scores(
+    params: list[Tensor],
+    grads: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
     lrs: list[float],
-    cell_index: Tensor,
-    num_cells: int,
+    found_inf: Tensor,
     *,
-    score: str,
+    beta1: float,
+    beta2: float,
     eps: float,
+    score: str,
 ) -> Tensor:
-    """Per-cell score sums ``sum(m^2/(sqrt(v)+eps))`` (times lr, for EPD) or
-    ``sum((m/(sqrt(v)+eps))^2)`` (PFN), before division by ``N_e``. fp32, ``[num_cells]``."""
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denom, eps)
-    if score == "epd":
-        ratio = torch._foreach_mul(exp_avgs, exp_avgs)
-        torch._foreach_div_(ratio, denom)
-        partial = torch._foreach_mul(torch._foreach_norm(ratio, 1, dtype=torch.float32), lrs)
-    else:
-        ratio = torch._foreach_div(exp_avgs, denom)
-        partial = torch._foreach_norm(ratio, 2, dtype=torch.float32)
-        torch._foreach_mul_(partial, partial)
-    sums = torch.zeros(num_cells, dtype=torch.float32, device=cell_index.device)
-    return sums.index_add_(0, cell_index, torch.stack(partial))
+    """Moments and step counts of every tensor (untouched when ``found_inf``), then the
+    per-tensor score sums ``lr * sum(m^2/(sqrt(v)+eps))`` (EPD) or
+    ``sum((m/(sqrt(v)+eps))^2)`` (PFN) over the new moments. fp32, ``[len(params)]``."""
+    if not params:
+        return torch.zeros(0, dtype=torch.float32, device=found_inf.device)
+    # torch's fused kernel with lr=0 updates the moments in one pass and honours found_inf.
+    _functional_adamw(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        state_steps,
+        fused=True,
+        found_inf=found_inf,
+        amsgrad=False,
+        beta1=beta1,
+        beta2=beta2,
+        lr=0.0,
+        weight_decay=0.0,
+        eps=eps,
+        maximize=False,
+    )
+    partial: list[Tensor] = []
+    for b in _buckets(exp_avgs):
+        m, v = exp_avgs[b], exp_avg_sqs[b]
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_add_(denom, eps)
+        ratio = torch._foreach_div(m, denom)
+        del denom
+        if score == "epd":
+            torch._foreach_mul_(ratio, m)  # m^2 / (sqrt(v) + eps) >= 0: its L1 norm is its sum
+            norms = torch._foreach_norm(ratio, 1, dtype=torch.float32)
+            partial += torch._foreach_mul(norms, lrs[b])
+        else:
+            norms = torch._foreach_norm(ratio, 2, dtype=torch.float32)
+            partial += torch._foreach_mul(norms, norms)
+    return torch.stack(partial)
 
 
-def masked_adamw_update(
+def foreach_masked_update(
     params: list[Tensor],
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
@@ -106,25 +178,36 @@ def masked_adamw_update(
     """The bias-corrected AdamW update with decoupled weight decay, applied to
     ``params[i]`` where ``mask[i]`` is 1 and leaving it unchanged where 0.
     The moments and step counts must already include this step's gradient."""
+    if not params:
+        return
     # Per-tensor coefficients as [P] vectors; the bias corrections in float64, since
     # 1 - beta2^t loses digits in float32 (1e-5 relative for beta2=0.999, t=1).
     t = torch.stack(state_steps).double().clamp_min(1.0)  # no 0/0 before the first step
     mask64 = mask.double()
-    neg_step = torch._foreach_mul(list((mask64 / (beta1**t - 1.0)).unbind()), lrs)
-    bc2_sqrt = list((1.0 - beta2**t).sqrt().float().unbind())
-    decay = torch._foreach_mul(
-        list(mask64.unbind()), [-lr * wd for lr, wd in zip(lrs, weight_decays)]
+    neg_step = torch.stack(torch._foreach_mul(list((mask64 / (beta1**t - 1.0)).unbind()), lrs))
+    decay = torch.stack(
+        torch._foreach_mul(list(mask64.unbind()), [-lr * wd for lr, wd in zip(lrs, weight_decays)])
     )
-    torch._foreach_add_(decay, 1.0)
-    neg_step = list(torch.stack(neg_step).float().unbind())
-    decay = list(torch.stack(decay).float().unbind())
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, bc2_sqrt)
-    torch._foreach_add_(denom, eps)
-    update = torch._foreach_div(exp_avgs, denom)
-    torch._foreach_mul_(update, neg_step)
-    torch._foreach_mul_(params, decay)
-    torch._foreach_add_(params, update)
+    neg_step = list(neg_step.float().unbind())
+    decay = list((decay + 1.0).float().unbind())
+    bc2_sqrt = list((1.0 - beta2**t).sqrt().float().unbind())
+    for b in _buckets(params):
+        denom = torch._foreach_sqrt(exp_avg_sqs[b])
+        torch._foreach_div_(denom, bc2_sqrt[b])
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(exp_avgs[b], denom)
+        del denom
+        torch._foreach_mul_(update, neg_step[b])
+        torch._foreach_mul_(params[b], decay[b])
+        torch._foreach_add_(params[b], update)
+
+
+class _ForeachPasses:
+    """The foreach implementation of passes 1-3, with the Triton kernel's interface."""
+
+    nonfinite = staticmethod(foreach_nonfinite)
+    moments_and_scores = staticmethod(foreach_moments_and_scores)
+    masked_update = staticmethod(foreach_masked_update)
 
 
 @dataclass
@@ -132,9 +215,10 @@ class _Layout:
     """Where each parameter sits in the [modules x experts] table for one set of grads."""
 
     cell_index: Tensor  # long [P]: m * E + e for routed params, M * E for the others
-    num_routed: int  # params[:num_routed] are MoLF experts, the rest plain AdamW
+    num_routed: int  # params[:num_routed] are MoLF experts, module by module; then the others
     cell_sizes: Tensor  # float [M * E]: N_e over the params with a gradient
     participating: Tensor  # bool [M, E]
+    module_starts: Tensor  # long [M + 1], on the CPU: module m owns params[starts[m]:starts[m+1]]
 
 
 class MoLFAdamW(torch.optim.Optimizer):
@@ -145,6 +229,13 @@ class MoLFAdamW(torch.optim.Optimizer):
     (``lora_lr``, ``lora_weight_decay``), ``other`` and ``other_no_decay`` (trainable
     parameters outside MoLF layers: plain AdamW at ``lr``; 1-D ones such as biases and
     norm weights get no decay). Any LR scheduler scales every group.
+
+    ``implementation`` picks how the experts are updated (see the module docstring; the
+    results agree to float32 rounding): ``"auto"`` (default) is ``"cpu_kernel"`` when
+    the parameters are on the CPU and a C compiler can build it, else ``"foreach"``;
+    ``"triton"`` must be asked for (it needs Triton and a GPU). A step whose tensors a
+    kernel cannot take (another dtype, non-contiguous, a tensor subclass such as
+    DTensor) uses foreach; :attr:`last_implementation` says which one ran.
 
     ``top_k`` and ``score`` come from ``model.molf_config``. After each step,
     :attr:`last_routing` holds the scores and winners, and :attr:`skipped_steps`
@@ -160,6 +251,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         lora_weight_decay: float | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        implementation: str = "auto",
     ) -> None:
         config = getattr(model, "molf_config", None)
         layers = list(molf_modules(model))
@@ -181,6 +273,11 @@ class MoLFAdamW(torch.optim.Optimizer):
                 raise MolfError(f"MoLFAdamW: {name} must be a non-negative number, got {value!r}")
         if not all(0.0 <= b < 1.0 for b in betas):
             raise MolfError(f"MoLFAdamW: betas must be in [0, 1), got {betas!r}")
+        if implementation not in IMPLEMENTATIONS:
+            raise MolfError(
+                f"MoLFAdamW: implementation must be one of {IMPLEMENTATIONS}, "
+                f"got {implementation!r}"
+            )
 
         self.top_k, self.score = config.top_k, config.score
         self._modules = [name for name, _ in layers]
@@ -234,6 +331,25 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._cells = cells
         self._layouts: dict[tuple[int, ...], _Layout] = {}
         self._device = devices.pop()
+        self._cpu_kernel = None
+        self._triton = None
+        if implementation in ("auto", "cpu_kernel") and self._device.type == "cpu":
+            self._cpu_kernel = _cpu_kernel.load()
+        if implementation == "cpu_kernel" and self._cpu_kernel is None:
+            raise MolfError(
+                "MoLFAdamW(implementation='cpu_kernel') needs the parameters on the CPU and "
+                "a C compiler (cc/gcc on PATH, or $CC) to build molf's kernel; use 'auto' "
+                "or 'foreach'"
+            )
+        if implementation == "triton":
+            try:
+                from molf import _triton_kernel
+            except ImportError as exc:
+                raise MolfError(
+                    f"MoLFAdamW(implementation='triton') needs Triton ({exc}); use 'auto'"
+                ) from exc
+            self._triton = _triton_kernel.load()
+        self.implementation = implementation
         self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
         self._skipped_host = torch.zeros(
             (), dtype=torch.int64, pin_memory=self._device.type == "cuda"
@@ -242,6 +358,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         self._skips_reported = 0
         self.score_sums_hook: Callable[[Tensor], None] | None = None
         self.last_routing: Routing | None = None
+        self.last_implementation: str | None = None  # which implementation the last step used
         self.register_load_state_dict_post_hook(MoLFAdamW._steps_to_device)
 
     @property
@@ -277,17 +394,24 @@ class MoLFAdamW(torch.optim.Optimizer):
                 sizes[i] += p.numel()
             num_routed = sum(i < num_cells for i in idx)
             shape = (len(self._modules), len(self._experts))
+            firsts = torch.arange(len(self._modules) + 1) * len(self._experts)
             layout = _Layout(
                 cell_index=torch.tensor(idx, device=self._device),
                 num_routed=num_routed,
                 cell_sizes=sizes[:num_cells].clamp_min(1.0).to(self._device),
                 participating=(sizes[:num_cells] > 0).view(shape).to(self._device),
+                module_starts=torch.searchsorted(torch.tensor(idx[:num_routed]), firsts),
             )
             self._layouts[key] = layout
         return layout
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+    def step(  # type: ignore[override]
+        self, closure: Callable[[], float] | None = None, grad_norm: Tensor | None = None
+    ) -> float | None:
+        """One step. ``grad_norm`` (the total gradient norm, e.g. what
+        ``clip_grad_norm_`` returned) replaces the optimizer's own non-finite check; under
+        FSDP2 it is the global norm, so every rank skips (or not) alike."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -303,6 +427,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 if p.grad is not None:
                     (routed if id(p) in self._cells else plain).append((p, group, flat))
                 flat += 1
+        routed.sort(key=lambda item: self._cells[id(item[0])])  # module by module (stable)
         for p, group, i in routed + plain:
             st = self.state[p]
             if not st:
@@ -319,57 +444,113 @@ class MoLFAdamW(torch.optim.Optimizer):
             wds.append(float(group["weight_decay"]))
         if not params:
             return loss
-        layout = self._layout(tuple(key), params)
+        layout = self._layout(tuple(key), params)  # global sizes, also for DTensors
+        if _is_dtensor(params[0]):  # FSDP2: work on this rank's shards
+            params, grads, exp_avgs, exp_avg_sqs = (
+                [_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
+            )
+        r = layout.num_routed
         beta1, beta2 = self.defaults["betas"]
         eps = self.defaults["eps"]
+        hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
+        impl = self._pick(params, grads, exp_avgs, exp_avg_sqs, steps)
+        self.last_implementation = impl
+        rp, rg, rm, rv, rs = params[:r], grads[:r], exp_avgs[:r], exp_avg_sqs[:r], steps[:r]
+        passes = {"cpu_kernel": self._cpu_kernel, "triton": self._triton}.get(impl, _ForeachPasses)
 
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        found_inf = (~torch.stack(norms).sum().isfinite()).float()
-        # Moments and step counts of every expert; lr=0 leaves the weights untouched.
-        _functional_adamw(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            [],
-            steps,
-            fused=True,
-            found_inf=found_inf,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=0.0,
-            weight_decay=0.0,
-            eps=eps,
-            maximize=False,
-        )
-        r = layout.num_routed
-        num_cells = layout.cell_sizes.numel()
-        sums = molf_scores(
-            exp_avgs[:r],
-            exp_avg_sqs[:r],
-            lrs[:r],
-            layout.cell_index[:r],
-            num_cells,
-            score=self.score,
-            eps=eps,
-        )
-        if self.score_sums_hook is not None:
-            self.score_sums_hook(sums)
-        scores = sums / layout.cell_sizes
-        if self.score == "pfn":
-            scores = scores.sqrt()
-        scores = scores.view_as(layout.participating)
+        # Pass 1: is any gradient non-finite? One read of every gradient. (The named
+        # ranges show up in torch.profiler: the kernels themselves are opaque to it.)
+        with record_function("MoLFAdamW.nonfinite"):
+            if grad_norm is not None:
+                found_inf = (~torch.isfinite(_local(grad_norm).float())).float().reshape(())
+            else:
+                found_inf = passes.nonfinite(grads)
+                if self.score_sums_hook is not None:  # a shard's NaN must skip every rank
+                    self.score_sums_hook(found_inf)
+                    found_inf = found_inf.clamp_max(1.0)
         keep = 1.0 - found_inf
-        selected = select_top_k(scores, layout.participating, self.top_k) & keep.bool()
-        mask = torch.cat([selected.flatten().float(), keep.view(1)])[layout.cell_index]
-        masked_adamw_update(
-            params, exp_avgs, exp_avg_sqs, steps, mask, lrs, wds, beta1=beta1, beta2=beta2, eps=eps
-        )
+        if impl == "cpu_kernel":
+            # Passes 2 and 3 fused, module by module (see molf._cpu_kernel).
+            with record_function("MoLFAdamW.cpu_kernel_step"):
+                scores, selected = self._cpu_kernel.step(
+                    rp, rg, rm, rv, rs, lrs[:r], wds[:r], found_inf,
+                    cells=layout.cell_index[:r], module_starts=layout.module_starts,
+                    cell_sizes=layout.cell_sizes, participating=layout.participating,
+                    top_k=self.top_k, pfn=self.score == "pfn", **hyper,
+                )  # fmt: skip
+            scores = scores.view_as(layout.participating)
+            selected = selected.view_as(layout.participating)
+        else:
+            # Pass 2: moments of every expert and its score partial sums.
+            with record_function("MoLFAdamW.moments_and_scores"):
+                partial = passes.moments_and_scores(
+                    rp, rg, rm, rv, rs, lrs[:r], found_inf, score=self.score, **hyper
+                )
+            num_cells = layout.cell_sizes.numel()
+            sums = torch.zeros(num_cells, dtype=torch.float32, device=partial.device)
+            sums.index_add_(0, layout.cell_index[:r], partial)
+            if self.score_sums_hook is not None:
+                self.score_sums_hook(sums)
+            # Pass 3: routing on the [modules x experts] table, then the winners' update.
+            scores = sums / layout.cell_sizes
+            if self.score == "pfn":
+                scores = scores.sqrt()
+            scores = scores.view_as(layout.participating)
+            selected = select_top_k(scores, layout.participating, self.top_k) & keep.bool()
+            mask = torch.cat([selected.flatten().float(), keep.view(1)])[layout.cell_index]
+            with record_function("MoLFAdamW.masked_update"):
+                passes.masked_update(rp, rm, rv, rs, mask[:r], lrs[:r], wds[:r], **hyper)
+        with record_function("MoLFAdamW.plain_adamw"):
+            self._plain_adamw(
+                params[r:], grads[r:], exp_avgs[r:], exp_avg_sqs[r:], steps[r:], lrs[r:],
+                wds[r:], found_inf, **hyper,
+            )  # fmt: skip
         self._skipped += found_inf.long()
         self._publish_skips()
         self.last_routing = Routing(self._modules, self._experts, scores, selected)
         return loss
+
+    def _pick(self, *lists: list[Tensor]) -> str:
+        """The implementation for this step's tensors (checked every step: cheap, and a
+        kernel must never be handed a tensor it cannot write in place)."""
+        if (
+            self._cpu_kernel is not None
+            and self.score_sums_hook is None  # the hook sits between passes 2 and 3
+            and _cpu_kernel.supports(*lists)
+        ):
+            return "cpu_kernel"
+        if self._triton is not None:
+            from molf import _triton_kernel
+
+            if _triton_kernel.supports(*lists):
+                return "triton"
+        return "foreach"
+
+    @staticmethod
+    def _plain_adamw(
+        params, grads, exp_avgs, exp_avg_sqs, steps, lrs, wds, found_inf, **hyper
+    ) -> None:
+        """torch's fused AdamW on the parameters outside MoLF layers, one call per
+        (lr, weight decay); skipped, step counts included, when ``found_inf``."""
+        by_hyper: dict[tuple[float, float], list[int]] = {}
+        for i, lw in enumerate(zip(lrs, wds)):
+            by_hyper.setdefault(lw, []).append(i)
+        for (lr, wd), idx in by_hyper.items():
+            _functional_adamw(
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                [exp_avgs[i] for i in idx],
+                [exp_avg_sqs[i] for i in idx],
+                [],
+                [steps[i] for i in idx],
+                fused=True,
+                found_inf=found_inf,
+                amsgrad=False,
+                lr=lr,
+                weight_decay=wd,
+                maximize=False,
+                **hyper,
+            )
 
     def _publish_skips(self) -> None:
         """Copy the skip counter to the host without waiting for the device."""

@@ -70,7 +70,11 @@ def train_loop(
         grad_norm = None
         if args.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
+        if isinstance(optimizer, MoLFAdamW):
+            # The global norm: under FSDP2 every rank then skips a non-finite step alike.
+            optimizer.step(grad_norm=grad_norm)
+        else:
+            optimizer.step()
         after_optimizer_step(model, args, step)
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

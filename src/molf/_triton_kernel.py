@@ -1,0 +1,240 @@
+"""Triton kernels for :class:`molf.optim.MoLFAdamW` on a GPU (``implementation="triton"``).
+
+The same passes as the foreach path, each one kernel launch over every tensor at once
+(a table of chunks, each naming its tensor and first element; the tensors' addresses
+are uploaded each step from pinned memory without waiting):
+
+* ``_nonfinite``: read every gradient once; set ``found_inf`` if any entry is NaN/inf;
+* ``_moments``: read ``g, m, v``, write ``m, v`` (not when ``found_inf``) and each
+  chunk's score partial sum over the new moments (summed per tensor in float64 by a
+  cumulative sum: deterministic);
+* ``_update``: AdamW on the chunks of tensors whose mask is non-zero; the others'
+  loads and stores are masked off, so losers' weights are not read.
+
+Routing between the last two is the foreach path's tensor code. float32 tensors only;
+square roots and divisions are IEEE-rounded (``sqrt_rn``, ``div_rn``) so results match
+the other paths to float32 rounding. Nothing here reads a device value on the host.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 2048
+
+
+@triton.jit
+def _nonfinite(g_ptrs, numels, chunk_t, chunk_s, found_ptr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    t = tl.load(chunk_t + c)
+    offs = tl.load(chunk_s + c) + tl.arange(0, BLOCK)
+    g = tl.load(g_ptrs + t).to(tl.pointer_type(tl.float32))
+    x = tl.load(g + offs, mask=offs < tl.load(numels + t), other=0.0)
+    bad = tl.sum(((x != x) | (tl.abs(x) > 3.4028234663852886e38)).to(tl.int32), axis=0)
+    tl.store(found_ptr, 1.0, mask=bad > 0)
+
+
+@triton.jit
+def _moments(g_ptrs, m_ptrs, v_ptrs, numels, chunk_t, chunk_s, found_ptr, partial_ptr,
+             beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
+             PFN: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    c = tl.program_id(0)
+    t = tl.load(chunk_t + c)
+    offs = tl.load(chunk_s + c) + tl.arange(0, BLOCK)
+    inside = offs < tl.load(numels + t)
+    keep = (tl.zeros([BLOCK], dtype=tl.float32) + tl.load(found_ptr)) == 0.0  # block-wide
+    g = tl.load(g_ptrs + t).to(tl.pointer_type(tl.float32))
+    m = tl.load(m_ptrs + t).to(tl.pointer_type(tl.float32))
+    v = tl.load(v_ptrs + t).to(tl.pointer_type(tl.float32))
+    gx = tl.load(g + offs, mask=inside & keep, other=0.0)
+    mx = tl.load(m + offs, mask=inside, other=0.0)
+    vx = tl.load(v + offs, mask=inside, other=0.0)
+    m2 = tl.where(keep, beta1 * mx + one_minus_beta1 * gx, mx)
+    v2 = tl.where(keep, beta2 * vx + one_minus_beta2 * (gx * gx), vx)
+    tl.store(m + offs, m2, mask=inside & keep)
+    tl.store(v + offs, v2, mask=inside & keep)
+    r = tl.div_rn(m2, tl.sqrt_rn(v2) + eps)
+    if PFN:
+        val = r * r
+    else:
+        val = m2 * r
+    tl.store(partial_ptr + c, tl.sum(tl.where(inside, val, 0.0), axis=0))
+
+
+@triton.jit
+def _update(p_ptrs, m_ptrs, v_ptrs, numels, chunk_t, chunk_s, mask_ptr, coef_ptr, eps,
+            BLOCK: tl.constexpr):  # fmt: skip
+    c = tl.program_id(0)
+    t = tl.load(chunk_t + c)
+    offs = tl.load(chunk_s + c) + tl.arange(0, BLOCK)
+    selected = (tl.zeros([BLOCK], dtype=tl.float32) + tl.load(mask_ptr + t)) != 0.0
+    on = (offs < tl.load(numels + t)) & selected
+    decay = tl.load(coef_ptr + 3 * t)
+    size = tl.load(coef_ptr + 3 * t + 1)
+    rbc2 = tl.load(coef_ptr + 3 * t + 2)
+    p = tl.load(p_ptrs + t).to(tl.pointer_type(tl.float32))
+    m = tl.load(m_ptrs + t).to(tl.pointer_type(tl.float32))
+    v = tl.load(v_ptrs + t).to(tl.pointer_type(tl.float32))
+    px = tl.load(p + offs, mask=on, other=0.0)
+    mx = tl.load(m + offs, mask=on, other=0.0)
+    vx = tl.load(v + offs, mask=on, other=0.0)
+    px = px * decay - size * tl.div_rn(mx, tl.sqrt_rn(vx) * rbc2 + eps)
+    tl.store(p + offs, px, mask=on)
+
+
+class _Chunks:
+    """The chunk table of a list of tensor sizes, on the device (built once per list)."""
+
+    def __init__(self, numels: list[int], device: torch.device) -> None:
+        tid, start, first, last = [], [], [], []
+        for i, n in enumerate(numels):
+            first.append(len(tid))
+            for s in range(0, max(n, 1), BLOCK):
+                tid.append(i)
+                start.append(s)
+            last.append(len(tid))
+        self.count = len(tid)
+        self.tensor = torch.tensor(tid, dtype=torch.int64, device=device)
+        self.start = torch.tensor(start, dtype=torch.int64, device=device)
+        self.numel = torch.tensor(numels, dtype=torch.int64, device=device)
+        # Per-tensor sums of per-chunk values: cumsum[last] - cumsum[first].
+        self.first = torch.tensor(first, dtype=torch.int64, device=device)
+        self.last = torch.tensor(last, dtype=torch.int64, device=device)
+
+    def per_tensor(self, per_chunk: Tensor) -> Tensor:
+        cs = torch.cat([per_chunk.new_zeros(1, dtype=torch.float64), per_chunk.double().cumsum(0)])
+        return cs[self.last] - cs[self.first]
+
+
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A host list on the device without waiting (pinned staging, asynchronous copy)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def supports(*lists: list[Tensor]) -> bool:
+    """Plain (no subclass such as DTensor) contiguous float32 tensors on a GPU (or on
+    the CPU under ``TRITON_INTERPRET=1``, Triton's interpreter, for tests)."""
+    f32 = torch.float32
+    cpu_ok = os.environ.get("TRITON_INTERPRET") == "1"
+    return all(
+        type(t) in (Tensor, torch.nn.Parameter)
+        and t.dtype is f32
+        and t.is_contiguous()
+        and (cpu_ok or t.device.type != "cpu")
+        for ts in lists
+        for t in ts
+    )
+
+
+class TritonKernel:
+    """Drop-in for the foreach path's three passes."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[tuple[int, ...], _Chunks] = {}
+
+    def _table(self, tensors: list[Tensor]) -> _Chunks:
+        key = tuple(t.numel() for t in tensors)
+        table = self._chunks.get(key)
+        if table is None:
+            table = self._chunks[key] = _Chunks(list(key), tensors[0].device)
+        return table
+
+    def nonfinite(self, grads: list[Tensor]) -> Tensor:
+        table = self._table(grads)
+        found = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+        ptrs = _upload([g.data_ptr() for g in grads], torch.int64, found.device)
+        _nonfinite[(table.count,)](ptrs, table.numel, table.tensor, table.start, found,
+                                   BLOCK=BLOCK)  # fmt: skip
+        return found
+
+    def moments_and_scores(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        lrs: list[float],
+        found_inf: Tensor,
+        *,
+        beta1: float,
+        beta2: float,
+        eps: float,
+        score: str,
+    ) -> Tensor:
+        """As ``foreach_moments_and_scores`` (``params`` unused): fp32 per-tensor score
+        sums, times lr for EPD; the step counts move unless ``found_inf``."""
+        device = found_inf.device
+        if not grads:
+            return torch.zeros(0, dtype=torch.float32, device=device)
+        table = self._table(grads)
+        ptrs = _upload(
+            [t.data_ptr() for ts in (grads, exp_avgs, exp_avg_sqs) for t in ts],
+            torch.int64,
+            device,
+        ).view(3, -1)
+        partial = torch.empty(table.count, dtype=torch.float32, device=device)
+        _moments[(table.count,)](
+            ptrs[0], ptrs[1], ptrs[2], table.numel, table.tensor, table.start, found_inf,
+            partial, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+            PFN=score == "pfn", BLOCK=BLOCK,
+        )  # fmt: skip
+        keep = 1.0 - found_inf
+        torch._foreach_add_(state_steps, [keep] * len(state_steps))
+        sums = table.per_tensor(partial)
+        if score == "epd":
+            sums = sums * _upload(lrs, torch.float64, device)
+        return sums.float()
+
+    def masked_update(
+        self,
+        params: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        mask: Tensor,
+        lrs: list[float],
+        weight_decays: list[float],
+        *,
+        beta1: float,
+        beta2: float,
+        eps: float,
+    ) -> None:
+        """As ``foreach_masked_update``: AdamW where ``mask`` is non-zero."""
+        device = mask.device
+        if not params:
+            return
+        table = self._table(params)
+        hyper = _upload([*lrs, *weight_decays], torch.float64, device).view(2, -1)
+        lr, wd = hyper[0], hyper[1]
+        t = torch.stack(state_steps).double().clamp_min(1.0)
+        coef = torch.stack(
+            [1.0 - lr * wd, lr / (1.0 - beta1**t), (1.0 - beta2**t).rsqrt()], dim=1
+        ).float()
+        ptrs = _upload(
+            [t.data_ptr() for ts in (params, exp_avgs, exp_avg_sqs) for t in ts],
+            torch.int64,
+            device,
+        ).view(3, -1)
+        _update[(table.count,)](
+            ptrs[0], ptrs[1], ptrs[2], table.numel, table.tensor, table.start,
+            mask.float().contiguous(), coef, eps, BLOCK=BLOCK,
+        )  # fmt: skip
+
+
+_kernel: TritonKernel | None = None
+
+
+def load() -> TritonKernel:
+    global _kernel
+    if _kernel is None:
+        _kernel = TritonKernel()
+    return _kernel
