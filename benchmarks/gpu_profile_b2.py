@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -20,12 +21,15 @@ from benchmarks.gpu_check import Ctx, _ids, _variant
 
 def phases(model, opt, ids, reps: int = 5) -> dict[str, float]:
     """Median milliseconds of forward, backward and optimizer step."""
-    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": []}
+    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [],
+                                      "forward_cpu": []}
     for i in range(reps + 2):
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         ev[0].record()
+        t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = model(input_ids=ids, labels=ids).loss
+        cpu_ms = (time.perf_counter() - t0) * 1e3  # host time to enqueue the forward
         ev[1].record()
         loss.backward()
         ev[2].record()
@@ -34,8 +38,9 @@ def phases(model, opt, ids, reps: int = 5) -> dict[str, float]:
         ev[3].record()
         torch.cuda.synchronize()
         if i >= 2:
-            for k, (a, b) in zip(times, zip(ev, ev[1:])):
+            for k, (a, b) in zip(list(times)[:3], zip(ev, ev[1:])):
                 times[k].append(a.elapsed_time(b))
+            times["forward_cpu"].append(cpu_ms)
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
@@ -65,18 +70,23 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     result, tables = {}, []
     base = ctx.model()
-    for kind in ("fft", "molf"):
-        model, opt = _variant(ctx, kind, base, "auto")
-        result[kind] = phases(model, opt, ids)
-        tables.append(f"### {kind}\n\n```\n{top_kernels(model, opt, ids)}\n```\n")
+    impl = "triton" if "triton" in ctx.impls else "foreach"
+    for name, kind, path in (("fft", "fft", None), ("molf-fused", "molf", "fused"),
+                             ("molf-dual", "molf", "dual")):
+        model, opt = _variant(ctx, kind, base, impl if kind == "molf" else "auto")
+        for layer in model.modules():
+            if path is not None and hasattr(layer, "grad_path"):
+                layer.grad_path = path
+        result[name] = phases(model, opt, ids)
+        tables.append(f"### {name}\n\n```\n{top_kernels(model, opt, ids)}\n```\n")
         del model, opt
         torch.cuda.empty_cache()
-    for k in result["fft"]:
-        result.setdefault("ratio", {})[k] = result["molf"][k] / result["fft"][k]
+    for name in ("molf-fused", "molf-dual"):
+        result[f"{name} / fft"] = {k: result[name][k] / result["fft"][k] for k in result["fft"]}
     text = "## B2 phases on the GPU (ms, median)\n\n" + json.dumps(result, indent=1) + "\n\n"
     text += "\n".join(tables)
     (out_dir / "gpu_profile_b2.md").write_text(text)
-    print(text[:6000])
+    print(text[:3000])
     return 0
 
 
