@@ -5,7 +5,9 @@ every trainable parameter (FFT and LoRA experts, embeddings, norms) gets a fixed
 gradient. MoLFAdamW (each implementation) and AdamW(fused=True) / AdamW(foreach=True)
 over the same parameter list take turns. Two routings: FFT winning every layer (the
 worst case: the LoRA experts' moments move but their weights are never written; made
-by a tiny lora_lr) and LoRA winning every layer (a tiny lr).
+by a tiny lora_lr) and LoRA winning every layer (a tiny lr). "grad_norm given" is
+``step(grad_norm=...)``, as molf's training loop calls it when it clips gradients: the
+norm stands in for the optimizer's own non-finite pass.
 
     python -m benchmarks.b1_optimizer [--hidden 512 --layers 6 --reps 9]
 """
@@ -13,6 +15,7 @@ by a tiny lora_lr) and LoRA winning every layer (a tiny lr).
 from __future__ import annotations
 
 import argparse
+import functools
 
 import torch
 
@@ -75,6 +78,12 @@ def run(hidden: int = 512, layers: int = 6, reps: int = 9, warmup: int = 2) -> d
                     result.setdefault("errors", []).append(f"{impl}: {exc}")
                     continue
                 variants[f"molf-{impl}"] = opts[impl].step
+            if "cpu_kernel" in opts and "cpu_kernel" in group:
+                # molf's training loop hands in clip_grad_norm_'s norm: no pass 1.
+                given = MoLFAdamW(model, lr=lr, lora_lr=lora_lr, implementation="cpu_kernel")
+                variants["molf-cpu_kernel, grad_norm given"] = functools.partial(
+                    given.step, grad_norm=torch.tensor(1.0)
+                )
             variants["adamw-fused"] = torch.optim.AdamW(params, lr=lr, fused=True).step
             if "foreach" in group:
                 variants["adamw-foreach"] = torch.optim.AdamW(params, lr=lr, foreach=True).step

@@ -169,7 +169,7 @@ def markdown(result: dict) -> str:
                     f"{kind}/{baseline} at hidden {run_['hidden']}: {ratio:.3f} "
                     f"({goal(ratio <= GOAL)})"
                 )
-    lines.append(table(["model", "tokens", "ratio", "time ratio", "ms", "baseline ms"], rows))
+    lines.append(table(["model", "tokens", "pair", "time ratio", "ms", "baseline ms"], rows))
     tokens = result["runs"][0]["tokens_per_step"]
     lines += ["", f"Goal <= {GOAL} at {tokens} tokens: " + "; ".join(verdicts) + "."]
     return "\n".join(lines)

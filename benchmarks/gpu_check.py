@@ -35,6 +35,8 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script (python benchmarks/gpu_check.py): find benchmarks.*
+    sys.path.insert(0, str(ROOT))
 try:
     import molf  # noqa: F401
 except ImportError:  # not installed on the device machine: use the source tree
@@ -405,8 +407,12 @@ def section_b3(ctx: Ctx) -> dict:
     ids = _ids(ctx)
     cuda = ctx.cuda
     out = {"tokens_per_step": ids.numel(), "configs": {}}
-    kinds = [("fft", "auto"), *[("molf", i) for i in ctx.impls], ("molf-e", "auto"),
-             ("lora", "auto")]  # fmt: skip
+    kinds = [
+        ("fft", "auto"),
+        *[("molf", i) for i in ctx.impls],
+        ("molf-e", "auto"),
+        ("lora", "auto"),
+    ]
     for kind, impl in kinds:
         cleanup(ctx)
         if cuda:

@@ -40,9 +40,23 @@ def _nonfinite(g_ptrs, numels, chunk_t, chunk_s, found_ptr, BLOCK: tl.constexpr)
 
 
 @triton.jit
-def _moments(g_ptrs, m_ptrs, v_ptrs, numels, chunk_t, chunk_s, found_ptr, partial_ptr,
-             beta1, one_minus_beta1, beta2, one_minus_beta2, eps,
-             PFN: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+def _moments(
+    g_ptrs,
+    m_ptrs,
+    v_ptrs,
+    numels,
+    chunk_t,
+    chunk_s,
+    found_ptr,
+    partial_ptr,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    eps,
+    PFN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     c = tl.program_id(0)
     t = tl.load(chunk_t + c)
     offs = tl.load(chunk_s + c) + tl.arange(0, BLOCK)
@@ -67,8 +81,9 @@ def _moments(g_ptrs, m_ptrs, v_ptrs, numels, chunk_t, chunk_s, found_ptr, partia
 
 
 @triton.jit
-def _update(p_ptrs, m_ptrs, v_ptrs, numels, chunk_t, chunk_s, mask_ptr, coef_ptr, eps,
-            BLOCK: tl.constexpr):  # fmt: skip
+def _update(
+    p_ptrs, m_ptrs, v_ptrs, numels, chunk_t, chunk_s, mask_ptr, coef_ptr, eps, BLOCK: tl.constexpr
+):
     c = tl.program_id(0)
     t = tl.load(chunk_t + c)
     offs = tl.load(chunk_s + c) + tl.arange(0, BLOCK)
@@ -151,8 +166,7 @@ class TritonKernel:
         table = self._table(grads)
         found = torch.zeros((), dtype=torch.float32, device=grads[0].device)
         ptrs = _upload([g.data_ptr() for g in grads], torch.int64, found.device)
-        _nonfinite[(table.count,)](ptrs, table.numel, table.tensor, table.start, found,
-                                   BLOCK=BLOCK)  # fmt: skip
+        _nonfinite[(table.count,)](ptrs, table.numel, table.tensor, table.start, found, BLOCK=BLOCK)
         return found
 
     def moments_and_scores(
@@ -183,10 +197,22 @@ class TritonKernel:
         ).view(3, -1)
         partial = torch.empty(table.count, dtype=torch.float32, device=device)
         _moments[(table.count,)](
-            ptrs[0], ptrs[1], ptrs[2], table.numel, table.tensor, table.start, found_inf,
-            partial, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
-            PFN=score == "pfn", BLOCK=BLOCK,
-        )  # fmt: skip
+            ptrs[0],
+            ptrs[1],
+            ptrs[2],
+            table.numel,
+            table.tensor,
+            table.start,
+            found_inf,
+            partial,
+            beta1,
+            1.0 - beta1,
+            beta2,
+            1.0 - beta2,
+            eps,
+            PFN=score == "pfn",
+            BLOCK=BLOCK,
+        )
         keep = 1.0 - found_inf
         torch._foreach_add_(state_steps, [keep] * len(state_steps))
         sums = table.per_tensor(partial)
@@ -225,9 +251,17 @@ class TritonKernel:
             device,
         ).view(3, -1)
         _update[(table.count,)](
-            ptrs[0], ptrs[1], ptrs[2], table.numel, table.tensor, table.start,
-            mask.float().contiguous(), coef, eps, BLOCK=BLOCK,
-        )  # fmt: skip
+            ptrs[0],
+            ptrs[1],
+            ptrs[2],
+            table.numel,
+            table.tensor,
+            table.start,
+            mask.float().contiguous(),
+            coef,
+            eps,
+            BLOCK=BLOCK,
+        )
 
 
 _kernel: TritonKernel | None = None

@@ -70,6 +70,11 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 
 def _assert_close(a: dict, b: dict, rtol: float = 1e-4) -> None:
     assert a.keys() == b.keys()
+    worst = max(
+        float((a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12))
+        for k in a
+    )
+    print(f"worst relative difference of final weights: {worst:.2e}")
     for k in a:
         err = (a[k].float() - b[k].float()).norm() / b[k].float().norm().clamp_min(1e-12)
         assert err <= rtol, (k, float(err))
