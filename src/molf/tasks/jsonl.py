@@ -16,10 +16,9 @@ from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import (
     Origin,
     existing_path,
-    nonempty,
+    limited_task_data,
     parse_rows,
     read_rows,
-    take,
     text,
 )
 
@@ -72,11 +71,14 @@ class JsonlTask:
         train_path, eval_path = jsonl_files(data)
         train = read_pairs(train_path)
         evals = train if eval_path == train_path else read_pairs(eval_path)
-        source = str(data)
-        return TaskData(
-            nonempty(take(train, max_train_samples, seed, "max_train_samples"), "pairs", source),
-            nonempty(take(evals, max_eval_samples, seed, "max_eval_samples"), "pairs", source),
-            source,
+        return limited_task_data(
+            train,
+            evals,
+            str(data),
+            max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples,
+            seed=seed,
+            what="pairs",
         )
 
     def evaluate(

@@ -21,11 +21,10 @@ from molf.tasks.sources import (
     existing_path,
     field,
     hub_rows,
-    nonempty,
+    limited_task_data,
     parse_rows,
     read_rows,
     split,
-    take,
     text,
 )
 
@@ -124,13 +123,15 @@ class MedTask:
         seed: int = 0,
     ) -> TaskData:
         """Questions to train on and disjoint questions to evaluate on (see ``med_splits``)."""
-        train_records, eval_records, source = med_splits(data, seed)
-        train = take(train_records, max_train_samples, seed, "max_train_samples")
-        evals = take(eval_records, max_eval_samples, seed, "max_eval_samples")
-        return TaskData(
-            [med_example(r) for r in nonempty(train, "training questions", source)],
-            nonempty(evals, "evaluation questions", source),
+        train, evals, source = med_splits(data, seed)
+        return limited_task_data(
+            train,
+            evals,
             source,
+            max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples,
+            seed=seed,
+            to_example=med_example,
         )
 
     def evaluate(

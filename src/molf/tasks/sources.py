@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from molf.errors import DataError, MolfError
+from molf.tasks.base import Example, TaskData
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -195,6 +196,28 @@ def split(items: Sequence[T], eval_fraction: float, seed: int) -> tuple[list[T],
     order = shuffled(items, seed)
     n_eval = max(0, min(max(1, round(len(order) * eval_fraction)), len(order) - 1))
     return order[n_eval:], order[:n_eval]
+
+
+def limited_task_data(
+    train: Sequence[Any],
+    evals: Sequence[Any],
+    source: str,
+    *,
+    max_train_samples: int | None,
+    max_eval_samples: int | None,
+    seed: int,
+    to_example: Callable[[Any], Example] = lambda r: r,
+    what: str = "questions",
+) -> TaskData:
+    """Train and eval records capped by the max_*_samples options (seeded), checked
+    non-empty, with the training records turned into :class:`Example` pairs."""
+    train = take(train, max_train_samples, seed, "max_train_samples")
+    evals = take(evals, max_eval_samples, seed, "max_eval_samples")
+    return TaskData(
+        [to_example(r) for r in nonempty(train, f"training {what}", source)],
+        nonempty(evals, f"evaluation {what}", source),
+        source,
+    )
 
 
 def nonempty(items: list[T], what: str, source: str) -> list[T]:

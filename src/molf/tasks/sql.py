@@ -26,11 +26,10 @@ from molf.tasks.sources import (
     describe,
     existing_path,
     hub_rows,
-    nonempty,
+    limited_task_data,
     parse_rows,
     read_rows,
     split,
-    take,
     text,
 )
 from molf.tasks.spider import spider_schemas
@@ -203,12 +202,14 @@ class SqlTask:
     ) -> TaskData:
         """Training pairs and evaluation records whose context and gold SQL run in SQLite."""
         train, evals, source = sql_splits(data, seed)
-        train = take(train, max_train_samples, seed, "max_train_samples")
-        evals = take(evals, max_eval_samples, seed, "max_eval_samples")
-        return TaskData(
-            [sql_example(r) for r in nonempty(train, "training questions", source)],
-            nonempty(evals, "evaluation questions", source),
+        return limited_task_data(
+            train,
+            evals,
             source,
+            max_train_samples=max_train_samples,
+            max_eval_samples=max_eval_samples,
+            seed=seed,
+            to_example=sql_example,
         )
 
     def evaluate(
