@@ -70,7 +70,7 @@ def test_malformed_eval_file_is_named(tmp_path: Path) -> None:
 
 def test_empty_file_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "mine.jsonl").write_text("\n")
-    with pytest.raises(MolfError, match="no pairs left"):
+    with pytest.raises(MolfError, match="no training pairs left"):
         get_task("jsonl").load(str(tmp_path / "mine.jsonl"))
 
 
