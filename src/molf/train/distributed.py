@@ -51,9 +51,8 @@ def init_distributed(parallel: str, timeout_s: float) -> DistContext:
                 "--nproc-per-node 2 -m molf train ..."
             )
         return DistContext("none", device=torch.device("cuda" if cuda else "cpu"))
-    mode = "ddp" if parallel in ("auto", "none") and int(os.environ["WORLD_SIZE"]) > 1 else parallel
-    if mode in ("auto", "none"):
-        mode = "ddp"
+    # Under torchrun every rank must take part in the same run: "auto"/"none" mean DDP.
+    mode = "ddp" if parallel in ("auto", "none") else parallel
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}") if cuda else torch.device("cpu")
     if cuda:

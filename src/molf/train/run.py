@@ -122,19 +122,17 @@ def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base
     final = run_dir / "final"
     tmp = atomic_dir(final)
     try:
+        merged = None
         if args.method in PEFT_METHODS:
             model.save_pretrained(tmp)
-            merged = model.merge_and_unload() if args.save_merged else None
+            if args.save_merged:
+                merged = model.merge_and_unload()
         elif args.method == "molf-e":
-            export_peft_adapter(model, tmp / "adapter")
-            for f in (tmp / "adapter").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "adapter").rmdir()
-            merged = merge_and_unload(model) if args.save_merged else None
-        else:
-            merged = merge_and_unload(model) if args.method == "molf" else model
-            merged.save_pretrained(tmp)
-            merged = None
+            export_peft_adapter(model, tmp)  # replaces the still-empty tmp directory
+            if args.save_merged:
+                merged = merge_and_unload(model)
+        else:  # fft, molf: the final artifact is itself a plain HF model
+            (merge_and_unload(model) if args.method == "molf" else model).save_pretrained(tmp)
         if merged is not None:
             merged.save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")
