@@ -28,6 +28,7 @@ class Task(Protocol):
 
     name: str
     primary_metric: str  # the key of evaluate()'s dict that results tables lead with
+    max_new_tokens: int  # default generation length for this task's generation metrics
 
     def load(
         self,
@@ -36,6 +37,7 @@ class Task(Protocol):
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 0,
+        split: str = "test",  # "val" or "test": which held-out records to evaluate on
     ) -> TaskData: ...
 
     def evaluate(

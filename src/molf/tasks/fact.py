@@ -126,6 +126,7 @@ class FactTask:
 
     name = "fact"
     primary_metric = "efficacy"
+    max_new_tokens = 16
 
     def load(
         self,
@@ -134,6 +135,7 @@ class FactTask:
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 0,
+        split: str = "test",
     ) -> TaskData:
         """Edits to inject; the evaluation records are (a seeded subset of) the same edits."""
         rows, source = fact_rows(data)

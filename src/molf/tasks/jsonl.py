@@ -58,6 +58,7 @@ class JsonlTask:
 
     name = "jsonl"
     primary_metric = "exact_match"
+    max_new_tokens = 64
 
     def load(
         self,
@@ -66,6 +67,7 @@ class JsonlTask:
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 0,
+        split: str = "test",
     ) -> TaskData:
         """Pairs from a file (train = eval) or a directory (train.jsonl, eval.jsonl)."""
         train_path, eval_path = jsonl_files(data)

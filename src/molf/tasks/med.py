@@ -113,6 +113,7 @@ class MedTask:
 
     name = "med"
     primary_metric = "accuracy"
+    max_new_tokens = 16
 
     def load(
         self,
@@ -121,6 +122,7 @@ class MedTask:
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 0,
+        split: str = "test",
     ) -> TaskData:
         """Questions to train on and disjoint questions to evaluate on (see ``med_splits``)."""
         train, evals, source = med_splits(data, seed)

@@ -191,6 +191,7 @@ class SqlTask:
 
     name = "sql"
     primary_metric = "exact_match"
+    max_new_tokens = 256
 
     def load(
         self,
@@ -199,6 +200,7 @@ class SqlTask:
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
         seed: int = 0,
+        split: str = "test",
     ) -> TaskData:
         """Training pairs and evaluation records whose context and gold SQL run in SQLite."""
         train, evals, source = sql_splits(data, seed)

@@ -19,6 +19,8 @@ from molf.errors import MolfError
 METHODS = ("fft", "lora", "dora", "adalora", "molf", "molf-e")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16")
+EVAL_SPLITS = ("val", "test")
+CHAT_TEMPLATES = ("auto", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 
@@ -70,7 +72,19 @@ class TrainArgs:
     max_train_samples: int | None = _f(None, "cap on training examples (seeded shuffle)")
     max_eval_samples: int | None = _f(None, "cap on evaluation records (seeded shuffle)")
     eval_batch_size: int = _f(16, "batch size for evaluation")
-    max_new_tokens: int = _f(64, "generation length for generation metrics")
+    max_new_tokens: int | None = _f(
+        None, "generation length for generation metrics (default: the task's, e.g. 256 for sql)"
+    )
+    eval_split: str = _f(
+        "test",
+        "held-out split to evaluate: val (choose settings on it) | test (report on it); "
+        "for fact, the split's edits are also the training data",
+    )
+    chat_template: str = _f(
+        "auto",
+        "auto (wrap prompts in the tokenizer's chat template when it has one) | none; "
+        "used alike for training and generation-based evaluation",
+    )
     eval_before: bool = _f(True, "also evaluate before training")
     seed: int = _f(0, "seed for initialisation and data order")
     dtype: str = _f("fp32", "fp32 | bf16 parameters")
@@ -107,6 +121,8 @@ class TrainArgs:
             "dtype": DTYPES,
             "report_to": REPORT_TO,
             "parallel": PARALLEL,
+            "eval_split": EVAL_SPLITS,
+            "chat_template": CHAT_TEMPLATES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -102,6 +102,7 @@ def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
         max_train_samples=args.max_train_samples,
         max_eval_samples=args.max_eval_samples,
         seed=args.seed,
+        split=args.eval_split,
     )
     return task, data
 
@@ -112,7 +113,7 @@ def _evaluate(task, model, tokenizer, records, args: TrainArgs) -> dict[str, flo
         tokenizer,
         records,
         batch_size=args.eval_batch_size,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens or task.max_new_tokens,
     )
 
 
