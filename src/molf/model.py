@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from molf.atomic import atomic_directory
 from molf.config import MoLFConfig
 from molf.errors import MolfError
 from molf.layer import MoLFLinear
@@ -157,9 +157,14 @@ def export_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
     to_save = _trained_non_molf_modules(model)
+    saved: set[int] = set()
     for name in to_save:
         for pname, p in model.get_submodule(name).named_parameters(recurse=False):
-            tensors[f"base_model.model.{name}.{pname}"] = p.detach().contiguous()
+            # Tied weights (embeddings = lm_head) are one tensor under two names;
+            # safetensors stores each name's own copy, and loading gives both the values.
+            t = p.detach().contiguous()
+            tensors[f"base_model.model.{name}.{pname}"] = t.clone() if id(p) in saved else t
+            saved.add(id(p))
     peft_config = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -171,20 +176,7 @@ def export_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         task_type="CAUSAL_LM",
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
     )
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".adapter-", dir=parent)
-    try:
+    with atomic_directory(Path(path)) as tmp:
         peft_config.save_pretrained(tmp)
-        save_file(
-            tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"}
-        )
-        with open(os.path.join(tmp, "molf_config.json"), "w") as f:
-            json.dump(config.to_dict(), f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "molf_config.json").write_text(json.dumps(config.to_dict(), indent=2))

@@ -8,6 +8,7 @@ the resolved arguments are written to the run directory as ``config.yaml``.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,11 @@ class TrainArgs:
     seed: int = _f(0, "seed for initialisation and data order")
     dtype: str = _f("fp32", "fp32 | bf16 parameters")
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
-    save_steps: int = _f(0, "checkpoint every N optimizer steps (0 = only at the end)")
+    save_steps: int = _f(
+        0,
+        "checkpoint every N optimizer steps (0 = none during training); a checkpoint of the "
+        "last step is always written before final/ and, with 0, removed once final/ is saved",
+    )
     save_total_limit: int = _f(2, "checkpoints kept")
     save_merged: bool = _f(False, "also save a merged model for adapter methods")
     logging_steps: int = _f(1, "log every N optimizer steps")
@@ -146,10 +151,27 @@ class TrainArgs:
                 raise MolfError(f"--{name.replace('_', '-')} must be at least 1 (or unset)")
         if self.max_steps is not None and self.max_steps < 1:
             raise MolfError("--max-steps must be at least 1")
-        if self.epochs <= 0:
-            raise MolfError("--epochs must be positive")
         if not 0 <= self.warmup_ratio < 1:
             raise MolfError("--warmup-ratio must be in [0, 1)")
+        finite_floats = {
+            "lr": (False, "positive"),
+            "lora_lr": (False, "positive"),
+            "weight_decay": (True, "zero or more"),
+            "lora_weight_decay": (True, "zero or more"),
+            "max_grad_norm": (True, "zero (off) or more"),
+            "epochs": (False, "positive"),
+            "dist_timeout": (False, "positive"),
+        }
+        for name, (zero_ok, wanted) in finite_floats.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
+                raise MolfError(
+                    f"--{name.replace('_', '-')} must be {wanted} and finite, got {value}"
+                )
+        if not 0 <= self.lora_dropout < 1:
+            raise MolfError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.resume and self.overwrite:
             raise MolfError("--resume and --overwrite exclude each other: pick one")
         if self.save_steps < 0:
@@ -192,7 +214,9 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
                 return False
             raise ValueError(value)
         if kind.startswith("int"):
-            return int(value)
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(str(value)) if isinstance(value, str) else int(value)
         if kind.startswith("float"):
             return float(value)
         return str(value)

@@ -9,39 +9,21 @@ continue exactly where the run stopped.
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from molf.atomic import atomic_directory, fsync_tree, replace_dir, write_text_atomic
 from molf.errors import MolfError
 
+__all__ = ["write_text_atomic"]  # re-exported for the run's other writers
+
 PATTERN = re.compile(r"checkpoint-(\d+)$")
-
-
-def atomic_dir(final: Path) -> Path:
-    """A fresh temporary directory beside ``final``, to be renamed with :func:`commit_dir`."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -51,9 +33,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(
     run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, keep: int
 ) -> Path:
-    final = run_dir / f"checkpoint-{step}"
-    tmp = atomic_dir(final)
-    try:
+    with atomic_directory(run_dir / f"checkpoint-{step}") as tmp:
         torch.save(
             {
                 "step": step,
@@ -69,13 +49,15 @@ def save_checkpoint(
             tmp / "state.pt",
         )
         (tmp / "meta.json").write_text(json.dumps({"step": step}))
-        commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    for old in list_checkpoints(run_dir)[:-keep]:
+    prune_checkpoints(run_dir, keep)
+    return run_dir / f"checkpoint-{step}"
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints."""
+    checkpoints = list_checkpoints(run_dir)
+    for old in checkpoints[: max(0, len(checkpoints) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -88,14 +70,38 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+class CorruptCheckpoint(MolfError):
+    """A checkpoint file that cannot be read (truncated, garbage, missing)."""
+
+
+def is_sharded(path: Path) -> bool:
+    """Whether the checkpoint at ``path`` was written by several processes (its meta.json)."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path / 'meta.json'} is unreadable ({e})") from None
+    return bool(isinstance(meta, dict) and meta.get("sharded"))
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file, or :class:`CorruptCheckpoint` naming it."""
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as e:  # truncated zip, garbage bytes, missing file: all unreadable
+        raise CorruptCheckpoint(f"{path} is unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CorruptCheckpoint(f"{path} does not hold a molf checkpoint")
+    return state
+
+
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
     """Restore a checkpoint into the (already wrapped) model; returns its step."""
-    if not (path / "state.pt").is_file():
+    if is_sharded(path):
         raise MolfError(
             f"--resume: {path} is a sharded checkpoint; resume it with torchrun "
             "and the same --parallel mode"
         )
-    state: dict[str, Any] = torch.load(path / "state.pt", weights_only=False)
+    state: dict[str, Any] = read_state(path / "state.pt")
     params = dict(model.named_parameters())
     missing = [n for n in state["model"] if n not in params]
     expected = {n for n, p in params.items() if p.requires_grad}
@@ -146,9 +152,9 @@ def save_sharded(
     dist.barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "sharded": True}))
-        commit_dir(tmp, final)
-        for old in list_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        fsync_tree(tmp)
+        replace_dir(tmp, final)
+        prune_checkpoints(run_dir, keep)
     dist.barrier()
 
 
@@ -156,7 +162,7 @@ def load_sharded(path: Path, model: nn.Module, optimizer, scheduler, rank: int) 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    if not json.loads((path / "meta.json").read_text()).get("sharded"):
+    if not is_sharded(path):
         raise MolfError(
             f"--resume: {path} was written by a single process; resume it without torchrun"
         )

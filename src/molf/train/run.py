@@ -7,9 +7,9 @@ and one row appended to ``results.csv`` in the parent of the run directory.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +17,18 @@ import torch
 import yaml
 from torch import nn
 
+from molf.atomic import atomic_directory
 from molf.errors import MolfError
 from molf.model import export_peft_adapter, merge_and_unload
 from molf.tasks import TaskData, get_task
 from molf.tasks.encoding import ensure_pad_token
 from molf.train.args import TrainArgs
 from molf.train.checkpoint import (
-    atomic_dir,
-    commit_dir,
+    CorruptCheckpoint,
     list_checkpoints,
     load_checkpoint,
     load_sharded,
+    prune_checkpoints,
     save_checkpoint,
     save_sharded,
     write_text_atomic,
@@ -46,8 +47,7 @@ from molf.train.logs import RunLogger, append_result, peak_memory_mb
 from molf.train.loop import LoopContext, train_loop
 from molf.train.methods import MOLF_METHODS, PEFT_METHODS, build_optimizer, wrap
 from molf.train.modeling import load_model_and_tokenizer, load_tokenizer, resolve_model
-
-RUN_MARKERS = ("config.yaml", "train_log.jsonl", "eval.json", "final")
+from molf.train.rundir import check_run_dir, start_run_dir
 
 
 def _say(msg: str, enabled: bool = True) -> None:
@@ -55,44 +55,40 @@ def _say(msg: str, enabled: bool = True) -> None:
         print(f"[molf] {msg}", flush=True)
 
 
-def check_run_dir(args: TrainArgs) -> Path:
-    """Refuse to mix runs: an existing run needs ``--resume`` or ``--overwrite``.
-    Nothing is created or deleted here (see :func:`create_run_dir`)."""
-    run_dir = Path(args.output_dir)
-    holds_run = run_dir.is_dir() and (
-        any((run_dir / m).exists() for m in RUN_MARKERS) or list_checkpoints(run_dir)
-    )
-    if args.resume:
-        if not list_checkpoints(run_dir):
-            raise MolfError(f"--resume: no checkpoint in {run_dir} (save them with --save-steps N)")
-        return run_dir
-    if holds_run and not args.overwrite:
+def check_tracker(report_to: str) -> None:
+    """Fail before any work when the chosen tracker is not installed."""
+    module = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(report_to)
+    if module is not None and importlib.util.find_spec(module) is None:
+        raise MolfError(f"--report-to {report_to}: install it with pip install {module}")
+
+
+# Settings that do not change what a run computes: free to differ on --resume.
+RESUME_FREE = {
+    "resume", "overwrite", "output_dir", "report_to", "logging_steps", "save_steps",
+    "save_total_limit", "save_merged", "eval_batch_size", "dist_timeout", "check_routing",
+    "parallel",
+}  # fmt: skip
+
+
+def _check_resume_config(run_dir: Path, args: TrainArgs, world_size: int) -> None:
+    """Refuse to continue a run with any setting that changes its result, naming each."""
+    path = run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise MolfError(f"--resume: cannot read {path} ({e})") from None
+    now = {**args.to_dict(), "world_size": world_size}
+    changed = [
+        f"--{key.replace('_', '-')} {now[key]!r} (the run used {saved[key]!r})"
+        for key in now
+        if key not in RESUME_FREE and key in saved and saved[key] != now[key]
+    ]
+    if changed:
         raise MolfError(
-            f"--output-dir: {run_dir} already holds a run; pass --resume to "
-            "continue it or --overwrite to replace it"
+            f"--resume: {run_dir} was started with other settings: {'; '.join(changed)}. "
+            "Resume with the run's own settings (they are in its config.yaml), or start a "
+            "new run"
         )
-    return run_dir
-
-
-def create_run_dir(run_dir: Path, args: TrainArgs) -> None:
-    """Called once data and model loaded fine, so a bad input leaves nothing behind."""
-    if args.overwrite and run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-
-def _check_resume_config(run_dir: Path, args: TrainArgs) -> None:
-    saved = (
-        yaml.safe_load((run_dir / "config.yaml").read_text())
-        if (run_dir / "config.yaml").exists()
-        else {}
-    )
-    for key in ("model", "task", "method", "lora_ranks", "seed", "batch_size", "grad_accum"):
-        if key in saved and saved[key] != args.to_dict()[key]:
-            raise MolfError(
-                f"--resume: --{key.replace('_', '-')} is {args.to_dict()[key]!r} "
-                f"but the run in {run_dir} used {saved[key]!r}"
-            )
 
 
 def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
@@ -121,8 +117,7 @@ def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base
     """``final/``: a merged HF model (fft, molf) or a PEFT adapter (lora, dora, adalora,
     molf-e), with the tokenizer; ``final/merged`` too for adapters with --save-merged."""
     final = run_dir / "final"
-    tmp = atomic_dir(final)
-    try:
+    with atomic_directory(final) as tmp:
         merged = None
         if args.method in PEFT_METHODS:
             model.save_pretrained(tmp)
@@ -139,10 +134,6 @@ def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base
             tokenizer.save_pretrained(tmp / "merged")
         tokenizer.save_pretrained(tmp)
         (tmp / "molf_run.json").write_text(json.dumps({**base, "method": args.method}, indent=2))
-        commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return final
 
 
@@ -160,12 +151,13 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
 
 
 def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
-    from transformers import get_scheduler
-
     main = ctx.is_main
-    run_dir = check_run_dir(args)
+    run_dir = Path(args.output_dir)
+    # Every check that can fail runs before the run directory is touched.
+    check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
     if args.resume:
-        _check_resume_config(run_dir, args)
+        _check_resume_config(run_dir, args, ctx.world_size)
+    check_tracker(args.report_to)
     resolve_model(args.model, args.gguf_file)  # a wrong path fails before any work
     task, data = load_task(args)
     _say(
@@ -200,8 +192,30 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     # "before" metrics can be taken on the wrapped model.
     model = wrap(model, args, total)
     barrier(ctx)
-    if main:
-        create_run_dir(run_dir, args)
+    lock = start_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite) if main else None
+    try:
+        return _train_in_run_dir(args, ctx, run_dir, task, data, model, tokenizer, batches, total)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_in_run_dir(
+    args: TrainArgs,
+    ctx: DistContext,
+    run_dir: Path,
+    task: Any,
+    data: TaskData,
+    model: nn.Module,
+    tokenizer: Any,
+    batches: Batches,
+    total: int,
+) -> dict[str, Any]:
+    from transformers import get_scheduler
+
+    main = ctx.is_main
+    name, gguf = resolve_model(args.model, args.gguf_file)
+    if main and not args.resume:
         write_text_atomic(
             run_dir / "config.yaml",
             yaml.safe_dump(
@@ -245,13 +259,11 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
 
     start = 0
     if args.resume:
-        latest = list_checkpoints(run_dir)[-1]
-        start = (
-            load_sharded(latest, model, optimizer, scheduler, ctx.rank)
-            if ctx.active
-            else load_checkpoint(latest, model, optimizer, scheduler)
-        )
-        _say(f"resumed from {latest.name} (step {start} of {total})", main)
+        start = _resume(run_dir, model, optimizer, scheduler, ctx)
+        _say(f"resumed at step {start} of {total}", main)
+        if start == total and "after" in results and (run_dir / "final").is_dir():
+            _say(f"{run_dir} is already finished: nothing to do", main)
+            return results
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _say(
         f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
@@ -265,7 +277,9 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         run_dir=run_dir, device=ctx.device, logger=logger, dist=ctx, checkpoint=checkpoint
     )
     seconds = train_loop(model, optimizer, scheduler, batches, args, loop_ctx, start, total)
-    if args.save_steps:
+    if start < total:
+        # Always resumable before the final evaluation and save: a failure there (full
+        # disk, a crash) is redone with --resume instead of costing the training.
         checkpoint(total)
     logger.close()
     skipped = optimizer.skipped_steps if args.method in MOLF_METHODS else None
@@ -294,12 +308,27 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
             "before": results.get("before", {}).get(task.primary_metric),
             "after": results["after"].get(task.primary_metric),
             "metrics_after": json.dumps(results["after"]),
-            "train_seconds": round(seconds, 2),
+            "train_seconds": round(results["train_seconds"], 2),
             "peak_memory_mb": round(results["peak_memory_mb"], 1),
         },
     )
+    if not args.save_steps:
+        prune_checkpoints(run_dir, keep=0)  # kept only until final/ was safe
     barrier(ctx)
     return results
+
+
+def _resume(run_dir: Path, model: nn.Module, optimizer, scheduler, ctx: DistContext) -> int:
+    """Load the newest readable checkpoint (an unreadable one is reported and skipped);
+    returns its step."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            if ctx.active:
+                return load_sharded(path, model, optimizer, scheduler, ctx.rank)
+            return load_checkpoint(path, model, optimizer, scheduler)
+        except CorruptCheckpoint as e:
+            _say(f"warning: skipping {path.name}: {e}", ctx.is_main)
+    raise MolfError(f"--resume: no readable checkpoint in {run_dir}")
 
 
 def gather_for_saving(model: nn.Module, args: TrainArgs, ctx: DistContext, total: int) -> nn.Module:

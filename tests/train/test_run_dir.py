@@ -1,0 +1,251 @@
+"""The run directory keeps the user's files and finished models safe (no data loss)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from molf.atomic import atomic_directory, recover_dir, write_text_atomic
+from molf.cli import main
+from molf.errors import MolfError
+from molf.train import run as run_module
+from molf.train.rundir import LOCK_FILE, start_run_dir
+
+QUICK = [
+    "--max-train-samples", "8", "--max-eval-samples", "4", "--batch-size", "4",
+    "--eval-batch-size", "8", "--lora-ranks", "4", "--lora-alphas", "8", "--lr", "1e-3",
+    "--max-steps", "2",
+]  # fmt: skip
+
+
+def _args(out: Path, stories: Path, shared_data: Path, *extra: str) -> list[str]:
+    data = shared_data / "counterfact" / "counterfact-val.json"
+    return ["train", "--output-dir", str(out), "--model", str(stories), "--task", "fact",
+            "--data", str(data), *QUICK, *extra]  # fmt: skip
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture
+def finished(tmp_path, stories, shared_data) -> Path:
+    out = tmp_path / "runs" / "run"
+    assert main(_args(out, stories, shared_data, "--method", "fft")) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_overwrite_refuses_a_directory_holding_other_files(finished, stories, shared_data):
+    (finished / "train.jsonl").write_text('{"prompt": "mine", "completion": "keep"}\n')
+    before = _tree(finished)
+    assert main(_args(finished, stories, shared_data, "--overwrite")) == 2
+    assert _tree(finished) == before
+
+
+def test_overwrite_of_the_working_directory_touches_nothing(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "config.yaml").write_text("not molf's: a user file with a run file's name\n")
+    (tmp_path / "final").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--output-dir", ".", "--overwrite", "--task", "fact"]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "final", "notes.txt"]
+
+
+@pytest.mark.slow
+def test_overwrite_replaces_only_the_old_run(finished, stories, shared_data):
+    (finished / "checkpoint-9").mkdir()
+    (finished / "checkpoint-9" / "meta.json").write_text('{"step": 9}')
+    assert main(_args(finished, stories, shared_data, "--overwrite", "--method", "lora")) == 0
+    assert not (finished / "checkpoint-9").exists()
+    assert (finished / "final" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "bad", [["--lr=-1e-3"], ["--lr", "nan"], ["--report-to", "wandb"], ["--max-grad-norm", "nan"]]
+)
+def test_a_late_error_never_costs_the_previous_run(finished, stories, shared_data, bad):
+    if bad == ["--report-to", "wandb"] and __import__("importlib").util.find_spec("wandb"):
+        pytest.skip("wandb is installed here, so that input is not an error")
+    before = _tree(finished)
+    assert main(_args(finished, stories, shared_data, "--overwrite", *bad)) == 2
+    assert _tree(finished) == before
+
+
+@pytest.mark.slow
+def test_a_failed_setup_does_not_block_the_corrected_rerun(
+    tmp_path, stories, shared_data, monkeypatch
+):
+    out = tmp_path / "run"
+
+    def crash(*_, **__):
+        raise RuntimeError("simulated crash during the first evaluation")
+
+    monkeypatch.setattr(run_module, "_evaluate", crash)
+    with pytest.raises(RuntimeError):
+        main(_args(out, stories, shared_data))
+    monkeypatch.undo()
+    assert main(_args(out, stories, shared_data)) == 0  # no --overwrite needed
+    assert (out / "final").is_dir()
+
+
+@pytest.mark.slow
+def test_molf_e_with_tied_embeddings_exports_an_adapter_that_reproduces_the_model(
+    tmp_path, stories, shared_data
+):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    args = _args(out, stories, shared_data, "--method", "molf-e", "--train-non-linear")
+    assert main([*args, "--save-merged"]) == 0
+    original = AutoModelForCausalLM.from_pretrained(stories).eval()
+    assert original.config.tie_word_embeddings  # the case under test
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged").eval()
+    # training changed the (tied) embeddings, so the adapter must carry them
+    assert not torch.equal(
+        merged.get_input_embeddings().weight, original.get_input_embeddings().weight
+    )
+    adapter = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(stories), out / "final"
+    ).eval()
+    ids = torch.arange(1, 40).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, merged(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_failed_final_save_is_redone_with_resume(tmp_path, stories, shared_data, monkeypatch):
+    reference = tmp_path / "reference"
+    assert main(_args(reference, stories, shared_data, "--method", "molf")) == 0
+    assert not list(reference.glob("checkpoint-*"))  # --save-steps 0: removed once final/ is safe
+
+    out = tmp_path / "run"
+
+    def disk_full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module, "save_final", disk_full)
+    with pytest.raises(OSError):
+        main(_args(out, stories, shared_data, "--method", "molf"))
+    monkeypatch.undo()
+    assert (out / "checkpoint-2" / "meta.json").is_file() and not (out / "final").exists()
+    assert main(_args(out, stories, shared_data, "--method", "molf", "--resume")) == 0
+    got = load_file(out / "final" / "model.safetensors")
+    want = load_file(reference / "final" / "model.safetensors")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_changes_nothing(tmp_path, stories, shared_data):
+    out = tmp_path / "runs" / "run"
+    assert main(_args(out, stories, shared_data, "--save-steps", "1")) == 0
+    before = _tree(out)
+    csv_before = (out.parent / "results.csv").read_text()
+    assert main(_args(out, stories, shared_data, "--save-steps", "1", "--resume")) == 0
+    assert _tree(out) == before
+    assert (out.parent / "results.csv").read_text() == csv_before
+
+
+def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path):
+    final = tmp_path / "final"
+    with atomic_directory(final) as tmp:
+        (tmp / "weights").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(final) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed while writing")
+    assert (final / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]  # no temporary left
+
+    # A crash between "old renamed aside" and "new renamed in": recovery restores the old.
+    aside = tmp_path / ".final-old-abc123"
+    os.replace(final, aside)
+    (tmp_path / ".final-xyz").mkdir()  # the new one, never renamed in
+    recover_dir(final)
+    assert (final / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+
+
+def test_outputs_respect_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "d") as tmp:
+            (tmp / "f").write_text("x")
+        write_text_atomic(tmp_path / "g.txt", "y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "d" / "f").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "g.txt").stat().st_mode) == 0o644
+
+
+@pytest.mark.slow
+def test_resume_cleans_crash_leftovers_and_skips_a_corrupt_checkpoint(
+    tmp_path, stories, shared_data
+):
+    out = tmp_path / "run"
+    args = _args(out, stories, shared_data, "--save-steps", "1", "--max-steps", "3")
+    reference = tmp_path / "reference"
+    assert (
+        main(_args(reference, stories, shared_data, "--save-steps", "1", "--max-steps", "3")) == 0
+    )
+    assert main(args) == 0
+    (out / ".checkpoint-7-abcd1234").mkdir()
+    (out / ".final-zz9").mkdir()
+    (out / ".eval.json-q1").write_text("{")
+    (out / "final").rename(out / ".final-old-k2")  # crash between the renames of final/
+    newest = out / "checkpoint-3" / "state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated by a crash or a full disk
+    assert main([*args, "--resume"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert not [n for n in names if n.startswith(".") and n != LOCK_FILE], names
+    got = load_file(out / "final" / "model.safetensors")
+    want = load_file(reference / "final" / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_second_run_in_a_locked_directory_is_refused_naming_the_holder(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                f"""
+                import time
+                from pathlib import Path
+                from molf.train.rundir import start_run_dir
+                lock = start_run_dir(Path({str(run_dir)!r}), resume=False, overwrite=False)
+                print("locked", flush=True)
+                time.sleep(60)
+                """
+            ),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(MolfError, match=f"pid {holder.pid}"):
+            start_run_dir(run_dir, resume=False, overwrite=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    time.sleep(0.1)
+    start_run_dir(run_dir, resume=False, overwrite=False).release()  # freed when it died
