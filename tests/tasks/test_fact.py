@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
+import torch
 
 from molf.errors import DataError, MolfError
-from molf.tasks import Example, get_task
+from molf.tasks import get_task
 from molf.tasks.fact import FactRecord, builtin_rows, parse_fact_row
 from molf.tasks.fact_builtin import BUILTIN_FACTS
 from molf.tasks.scoring import completion_logprobs
@@ -81,26 +83,76 @@ def test_load_trains_on_the_edits_and_evaluates_the_same_edits() -> None:
     assert again.train == data.train and again.eval == data.eval
     other = get_task("fact").load("builtin", max_train_samples=10, seed=4)
     assert other.train != data.train
+    # the built-in demo set is too small to hold out from: val and test are all of it
+    val, test = (get_task("fact").load("builtin", split=s) for s in ("val", "test"))
+    assert set(val.train) == set(test.train) and len(test.train) == 24
 
 
-def test_hub_layout_file_and_directory(tmp_path: Path) -> None:
-    write_json(tmp_path / "counterfact-train.json", [ROME, EASYEDIT])
-    write_json(tmp_path / "other.json", [EASYEDIT])
-    data = get_task("fact").load(str(tmp_path))
-    assert data.source.endswith("counterfact-train.json")
-    assert (
-        sorted(data.train, key=lambda e: e.prompt)
-        == [Example("The mother tongue of Danielle Darrieux is", " English")] * 2
-    )
+def edit(i: int) -> dict:
+    return {**EASYEDIT, "prompt": f"The mother tongue of person {i} is"}
 
 
-def test_directory_without_a_single_json_file_is_an_error(tmp_path: Path) -> None:
-    write_json(tmp_path / "a.json", [EASYEDIT])
+def is_val(prompt: str) -> bool:
+    """The documented half, recomputed with hashlib directly."""
+    key = " ".join(prompt.lower().split()).encode()
+    return int(hashlib.sha256(b"molf-split-v1\x00" + key).hexdigest()[:16], 16) / 2**64 < 0.5
+
+
+def test_a_file_is_cut_in_two_prompt_hash_halves(tmp_path: Path) -> None:
+    rows = [edit(i) for i in range(40)] + [{**edit(3), "target_new": "German"}]
+    path = write_json(tmp_path / "cf.json", rows)
+    task = get_task("fact")
+    val, test = (task.load(str(path), split=s, seed=7) for s in ("val", "test"))
+    assert {e.prompt for e in val.train} == {r["prompt"] for r in rows if is_val(r["prompt"])}
+    assert {e.prompt for e in test.train} == {r["prompt"] for r in rows if not is_val(r["prompt"])}
+    assert len(val.train) + len(test.train) == 41 and val.train and test.train
+    assert "(val: a prompt-hash half of the edits)" in val.source
+    # the two edits of one prompt stay on one side; seed and file order do not matter
+    on_side = test if not is_val(edit(3)["prompt"]) else val
+    assert {" English", " German"} <= {e.completion for e in on_side.train if "son 3 " in e.prompt}
+    shuffled = task.load(str(write_json(tmp_path / "r.json", rows[::-1])), split="val", seed=1)
+    assert set(shuffled.train) == set(val.train)
+
+
+def test_directory_reads_the_val_or_the_edit_file(tmp_path: Path) -> None:
+    write_json(tmp_path / "counterfact-train.json", [edit(1)])
+    write_json(tmp_path / "counterfact-val.json", [ROME, edit(2)])
+    write_json(tmp_path / "counterfact-edit.json", [edit(3), edit(4), edit(5)])
+    task = get_task("fact")
+    val = task.load(str(tmp_path), split="val")
+    assert val.source.endswith("counterfact-val.json")
+    assert sorted(e.prompt for e in val.train) == [
+        "The mother tongue of Danielle Darrieux is",
+        "The mother tongue of person 2 is",
+    ]
+    test = task.load(str(tmp_path))  # split="test" is the default
+    assert test.source.endswith("counterfact-edit.json")
+    assert sorted(e.prompt for e in test.train) == [edit(i)["prompt"] for i in (3, 4, 5)]
+    assert {r.prompt for r in test.eval} == {e.prompt for e in test.train}
+
+
+def test_directory_with_one_split_file_only_is_an_error(tmp_path: Path) -> None:
+    write_json(tmp_path / "counterfact-edit.json", [edit(1)])
+    with pytest.raises(MolfError, match="has counterfact-edit.json but not counterfact-val.json"):
+        get_task("fact").load(str(tmp_path), split="test")
+
+
+def test_directory_without_split_files_needs_a_single_json_file(tmp_path: Path) -> None:
+    write_json(tmp_path / "a.json", [edit(i) for i in range(20)])
     write_json(tmp_path / "b.json", [EASYEDIT])
-    with pytest.raises(MolfError, match="counterfact-train.json or exactly one .json file"):
+    with pytest.raises(MolfError, match="or exactly one .json file there, found 2"):
         get_task("fact").load(str(tmp_path))
     (tmp_path / "b.json").unlink()
-    assert get_task("fact").load(str(tmp_path)).source.endswith("a.json")
+    data = get_task("fact").load(str(tmp_path), split="val")
+    assert data.source == f"{tmp_path / 'a.json'} (val: a prompt-hash half of the edits)"
+    assert {e.prompt for e in data.train} == {
+        edit(i)["prompt"] for i in range(20) if is_val(edit(i)["prompt"])
+    }
+
+
+def test_unknown_split_is_an_error() -> None:
+    with pytest.raises(MolfError, match="split must be one of val, test"):
+        get_task("fact").load("builtin", split="train")
 
 
 def test_empty_file_is_an_error(tmp_path: Path) -> None:
@@ -110,29 +162,72 @@ def test_empty_file_is_an_error(tmp_path: Path) -> None:
 
 def test_real_counterfact_files(data_root: Path) -> None:
     task = get_task("fact")
-    data = task.load(str(data_root / "counterfact"), max_train_samples=50, max_eval_samples=20)
-    assert data.source.endswith("counterfact-train.json")
-    assert len(data.train) == 50 and len(data.eval) == 20
-    edit = task.load(str(data_root / "counterfact" / "counterfact-val.json"))
-    assert len(edit.train) == len(edit.eval) == 1919
-    assert all(r.paraphrases and r.neighbours for r in edit.eval)
+    val = task.load(str(data_root / "counterfact"), split="val")
+    test = task.load(str(data_root / "counterfact"), max_train_samples=50, max_eval_samples=20)
+    assert val.source.endswith("counterfact-val.json") and len(val.train) == 1919
+    assert test.source.endswith("counterfact-edit.json")
+    assert len(test.train) == 50 and len(test.eval) == 20
+    everything = task.load(str(data_root / "counterfact"), split="test")
+    assert len(everything.train) == 10000
+    assert not set(val.train) & set(everything.train)  # no edit is in both
+    halves = [
+        task.load(str(data_root / "counterfact" / "counterfact-val.json"), split=s)
+        for s in ("val", "test")
+    ]
+    assert [len(h.train) for h in halves] == [930, 989]
+    assert set(halves[0].train) | set(halves[1].train) == set(val.train)
+    assert all(r.paraphrases and r.neighbours for r in halves[0].eval)
 
 
 def test_evaluate_matches_a_slow_one_by_one_recomputation(tiny) -> None:
     model, tokenizer = tiny
     task = get_task("fact")
     records = task.load("builtin", max_eval_samples=6, seed=1).eval
-    metrics = task.evaluate(model, tokenizer, records, batch_size=4)
-    assert set(metrics) == {"efficacy", "generalization", "specificity"}
+    predictions: list[dict] = []
+    metrics = task.evaluate(model, tokenizer, records, batch_size=4, predictions=predictions)
+    names = ("efficacy", "generalization", "specificity")
+    assert set(metrics) == {*names, *(f"{n}_first_token" for n in names)}
     assert task.primary_metric in metrics
 
     def prefers(prompt: str, wanted: str, other: str) -> bool:
         score = lambda c: completion_logprobs(model, tokenizer, [prompt], [c], batch_size=1)[0]
         return score(" " + wanted) > score(" " + other)
 
-    efficacy = [prefers(r.prompt, r.target_new, r.target_true) for r in records]
-    general = [prefers(p, r.target_new, r.target_true) for r in records for p in r.paraphrases]
-    specific = [prefers(p, t, r.target_new) for r in records for p, t in r.neighbours]
-    assert metrics["efficacy"] == sum(efficacy) / len(efficacy)
-    assert metrics["generalization"] == sum(general) / len(general)
-    assert metrics["specificity"] == sum(specific) / len(specific)
+    def prefers_first_token(prompt: str, wanted: str, other: str) -> bool:
+        with torch.no_grad():
+            logits = model(torch.tensor([tokenizer(prompt)["input_ids"]])).logits[0, -1]
+        logp = logits.float().log_softmax(-1)
+        first = lambda c: tokenizer(" " + c, add_special_tokens=False)["input_ids"][0]
+        return bool(logp[first(wanted)] > logp[first(other)])
+
+    for check, suffix in ((prefers, ""), (prefers_first_token, "_first_token")):
+        efficacy = [check(r.prompt, r.target_new, r.target_true) for r in records]
+        general = [check(p, r.target_new, r.target_true) for r in records for p in r.paraphrases]
+        specific = [check(p, t, r.target_new) for r in records for p, t in r.neighbours]
+        assert metrics["efficacy" + suffix] == sum(efficacy) / len(efficacy)
+        assert metrics["generalization" + suffix] == sum(general) / len(general)
+        assert metrics["specificity" + suffix] == sum(specific) / len(specific)
+    # the two definitions differ here: stories260k's answers often share a first token
+    assert any(metrics[n] != metrics[f"{n}_first_token"] for n in names)
+
+    # one predictions line per contest, averaging to each metric exactly
+    assert len(predictions) == 3 * len(records)
+    for name in names:
+        lines = [x for x in predictions if x["metric"] == name]
+        assert metrics[name] == sum(x["correct"] for x in lines) / len(lines)
+        assert metrics[f"{name}_first_token"] == sum(x["correct_first_token"] for x in lines) / len(
+            lines
+        )
+    first = records[0]
+    line = predictions[0]
+    assert (line["metric"], line["prompt"], line["reference"]) == (
+        "efficacy",
+        first.prompt,
+        " " + first.target_new,
+    )
+    assert line["scores"]["new"] == pytest.approx(
+        completion_logprobs(model, tokenizer, [first.prompt], [" " + first.target_new])[0],
+        abs=1e-5,
+    )
+    specific = next(x for x in predictions if x["metric"] == "specificity")
+    assert specific["correct"] == (specific["scores"]["true"] > specific["scores"]["new"])

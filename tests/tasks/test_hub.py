@@ -30,30 +30,43 @@ def fake_hub(monkeypatch: pytest.MonkeyPatch, module, splits: dict[tuple[str, st
 def test_medmcqa_hub_uses_train_and_validation_zero_based_and_skips_bad_rows(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    validation = [med_row(n, n % 4) for n in range(4, 24)]
     asked = fake_hub(
         monkeypatch,
         med,
         {
             (med.HUB_ID, "train"): [med_row(1, 0), med_row(2, 4), med_row(3, 3)],
-            (med.HUB_ID, "validation"): [med_row(4, 1)],
+            (med.HUB_ID, "validation"): validation,
         },
     )
-    data = get_task("med").load(None)
-    assert asked == [(med.HUB_ID, "train"), (med.HUB_ID, "validation")]
-    assert sorted(e.completion for e in data.train) == [" A", " D"]
-    assert [r.answer for r in data.eval] == [1]
-    assert data.source == f"hub:{med.HUB_ID} (train / validation) (skipped 1 malformed rows)"
+    val, test = (get_task("med").load(None, split=s) for s in ("val", "test"))
+    assert asked[:2] == [(med.HUB_ID, "train"), (med.HUB_ID, "validation")]
+    assert sorted(e.completion for e in val.train) == [" A", " D"]  # cop 4 is out of 0..3
+    assert val.train == test.train
+    # the hub's validation split, halved by a hash of the question: disjoint, complete
+    val_q = {r.question for r in val.eval}
+    test_q = {r.question for r in test.eval}
+    assert val_q and test_q and not val_q & test_q
+    assert val_q | test_q == {row["question"] for row in validation}
+    assert "skipped 1 malformed rows" in val.source
 
 
 def test_counterfact_hub_reads_the_rome_layout(monkeypatch: pytest.MonkeyPatch) -> None:
-    other = {**ROME, "requested_rewrite": {**ROME["requested_rewrite"], "subject": "Jean Moulin"}}
-    fake_hub(monkeypatch, fact, {(fact.HUB_ID, "train"): [ROME, other, {"case_id": 3}]})
-    data = get_task("fact").load(None)
-    assert sorted(e.prompt for e in data.train) == [
-        "The mother tongue of Danielle Darrieux is",
-        "The mother tongue of Jean Moulin is",
+    subjects = ["Danielle Darrieux", "Jean Moulin", "Ada Lovelace", "Alan Turing", "Kurt Godel"]
+    rows = [
+        {**ROME, "requested_rewrite": {**ROME["requested_rewrite"], "subject": name}}
+        for name in subjects
     ]
-    assert len(data.eval) == 2 and "skipped 1 malformed rows" in data.source
+    fake_hub(monkeypatch, fact, {(fact.HUB_ID, "train"): [*rows, {"case_id": 3}]})
+    val, test = (get_task("fact").load(None, split=s) for s in ("val", "test"))
+    prompts = {
+        split: {e.prompt for e in data.train} for split, data in (("val", val), ("test", test))
+    }
+    assert not prompts["val"] & prompts["test"]  # the edits are the data: halves never overlap
+    assert prompts["val"] | prompts["test"] == {
+        f"The mother tongue of {name} is" for name in subjects
+    }
+    assert len(val.eval) == len(val.train) and "skipped 1 malformed rows" in test.source
 
 
 def test_text_to_sql_hub_checks_test_rows_in_sqlite(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -35,6 +35,33 @@ def test_a_directory_has_train_and_eval_files(tmp_path: Path) -> None:
     assert data.eval == [Example("The sun", " was hot")]
 
 
+def test_val_split_reads_val_jsonl_and_test_split_eval_jsonl(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", PAIRS[:1])
+    write_jsonl(tmp_path / "val.jsonl", PAIRS[1:2])
+    write_jsonl(tmp_path / "eval.jsonl", PAIRS[2:])
+    val = get_task("jsonl").load(str(tmp_path), split="val")
+    test = get_task("jsonl").load(str(tmp_path), split="test")
+    assert val.train == test.train == [Example("Once upon a time", ", there was a little girl")]
+    assert val.eval == [Example("Tom", " and Lily were playing")]
+    assert test.eval == [Example("The sun", " was hot")]
+
+
+def test_val_split_without_val_jsonl_is_an_error(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "train.jsonl", PAIRS)
+    write_jsonl(tmp_path / "eval.jsonl", PAIRS)
+    assert get_task("jsonl").load(str(tmp_path), split="test").eval
+    with pytest.raises(MolfError, match="missing val.jsonl, which --eval-split val evaluates on"):
+        get_task("jsonl").load(str(tmp_path), split="val")
+
+
+def test_a_file_is_train_and_eval_for_both_splits(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "mine.jsonl", PAIRS)
+    val, test = (get_task("jsonl").load(str(path), split=s) for s in ("val", "test"))
+    assert set(val.eval) == set(test.eval) == set(test.train) == set(val.train)
+    with pytest.raises(MolfError, match="split must be one of val, test"):
+        get_task("jsonl").load(str(path), split="dev")
+
+
 def test_a_directory_without_eval_jsonl_is_an_error(tmp_path: Path) -> None:
     write_jsonl(tmp_path / "train.jsonl", PAIRS)
     with pytest.raises(MolfError, match="missing eval.jsonl"):
@@ -78,7 +105,11 @@ def test_evaluate_agrees_with_generation_and_scoring(tiny) -> None:
     model, tokenizer = tiny
     task = get_task("jsonl")
     records = [Example(p["prompt"], p["completion"]) for p in PAIRS]
-    metrics = task.evaluate(model, tokenizer, records, batch_size=2, max_new_tokens=8)
+    predictions: list[dict] = []
+    metrics = task.evaluate(
+        model, tokenizer, records, batch_size=2, max_new_tokens=8, predictions=predictions
+    )
+    assert task.baselines(records) == {}
     generated = generate(model, tokenizer, [r.prompt for r in records], 8)
     # the model's greedy ", there was a little girl" is the first completion exactly
     hits = [g.strip() == r.completion.strip() for g, r in zip(generated, records, strict=True)]
@@ -88,3 +119,9 @@ def test_evaluate_agrees_with_generation_and_scoring(tiny) -> None:
     )
     assert metrics["mean_logprob"] == pytest.approx(sum(scores) / 3, abs=1e-6)
     assert metrics["mean_logprob"] < 0
+    # one line per pair; their "correct" averages to the exact match
+    assert [(x["prompt"], x["reference"], x["output"]) for x in predictions] == [
+        (r.prompt, r.completion, g) for r, g in zip(records, generated, strict=True)
+    ]
+    assert [x["logprob"] for x in predictions] == pytest.approx(scores, abs=1e-6)
+    assert metrics["exact_match"] == sum(x["correct"] for x in predictions) / 3

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
 from molf.errors import DataError, MolfError
-from molf.tasks import Example, get_task
-from molf.tasks.med import MedRecord, med_example, parse_med_row
-from molf.tasks.scoring import completion_logprobs
+from molf.tasks import Example, get_task, med
+from molf.tasks.med import MedRecord, med_example, parse_choice, parse_med_row
+from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import Origin
 
 from .helpers import medmcqa_row as row
@@ -67,18 +69,89 @@ def test_bad_json_line_is_reported(tmp_path: Path) -> None:
         get_task("med").load(str(path))
 
 
-def test_single_file_is_split_seeded_and_disjoint(tmp_path: Path) -> None:
-    write_jsonl(tmp_path / "dev.jsonl", [row(i, 1 + i % 4) for i in range(20)])
+def expected_part(question: str) -> str:
+    """The split by the documented definition, recomputed with hashlib directly."""
+    key = " ".join(question.lower().split())
+    h = int(hashlib.sha256(f"molf-split-v1\0{key}".encode()).hexdigest()[:16], 16) / 2**64
+    return "train" if h < 0.70 else "val" if h < 0.85 else "test"
+
+
+def test_single_file_is_a_question_hash_split_that_ignores_seed_and_order(tmp_path: Path) -> None:
+    rows = [row(i, 1 + i % 4) for i in range(60)]
+    write_jsonl(tmp_path / "dev.jsonl", rows)
     task = get_task("med")
-    data = task.load(str(tmp_path), seed=5)  # a directory: its dev.jsonl
-    assert len(data.train) == 16 and len(data.eval) == 4
-    eval_prompts = {med_example(r).prompt for r in data.eval}
-    assert not eval_prompts & {e.prompt for e in data.train}
-    assert task.load(str(tmp_path / "dev.jsonl"), seed=5).eval == data.eval
-    assert task.load(str(tmp_path), seed=6).eval != data.eval
+    val = task.load(str(tmp_path), split="val", seed=5)  # a directory: its dev.jsonl
+    test = task.load(str(tmp_path), seed=5)  # split="test" is the default
+    expected = {
+        part: [r["question"] for r in rows if expected_part(r["question"]) == part]
+        for part in ("train", "val", "test")
+    }
+    assert all(expected.values())  # the 60 questions fill every part
+    assert {r.question for r in val.eval} == set(expected["val"])
+    assert {r.question for r in test.eval} == set(expected["test"])
+    trained = {e.prompt for e in test.train}
+    assert trained == {e.prompt for e in val.train}
+    assert trained == {
+        med_example(parse_med_row(r, Origin("x", 1), 1)).prompt
+        for r in rows
+        if expected_part(r["question"]) == "train"
+    }
+    # neither --seed nor the file's order moves a question to another split
+    write_jsonl(tmp_path / "reversed.jsonl", rows[::-1])
+    other = task.load(str(tmp_path / "reversed.jsonl"), seed=6)
+    assert set(other.eval) == set(test.eval) and set(other.train) == set(test.train)
     capped = task.load(str(tmp_path), seed=5, max_train_samples=3, max_eval_samples=2)
     assert len(capped.train) == 3 and len(capped.eval) == 2
-    assert set(capped.eval) <= set(data.eval)
+    assert set(capped.eval) <= set(test.eval) and set(capped.train) <= set(test.train)
+
+
+def test_duplicate_questions_never_cross_splits(tmp_path: Path) -> None:
+    # the same question, written with other case and spacing, with other options
+    rows = [row(i, 1) for i in range(30)]
+    rows += [
+        {**r, "question": "  " + r["question"].upper().replace(" ", "  "), "opa": "x"} for r in rows
+    ]
+    write_jsonl(tmp_path / "dev.jsonl", rows)
+    parts = {}
+    for split in ("val", "test"):
+        data = get_task("med").load(str(tmp_path), split=split)
+        parts[split] = {" ".join(r.question.lower().split()) for r in data.eval}
+        parts["train"] = {
+            " ".join(e.prompt.split("\n")[0].removeprefix("Question: ").lower().split())
+            for e in data.train
+        }
+        assert len(data.eval) == 2 * len(parts[split])  # both copies, same side
+    assert len(parts["train"]) + len(parts["val"]) + len(parts["test"]) == 30
+    assert not (
+        parts["train"] & parts["val"]
+        or parts["train"] & parts["test"]
+        or parts["val"] & parts["test"]
+    )
+
+
+def test_unknown_split_is_an_error(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "dev.jsonl", [row(i, 1) for i in range(20)])
+    with pytest.raises(MolfError, match="split must be one of val, test, got 'train'"):
+        get_task("med").load(str(tmp_path), split="train")
+
+
+def test_hub_val_and_test_are_the_two_hash_halves_of_validation(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    hub = {"train": [row(i, 0) for i in range(5)], "validation": [row(i, 1) for i in range(40)]}
+
+    def hub_rows(dataset_id: str, split: str):  # stands in for the download only
+        assert dataset_id == med.HUB_ID
+        return [(Origin(f"hub:{dataset_id}[{split}]", n), r) for n, r in enumerate(hub[split], 1)]
+
+    monkeypatch.setattr(med, "hub_rows", hub_rows)
+    val = get_task("med").load(None, split="val")
+    test = get_task("med").load(None, split="test")
+    assert val.train == test.train and len(test.train) == 5
+    val_q, test_q = {r.question for r in val.eval}, {r.question for r in test.eval}
+    assert val_q and test_q and not val_q & test_q
+    assert val_q | test_q == {r["question"] for r in hub["validation"]}
+    assert "val: a question-hash half of validation" in val.source
 
 
 def test_directory_without_dev_jsonl_is_an_error(tmp_path: Path) -> None:
@@ -87,10 +160,31 @@ def test_directory_without_dev_jsonl_is_an_error(tmp_path: Path) -> None:
 
 
 def test_real_dev_file(data_root: Path) -> None:
-    data = get_task("med").load(str(data_root / "medmcqa"))
-    assert len(data.train) + len(data.eval) == 4183
-    assert len(data.eval) == round(4183 * 0.2)
-    assert {e.completion for e in data.train} == {" A", " B", " C", " D"}
+    task = get_task("med")
+    val = task.load(str(data_root / "medmcqa"), split="val")
+    test = task.load(str(data_root / "medmcqa"), split="test")
+    rows = [json.loads(line) for line in (data_root / "medmcqa" / "dev.jsonl").open()]
+    counts = {p: sum(expected_part(r["question"]) == p for r in rows) for p in ("val", "test")}
+    assert (len(val.train), len(val.eval), len(test.eval)) == (
+        4183 - counts["val"] - counts["test"],
+        counts["val"],
+        counts["test"],
+    )
+    assert (len(val.train), len(val.eval), len(test.eval)) == (2958, 598, 627)
+    assert not {r.question for r in val.eval} & {r.question for r in test.eval}
+    assert {e.completion for e in val.train} == {" A", " B", " C", " D"}
+    # MedMCQA is unbalanced: always answering A beats chance
+    baselines = task.baselines(test.eval)
+    share_a = sum(r.answer == 0 for r in test.eval) / len(test.eval)
+    assert baselines == {"chance_accuracy": 0.25, "majority_accuracy": share_a} and share_a > 0.25
+
+
+def test_baselines_on_hand_made_answers() -> None:
+    records = [MedRecord("q", ("a", "b", "c", "d"), answer) for answer in (2, 2, 1, 2, 0)]
+    assert get_task("med").baselines(records) == {
+        "chance_accuracy": 0.25,
+        "majority_accuracy": 0.6,
+    }
 
 
 def test_evaluate_accuracy_is_the_argmax_of_option_scores(tiny) -> None:
@@ -100,15 +194,28 @@ def test_evaluate_accuracy_is_the_argmax_of_option_scores(tiny) -> None:
         MedRecord(f"Tom has {n} apples. How many?", ("one", "two", "three", "four"), n - 1)
         for n in (1, 2, 3, 4, 2)
     ]
-    metrics = task.evaluate(model, tokenizer, records, batch_size=3, max_new_tokens=4)
+    predictions: list[dict] = []
+    metrics = task.evaluate(
+        model, tokenizer, records, batch_size=3, max_new_tokens=4, predictions=predictions
+    )
     assert set(metrics) == {"accuracy", "generation_accuracy"}
     assert 0.0 <= metrics["generation_accuracy"] <= 1.0
     right = 0
-    for r in records:
+    for r, line in zip(records, predictions, strict=True):
         prompt = med_example(r).prompt
         scores = [
             completion_logprobs(model, tokenizer, [prompt], [" " + x], batch_size=1)[0]
             for x in "ABCD"
         ]
         right += scores.index(max(scores)) == r.answer
+        assert line["prompt"] == prompt and line["reference"] == "ABCD"[r.answer]
+        assert list(line["scores"]) == list("ABCD")
+        assert list(line["scores"].values()) == pytest.approx(scores, abs=1e-5)
+        assert line["output"] == generate(model, tokenizer, [prompt], 4)[0]
+        assert line["generation_correct"] == (parse_choice(line["output"]) == r.answer)
     assert metrics["accuracy"] == right / len(records)
+    # the per-question lines average to the metrics exactly
+    assert metrics["accuracy"] == sum(x["correct"] for x in predictions) / len(records)
+    assert metrics["generation_accuracy"] == sum(
+        x["generation_correct"] for x in predictions
+    ) / len(records)

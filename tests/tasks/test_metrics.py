@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from molf.tasks.med import choice_accuracy, generation_accuracy, parse_choice
-from molf.tasks.metrics import mean, share_preferred, text_exact_match
+from molf.tasks.metrics import (
+    majority_share,
+    mean,
+    share_preferred,
+    text_exact_match,
+    text_matches,
+)
 
 
 def test_mean() -> None:
@@ -27,20 +33,50 @@ def test_text_exact_match_ignores_outer_whitespace_only() -> None:
     ) == (1 / 3)
 
 
+def test_text_matches_and_majority_share() -> None:
+    assert text_matches(" Paris\n", "Paris") and not text_matches("paris", "Paris")
+    assert majority_share(["B", "A", "B", "C"]) == 0.5
+    assert majority_share([3]) == 1.0
+    with pytest.raises(ValueError):
+        majority_share([])
+
+
 @pytest.mark.parametrize(
     ("generated", "choice"),
     [
+        # answer forms
         (" B", 1),
+        ("C", 2),
+        ("C.", 2),
+        (" C)", 2),
+        ("(C)", 2),
+        ("**D**", 3),
+        ('"A"', 0),
+        ("A\nQuestion: Which nerve ...", 0),
         ("C. Saltatory conduction", 2),
+        ("A. 45 years", 0),
         (" The answer is D.", 3),
-        ("(A)", 0),
-        ("Answer: B", 1),  # the A in "Answer" is not a standalone letter
+        ("Answer: B", 1),  # the A of "Answer" is not a letter on its own
+        ("The correct answer is: (B)", 1),
+        ("answer is option D", 3),
+        ("I would choose option (A) here", 0),
+        ("The nerve is spared, so (B)", 1),
+        ("A patient with cough; answer C", 2),  # the article first, then the answer
+        # no answer: articles, letters inside words or names, lower case, E
+        ("A 45-year-old man presents with chest pain", None),
+        ("A patient with fever and rash", None),
+        (" A lot of things", None),
+        ("Vitamin C.", None),
+        ("Hepatitis B virus", None),
+        ("B12 deficiency", None),
+        ("Answers: A lot", None),
+        ("the answer is a nerve", None),
         (" none of these", None),
         (" E", None),
-        ("a b c", None),  # capitals only
+        ("a b c", None),
     ],
 )
-def test_parse_choice_takes_the_first_standalone_letter(generated: str, choice: int | None) -> None:
+def test_parse_choice_reads_letters_in_answer_form_only(generated: str, choice: int | None) -> None:
     assert parse_choice(generated) == choice
 
 
@@ -51,4 +87,6 @@ def test_choice_accuracy_picks_the_best_scored_option_first_on_ties() -> None:
 
 
 def test_generation_accuracy_counts_unparsable_as_wrong() -> None:
-    assert generation_accuracy([" A", " I think C", "no idea", " D"], [0, 2, 1, 0]) == 0.5
+    # right, right, unparsable, an article (no answer), wrong
+    generated = [" A", " I think the answer is C", "no idea", "A 45-year-old", " D"]
+    assert generation_accuracy(generated, [0, 2, 1, 0, 0]) == 0.4

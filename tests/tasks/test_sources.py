@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -9,9 +10,14 @@ import pytest
 
 from molf.errors import DataError, MolfError
 from molf.tasks.sources import (
+    SPLIT_SALT,
     Origin,
+    check_split,
     existing_path,
+    hash_fraction,
+    hash_part,
     hub_rows,
+    normalised,
     parse_rows,
     read_rows,
     shuffled,
@@ -126,6 +132,38 @@ def test_split_is_disjoint_complete_and_deterministic() -> None:
     assert len(evals) == 2 and sorted(train + evals) == items
     assert (train, evals) == split(items, 0.2, seed=1)
     assert split(["a", "b"], 0.01, 0) in ((["a"], ["b"]), (["b"], ["a"]))
+
+
+def test_hash_fraction_is_the_documented_sha256_number() -> None:
+    assert SPLIT_SALT == "molf-split-v1"  # changing it would move every split
+    digest = hashlib.sha256(b"molf-split-v1\x00what is x?").digest()
+    assert hash_fraction("What  is\tx? ") == int.from_bytes(digest[:8], "big") / 2**64
+    assert hash_fraction("what is x?") == pytest.approx(0.507138, abs=1e-6)  # pinned
+    assert hash_fraction("what is x?", salt="other") != hash_fraction("what is x?")
+    values = [hash_fraction(f"question {i}") for i in range(2000)]
+    assert all(0 <= v < 1 for v in values)
+    assert 0.45 < sum(v < 0.5 for v in values) / 2000 < 0.55  # about uniform
+
+
+def test_normalised_folds_case_and_whitespace() -> None:
+    assert normalised("  The\tQuick \n brown  ") == "the quick brown"
+
+
+def test_hash_part_partitions_by_interval_and_keeps_order() -> None:
+    items = [f"item {i}" for i in range(300)]
+    cuts = [0.0, 0.7, 0.85, 1.0]
+    parts = [hash_part(items, str, lo, hi) for lo, hi in zip(cuts, cuts[1:], strict=False)]
+    assert sorted(sum(parts, [])) == sorted(items)  # disjoint and complete
+    assert all(part == [x for x in items if x in part] for part in parts)
+    assert parts[1] == [x for x in items if 0.7 <= hash_fraction(x) < 0.85]
+    assert hash_part(items[::-1], str, 0.7, 0.85) == parts[1][::-1]
+
+
+def test_check_split_accepts_val_and_test_only() -> None:
+    assert check_split("val") == "val" and check_split("test") == "test"
+    for bad in ("train", "Test", ""):
+        with pytest.raises(MolfError, match="split must be one of val, test"):
+            check_split(bad)
 
 
 @pytest.mark.skipif(

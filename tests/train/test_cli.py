@@ -63,7 +63,13 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
     assert all({"loss", "lr", "grad_norm", "tokens_per_s", "step_time"} <= r.keys() for r in log)
     evals = json.loads((out / "eval.json").read_text())
     assert (
-        set(evals["before"]) == set(evals["after"]) == {"efficacy", "generalization", "specificity"}
+        set(evals["before"])
+        == set(evals["after"])
+        == {
+            f"{metric}{variant}"
+            for metric in ("efficacy", "generalization", "specificity")
+            for variant in ("", "_first_token")
+        }
     )
     final = out / "final"
     adapter = method in ("lora", "dora", "adalora", "molf-e")

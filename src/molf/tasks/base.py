@@ -48,4 +48,15 @@ class Task(Protocol):
         *,
         batch_size: int = 8,
         max_new_tokens: int = 64,
-    ) -> dict[str, float]: ...
+        predictions: list[dict[str, Any]] | None = None,
+    ) -> dict[str, float]:
+        """Metrics over ``records``. When ``predictions`` is a list, one dict per evaluated
+        example (or contest) is appended to it: ``prompt``, ``reference``, ``output`` (tasks
+        that generate), ``scores`` (tasks that score choices) and ``correct``, whose mean
+        is the primary metric (over the lines of that metric, where lines name a ``metric``)."""
+        ...
+
+    def baselines(self, records: list[Any]) -> dict[str, float]:
+        """Scores that need no model on ``records`` (e.g. chance, majority answer), the
+        lines a trained model must beat; {} when the task has none."""
+        ...

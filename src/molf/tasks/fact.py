@@ -8,6 +8,20 @@ Two row layouts are read by one parser: EasyEdit (``prompt``, ``target_new``,
 ``ground_truth``, ``rephrase_prompt``, ``locality_prompt``, ``locality_ground_truth``)
 and the hub/ROME layout (``requested_rewrite`` with a ``"{}"`` prompt template,
 ``paraphrase_prompts``, ``neighborhood_prompts``).
+
+Splits. The edits are both what is trained and what is evaluated, so ``split`` ("val"
+to choose settings, "test" to report) picks WHICH edits a run injects and scores:
+
+- a directory with ``counterfact-val.json`` and ``counterfact-edit.json`` (the shared
+  CounterFact layout): "val" reads the first, "test" the second, whole (they hold
+  disjoint edits); ``counterfact-train.json`` there is not read;
+- a directory without them and with exactly one ``.json`` file: as that file;
+- a single file, or the hub's train split: the records are cut in two halves by
+  ``h = hash_fraction(prompt)`` (sha256 of the fixed ``SPLIT_SALT`` and the normalised
+  edit prompt, see :mod:`molf.tasks.sources`): val when ``h < VAL_FRACTION``, test
+  otherwise; edits of one prompt stay together, and ``--seed`` does not move them;
+- ``builtin``: both splits are the same 24 built-in edits (a tiny demo set, too
+  small to hold out from; it does not give a fair val/test protocol).
 """
 
 from __future__ import annotations
@@ -16,16 +30,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from molf.errors import MolfError
 from molf.tasks.base import Example, TaskData
+from molf.tasks.encoding import IGNORE_INDEX, collate, encode_example, ensure_pad_token
 from molf.tasks.fact_builtin import BUILTIN_FACTS
 from molf.tasks.metrics import share_preferred
-from molf.tasks.scoring import completion_logprobs
+from molf.tasks.scoring import context_length, inference, model_device
 from molf.tasks.sources import (
+    EVAL_CAP_SEED,
     Origin,
     Row,
+    check_split,
     describe,
     existing_path,
+    hash_part,
     hub_rows,
     nonempty,
     parse_rows,
@@ -36,7 +56,9 @@ from molf.tasks.sources import (
 )
 
 HUB_ID = "azhx/counterfact"  # the ROME release of CounterFact on the hub
-DIR_FILE = "counterfact-train.json"  # the file read when --data is a directory
+SPLIT_FILES = {"val": "counterfact-val.json", "test": "counterfact-edit.json"}  # in a directory
+VAL_FRACTION = 0.5  # a single file or the hub: share of edits (by prompt hash) that is val
+METRICS = ("efficacy", "generalization", "specificity")
 
 
 @dataclass(frozen=True)
@@ -97,26 +119,54 @@ def builtin_rows() -> list[Row]:
     ]
 
 
-def fact_rows(data: str | None) -> tuple[list[Row], str]:
-    """Rows and a source description for ``data``: None (hub), "builtin", file or directory."""
+def fact_records(data: str | None, split: str) -> tuple[list[FactRecord], str]:
+    """The ``split`` edits of ``data`` (None: hub, "builtin", file or directory) and a
+    source description, as the module docstring defines them."""
     if data is None:
-        return hub_rows(HUB_ID, "train"), f"hub:{HUB_ID}"
+        records, skipped = parse_rows(hub_rows(HUB_ID, "train"), parse_fact_row, skip_bad=True)
+        source = f"hub:{HUB_ID} ({split}: a prompt-hash half of train)"
+        return hash_half(records, split), describe(source, skipped)
     if data == "builtin":
-        return builtin_rows(), "builtin (counterfactual edits written for molf)"
+        records, _ = parse_rows(builtin_rows(), parse_fact_row, skip_bad=False)
+        return records, "builtin (counterfactual edits written for molf; val = test)"
     path = existing_path(data)
     if path.is_dir():
-        path = _file_in(path)
-    return read_rows(path), str(path)
+        chosen = split_file(path, split)
+        if chosen is not None:
+            return parse_rows(read_rows(chosen), parse_fact_row, skip_bad=False)[0], str(chosen)
+        path = only_json(path)
+    records, _ = parse_rows(read_rows(path), parse_fact_row, skip_bad=False)
+    return hash_half(records, split), f"{path} ({split}: a prompt-hash half of the edits)"
 
 
-def _file_in(directory: Path) -> Path:
-    if (directory / DIR_FILE).is_file():
-        return directory / DIR_FILE
+def hash_half(records: list[FactRecord], split: str) -> list[FactRecord]:
+    """The val (``hash_fraction(prompt) < VAL_FRACTION``) or test (the rest) records."""
+    low, high = (0.0, VAL_FRACTION) if split == "val" else (VAL_FRACTION, 1.0)
+    return hash_part(records, lambda r: r.prompt, low, high)
+
+
+def split_file(directory: Path, split: str) -> Path | None:
+    """The directory's file for ``split``; None when it has neither split file."""
+    present = [name for name in SPLIT_FILES.values() if (directory / name).is_file()]
+    if not present:
+        return None
+    if len(present) < len(SPLIT_FILES):
+        missing = next(n for n in SPLIT_FILES.values() if n not in present)
+        raise MolfError(
+            f"--data {directory}: has {present[0]} but not {missing}; a CounterFact "
+            f"directory needs both ({SPLIT_FILES['val']} for --eval-split val, "
+            f"{SPLIT_FILES['test']} for test), or pass a file"
+        )
+    return directory / SPLIT_FILES[split]
+
+
+def only_json(directory: Path) -> Path:
+    """The one ``.json`` file of a directory without the split files, or a MolfError."""
     candidates = sorted(directory.glob("*.json"))
     if len(candidates) != 1:
         raise MolfError(
-            f"--data {directory}: expected {DIR_FILE} or exactly one .json file there, "
-            f"found {len(candidates)}; pass the file itself"
+            f"--data {directory}: expected {' and '.join(SPLIT_FILES.values())}, or exactly "
+            f"one .json file there, found {len(candidates)}; pass the file itself"
         )
     return candidates[0]
 
@@ -137,15 +187,17 @@ class FactTask:
         seed: int = 0,
         split: str = "test",
     ) -> TaskData:
-        """Edits to inject; the evaluation records are (a seeded subset of) the same edits."""
-        rows, source = fact_rows(data)
-        records, skipped = parse_rows(rows, parse_fact_row, skip_bad=data is None)
-        source = describe(source, skipped)
+        """The ``split`` edits (see the module docstring) to inject; the evaluation records
+        are (a subset of) the same injected edits. Caps pick the same edits whatever
+        ``seed``, so every seed of a study trains and scores one set of edits."""
+        records, source = fact_records(data, check_split(split))
         edits = nonempty(
-            take(records, max_train_samples, seed, "max_train_samples"), "edits", source
+            take(records, max_train_samples, EVAL_CAP_SEED, "max_train_samples"), "edits", source
         )
         train = [Example(r.prompt, answer(r.target_new)) for r in edits]
-        return TaskData(train, take(edits, max_eval_samples, seed, "max_eval_samples"), source)
+        return TaskData(
+            train, take(edits, max_eval_samples, EVAL_CAP_SEED, "max_eval_samples"), source
+        )
 
     def evaluate(
         self,
@@ -155,35 +207,133 @@ class FactTask:
         *,
         batch_size: int = 8,
         max_new_tokens: int = 64,
+        predictions: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
-        """Edit success, scored by mean token log-prob (``max_new_tokens`` is unused).
+        """Edit success as shares of won contests (``max_new_tokens`` is unused).
 
-        - efficacy: share of records whose prompt prefers " target_new" over the true answer;
-        - generalization: the same share over all paraphrase prompts;
-        - specificity: share of neighbourhood prompts whose true answer still beats
+        Each contest is a prompt and two answers, and is won when the wanted answer
+        scores strictly higher (a tie is lost):
+
+        - efficacy: each edit's prompt, " target_new" wanted over " target_true";
+        - generalization: the same over every paraphrase prompt;
+        - specificity: every neighbourhood prompt, its true answer wanted over
           " target_new" (the edit did not leak).
+
+        Each is scored twice. ``<metric>``: an answer's score is its mean token log-prob
+        after the prompt. ``<metric>_first_token``: its score is the log-prob of its first
+        token only, both read from the one next-token distribution after the prompt (as
+        the authors compare); answers that begin with the same token tie, so lose.
+
+        ``predictions`` gets one line per contest: metric, prompt, reference (the wanted
+        answer), scores and first_token_scores ({"new": target_new's, "true": the true
+        answer's}), correct and correct_first_token; the mean of correct over a metric's
+        lines is that metric.
         """
-        contests: dict[str, list[tuple[str, str, str]]] = {
-            "efficacy": [],
-            "generalization": [],
-            "specificity": [],
-        }
+        contests: dict[str, list[tuple[str, str, str]]] = {name: [] for name in METRICS}
         for r in records:
             new, true = answer(r.target_new), answer(r.target_true)
             contests["efficacy"].append((r.prompt, new, true))
             contests["generalization"] += [(p, new, true) for p in r.paraphrases]
             contests["specificity"] += [(p, answer(t), new) for p, t in r.neighbours]
-        return {
-            name: preferred_share(model, tokenizer, items, batch_size)
-            for name, items in contests.items()
-        }
+        metrics: dict[str, float] = {}
+        first_token: dict[str, float] = {}
+        for name, items in contests.items():
+            scores = contest_scores(model, tokenizer, items, batch_size)
+            metrics[name] = share_preferred([s.wanted for s in scores], [s.other for s in scores])
+            first_token[f"{name}_first_token"] = share_preferred(
+                [s.wanted_first for s in scores], [s.other_first for s in scores]
+            )
+            if predictions is not None:
+                predictions += [
+                    _prediction(name, item, score)
+                    for item, score in zip(items, scores, strict=True)
+                ]
+        return {**metrics, **first_token}
+
+    def baselines(self, records: list[FactRecord]) -> dict[str, float]:
+        """No model-free baseline: {} (before-training scores are the reference)."""
+        return {}
 
 
-def preferred_share(
-    model: Any, tokenizer: Any, contests: list[tuple[str, str, str]], batch_size: int
-) -> float:
-    """Share of ``(prompt, wanted, other)`` contests where ``wanted`` has the higher score."""
-    prompts = [p for p, _, _ in contests]
-    wanted = completion_logprobs(model, tokenizer, prompts, [w for _, w, _ in contests], batch_size)
-    other = completion_logprobs(model, tokenizer, prompts, [o for _, _, o in contests], batch_size)
-    return share_preferred(wanted, other)
+@dataclass(frozen=True)
+class ContestScore:
+    """Scores of one ``(prompt, wanted, other)`` contest (log-probs, <= 0)."""
+
+    wanted: float  # mean token log-prob of the wanted answer after the prompt
+    other: float  # the same for the other answer
+    wanted_first: float  # log-prob of the wanted answer's first token after the prompt
+    other_first: float  # log-prob of the other answer's first token, same distribution
+
+
+def contest_scores(
+    model: Any, tokenizer: Any, contests: list[tuple[str, str, str]], batch_size: int = 8
+) -> list[ContestScore]:
+    """A :class:`ContestScore` per ``(prompt, wanted, other)``.
+
+    Each answer is encoded after its prompt as for training (no EOS) and scored in
+    right-padded batches, as ``scoring.completion_logprobs`` does; the first-token
+    scores both come from the wanted answer's forward pass, at the position that
+    predicts its first token.
+    """
+    pad_id = ensure_pad_token(tokenizer)
+    limit = context_length(model)
+    encoded = [
+        encode_example(tokenizer, prompt, completion, max_length=limit, add_eos=False)
+        for prompt, wanted, other in contests
+        for completion in (wanted, other)
+    ]
+    answers = [completion for _, wanted, other in contests for completion in (wanted, other)]
+    firsts = []
+    for item, completion in zip(encoded, answers, strict=True):
+        tokens = [label for label in item["labels"] if label != IGNORE_INDEX]
+        if not tokens:
+            raise MolfError(f"completion {completion!r} has no tokens to score; make it non-empty")
+        firsts.append(tokens[0])
+    rivals = [firsts[i ^ 1] for i in range(len(encoded))]  # wanted <-> other of one contest
+    means: list[float] = []
+    own_first: list[float] = []
+    rival_first: list[float] = []
+    with inference(model):
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], pad_id)
+            batch = {k: v.to(model_device(model)) for k, v in batch.items()}
+            logits = (
+                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                .logits[:, :-1]
+                .float()
+            )
+            targets = batch["labels"][:, 1:]
+            scored = targets != IGNORE_INDEX
+            norm = logits.logsumexp(-1)
+            picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            token_logp = (picked - norm) * scored
+            means.extend((token_logp.sum(-1) / scored.sum(-1)).tolist())
+            rows = range(len(targets))
+            at = scored.int().argmax(-1)  # the position predicting the first answer token
+            rival = torch.tensor(rivals[start : start + len(targets)], device=logits.device)
+            own_first.extend(token_logp[rows, at].tolist())
+            rival_first.extend((logits[rows, at, rival] - norm[rows, at]).tolist())
+    return [
+        ContestScore(means[2 * k], means[2 * k + 1], own_first[2 * k], rival_first[2 * k])
+        for k in range(len(contests))
+    ]
+
+
+def _prediction(metric: str, contest: tuple[str, str, str], score: ContestScore) -> dict[str, Any]:
+    """One predictions line; for specificity the wanted answer is the true one."""
+    prompt, wanted, _ = contest
+    new_wanted = metric != "specificity"
+
+    def named(wanted_score: float, other_score: float) -> dict[str, float]:
+        new, true = (wanted_score, other_score) if new_wanted else (other_score, wanted_score)
+        return {"new": new, "true": true}
+
+    return {
+        "metric": metric,
+        "prompt": prompt,
+        "reference": wanted,
+        "scores": named(score.wanted, score.other),
+        "first_token_scores": named(score.wanted_first, score.other_first),
+        "correct": score.wanted > score.other,
+        "correct_first_token": score.wanted_first > score.other_first,
+    }

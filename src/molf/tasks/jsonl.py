@@ -2,6 +2,11 @@
 
 A file is both the training and the evaluation set (did the model learn these
 pairs?); a directory holds ``train.jsonl`` and ``eval.jsonl`` for a held-out check.
+
+Splits (``split`` of :meth:`JsonlTask.load`): a directory's "test" pairs are
+``eval.jsonl`` and its "val" pairs ``val.jsonl`` (optional; asking for "val" without
+it is an error); both train on ``train.jsonl``. A single file is train, val and test
+alike.
 """
 
 from __future__ import annotations
@@ -11,10 +16,11 @@ from typing import Any
 
 from molf.errors import MolfError
 from molf.tasks.base import Example, TaskData
-from molf.tasks.metrics import mean, text_exact_match
+from molf.tasks.metrics import mean, text_exact_match, text_matches
 from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import (
     Origin,
+    check_split,
     existing_path,
     limited_task_data,
     parse_rows,
@@ -23,6 +29,7 @@ from molf.tasks.sources import (
 )
 
 TRAIN_FILE, EVAL_FILE = "train.jsonl", "eval.jsonl"  # read when --data is a directory
+VAL_FILE = "val.jsonl"  # a directory's optional pairs for --eval-split val
 
 
 def parse_pair_row(row: dict[str, Any], origin: Origin) -> Example:
@@ -30,8 +37,9 @@ def parse_pair_row(row: dict[str, Any], origin: Origin) -> Example:
     return Example(text(row, "prompt", origin), text(row, "completion", origin))
 
 
-def jsonl_files(data: str | None) -> tuple[Path, Path]:
-    """(train file, eval file) for ``--data``: the same file twice, or a directory's two."""
+def jsonl_files(data: str | None, split: str = "test") -> tuple[Path, Path]:
+    """(train file, ``split`` eval file) for ``--data``: the same file twice, or a
+    directory's train.jsonl and its eval.jsonl ("test") or val.jsonl ("val")."""
     if data is None:
         raise MolfError(
             "the jsonl task has no hub dataset; pass --data FILE.jsonl or a "
@@ -46,7 +54,12 @@ def jsonl_files(data: str | None) -> tuple[Path, Path]:
             f"--data {path}: missing {', '.join(missing)}; a directory needs "
             f"{TRAIN_FILE} and {EVAL_FILE}"
         )
-    return path / TRAIN_FILE, path / EVAL_FILE
+    if split == "val" and not (path / VAL_FILE).is_file():
+        raise MolfError(
+            f"--data {path}: missing {VAL_FILE}, which --eval-split val evaluates on; "
+            f"add it (pairs disjoint from {EVAL_FILE}) or use --eval-split test"
+        )
+    return path / TRAIN_FILE, path / (VAL_FILE if split == "val" else EVAL_FILE)
 
 
 def read_pairs(path: Path) -> list[Example]:
@@ -69,8 +82,9 @@ class JsonlTask:
         seed: int = 0,
         split: str = "test",
     ) -> TaskData:
-        """Pairs from a file (train = eval) or a directory (train.jsonl, eval.jsonl)."""
-        train_path, eval_path = jsonl_files(data)
+        """Pairs from a file (train = eval) or a directory (train.jsonl, and eval.jsonl
+        for the "test" split or val.jsonl for "val")."""
+        train_path, eval_path = jsonl_files(data, check_split(split))
         train = read_pairs(train_path)
         evals = train if eval_path == train_path else read_pairs(eval_path)
         return limited_task_data(
@@ -91,18 +105,38 @@ class JsonlTask:
         *,
         batch_size: int = 8,
         max_new_tokens: int = 64,
+        predictions: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
         """How well the model reproduces each completion.
 
         - exact_match: share of greedy generations equal to the completion, both stripped;
         - mean_logprob: mean over pairs of the completion's mean token log-prob (<= 0).
+
+        ``predictions`` gets per pair: prompt, reference (the completion), output (the
+        generation), logprob (the completion's mean token log-prob) and correct (exact match).
         """
         prompts = [r.prompt for r in records]
+        references = [r.completion for r in records]
         generated = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
-        scores = completion_logprobs(
-            model, tokenizer, prompts, [r.completion for r in records], batch_size
-        )
+        scores = completion_logprobs(model, tokenizer, prompts, references, batch_size)
+        if predictions is not None:
+            for prompt, reference, output, score in zip(
+                prompts, references, generated, scores, strict=True
+            ):
+                predictions.append(
+                    {
+                        "prompt": prompt,
+                        "reference": reference,
+                        "output": output,
+                        "logprob": score,
+                        "correct": text_matches(output, reference),
+                    }
+                )
         return {
-            "exact_match": text_exact_match(generated, [r.completion for r in records]),
+            "exact_match": text_exact_match(generated, references),
             "mean_logprob": mean(scores),
         }
+
+    def baselines(self, records: list[Example]) -> dict[str, float]:
+        """No model-free baseline for free text: {}."""
+        return {}

@@ -3,6 +3,19 @@
 Local files (the MedMCQA release, ``dev.jsonl``) number the correct option ``cop``
 from 1; the hub copy (``openlifescienceai/medmcqa``) numbers it from 0. One parser
 reads both, told which by ``cop_base``.
+
+Splits (``split`` of :meth:`MedTask.load`: "val" chooses settings, "test" reports):
+
+- a local file: each question goes to train, val or test by
+  ``h = hash_fraction(question)`` (sha256 of the fixed ``SPLIT_SALT`` and the question's
+  normalised text, see :mod:`molf.tasks.sources`): train when ``h < TRAIN_FRACTION``,
+  val when ``h < TRAIN_FRACTION + VAL_FRACTION``, test otherwise (70/15/15). The split
+  does not depend on ``--seed``, file order or caps, and duplicate questions share one.
+- the hub: its train split trains; its validation split is cut in two by the same hash,
+  ``h < HUB_VAL_FRACTION`` for val and the rest for test.
+
+Both splits always train on the same train questions; ``split`` only picks the
+held-out questions to evaluate on.
 """
 
 from __future__ import annotations
@@ -13,27 +26,39 @@ from dataclasses import dataclass
 from typing import Any
 
 from molf.tasks.base import Example, TaskData
-from molf.tasks.metrics import mean
+from molf.tasks.metrics import majority_share, mean
 from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import (
     Origin,
+    check_split,
     describe,
     existing_path,
     field,
+    hash_part,
     hub_rows,
     limited_task_data,
     parse_rows,
     read_rows,
-    split,
     text,
 )
 
 HUB_ID = "openlifescienceai/medmcqa"
 LOCAL_FILE = "dev.jsonl"  # the file read when --data is a directory
-EVAL_FRACTION = 0.2  # share of a single local file held out for evaluation
+TRAIN_FRACTION = 0.70  # local file: share of questions (by hash) trained on
+VAL_FRACTION = 0.15  # local file: share held out as val; the remaining 0.15 is test
+HUB_VAL_FRACTION = 0.5  # hub: share of its validation split (by hash) that is val
 LETTERS = "ABCD"
 OPTION_FIELDS = ("opa", "opb", "opc", "opd")
-_LETTER = re.compile(r"\b([ABCD])\b")
+# An answer letter in answer form (see parse_choice), first match in the text wins.
+_ANSWER = re.compile(
+    r"""
+    \A[\s*"'`]*\(?(?P<lead>[ABCD])(?=[ \t]*(?:\n|\Z)|[.):,;*\]"])   # text opens with it
+    | \((?P<paren>[ABCD])\)                                         # "(C)" anywhere
+    | \b(?i:answer|option|choice)(?:\s+(?i:is))?\s*[:=-]?\s*[(*]*  # after a cue word
+      (?P<cued>[ABCD])(?![\w'-])
+    """,
+    re.VERBOSE,
+)
 
 
 @dataclass(frozen=True)
@@ -74,38 +99,70 @@ def med_example(record: MedRecord) -> Example:
 
 
 def parse_choice(generated: str) -> int | None:
-    """The first standalone capital letter A-D in generated text, as an option index."""
-    found = _LETTER.search(generated)
-    return None if found is None else LETTERS.index(found.group(1))
+    """The option index of the first capital A-D written in answer form, or None.
+
+    Answer form is one of:
+
+    - the letter opening the text (after spaces, quotes, ``*`` or ``(``), then ending
+      the text or its line or followed by one of ``. ) : , ; * ] "``: "C", "C.", "C)",
+      "(C)", "**C**", "C. <option text>";
+    - the letter in parentheses anywhere: "... so (C)";
+    - the letter standing alone after the word answer, option or choice, optionally
+      with "is" and ":" between: "Answer: C", "The answer is C", "option (B)" (here a
+      capital A is read as the letter, whatever follows).
+
+    So the article of "A 45-year-old man ..." is no answer, nor is the C of "Vitamin
+    C." in running text; a lower-case letter never is.
+    """
+    found = _ANSWER.search(generated)
+    if found is None:
+        return None
+    letter = found.group("lead") or found.group("paren") or found.group("cued")
+    return LETTERS.index(letter)
+
+
+def best_choice(scores: Sequence[float]) -> int:
+    """Index of the highest score (ties: the first)."""
+    return list(scores).index(max(scores))
 
 
 def choice_accuracy(option_scores: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
     """Share of questions whose highest-scoring option is the answer (ties: the first)."""
-    picks = [list(scores).index(max(scores)) for scores in option_scores]
+    picks = [best_choice(scores) for scores in option_scores]
     return mean([float(p == a) for p, a in zip(picks, answers, strict=True)])
 
 
 def generation_accuracy(generated: Sequence[str], answers: Sequence[int]) -> float:
-    """Share of generations whose first A-D letter is the answer (no letter: wrong)."""
+    """Share of generations whose ``parse_choice`` is the answer (no letter: wrong)."""
     return mean([float(parse_choice(g) == a) for g, a in zip(generated, answers, strict=True)])
 
 
-def med_splits(data: str | None, seed: int) -> tuple[list[MedRecord], list[MedRecord], str]:
-    """Hub: its train and validation splits. Local: a seeded 80/20 split of one file."""
+def med_splits(data: str | None, split: str) -> tuple[list[MedRecord], list[MedRecord], str]:
+    """(train, held-out ``split`` questions, source) as the module docstring defines them."""
     if data is None:
         train, skipped_train = parse_rows(hub_rows(HUB_ID, "train"), _hub_parse, skip_bad=True)
-        evals, skipped_eval = parse_rows(hub_rows(HUB_ID, "validation"), _hub_parse, skip_bad=True)
+        held, skipped_eval = parse_rows(hub_rows(HUB_ID, "validation"), _hub_parse, skip_bad=True)
+        low, high = (0.0, HUB_VAL_FRACTION) if split == "val" else (HUB_VAL_FRACTION, 1.0)
+        source = f"hub:{HUB_ID} (train; {split}: a question-hash half of validation)"
         return (
             train,
-            evals,
-            describe(f"hub:{HUB_ID} (train / validation)", skipped_train + skipped_eval),
+            hash_part(held, _key, low, high),
+            describe(source, skipped_train + skipped_eval),
         )
     path = existing_path(data)
     if path.is_dir():
         path = existing_path(str(path / LOCAL_FILE))
     records, _ = parse_rows(read_rows(path), _local_parse, skip_bad=False)
-    train, evals = split(records, EVAL_FRACTION, seed)
-    return train, evals, f"{path} (seeded {1 - EVAL_FRACTION:.0%}/{EVAL_FRACTION:.0%} split)"
+    bounds = {
+        "val": (TRAIN_FRACTION, TRAIN_FRACTION + VAL_FRACTION),
+        "test": (TRAIN_FRACTION + VAL_FRACTION, 1.0),
+    }
+    shares = f"{TRAIN_FRACTION:.0%}/{VAL_FRACTION:.0%}/{1 - TRAIN_FRACTION - VAL_FRACTION:.0%}"
+    return (
+        hash_part(records, _key, 0.0, TRAIN_FRACTION),
+        hash_part(records, _key, *bounds[split]),
+        f"{path} (question-hash train/val/test {shares}; evaluating {split})",
+    )
 
 
 class MedTask:
@@ -124,8 +181,9 @@ class MedTask:
         seed: int = 0,
         split: str = "test",
     ) -> TaskData:
-        """Questions to train on and disjoint questions to evaluate on (see ``med_splits``)."""
-        train, evals, source = med_splits(data, seed)
+        """Train questions and the held-out ``split`` ("val" or "test") questions, as the
+        module docstring defines them; ``seed`` only orders the capped samples."""
+        train, evals, source = med_splits(data, check_split(split))
         return limited_task_data(
             train,
             evals,
@@ -144,13 +202,17 @@ class MedTask:
         *,
         batch_size: int = 8,
         max_new_tokens: int = 64,
+        predictions: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
         """Two accuracies over the questions.
 
         - accuracy: the option letter " A".." D" with the highest mean token
-          log-prob after the prompt is the correct one;
-        - generation_accuracy: the first standalone A-D letter of the greedy
-          generation is the correct one.
+          log-prob after the prompt is the correct one (ties: the first letter);
+        - generation_accuracy: ``parse_choice`` of the greedy generation is the
+          correct one (no letter in answer form: wrong).
+
+        ``predictions`` gets per question: prompt, reference (the letter), output, scores
+        (letter -> log-prob), correct (for accuracy), generation_correct.
         """
         prompts = [med_prompt(r) for r in records]
         answers = [r.answer for r in records]
@@ -163,10 +225,37 @@ class MedTask:
         )
         per_question = [scores[i : i + len(LETTERS)] for i in range(0, len(scores), len(LETTERS))]
         generated = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        if predictions is not None:
+            for prompt, answer, option_scores, output in zip(
+                prompts, answers, per_question, generated, strict=True
+            ):
+                predictions.append(
+                    {
+                        "prompt": prompt,
+                        "reference": LETTERS[answer],
+                        "output": output,
+                        "scores": dict(zip(LETTERS, option_scores, strict=True)),
+                        "correct": best_choice(option_scores) == answer,
+                        "generation_correct": parse_choice(output) == answer,
+                    }
+                )
         return {
             "accuracy": choice_accuracy(per_question, answers),
             "generation_accuracy": generation_accuracy(generated, answers),
         }
+
+    def baselines(self, records: list[MedRecord]) -> dict[str, float]:
+        """Accuracies without a model: chance_accuracy, 1/4 (a uniform random letter), and
+        majority_accuracy, the share of ``records`` whose answer is their most frequent
+        answer letter (MedMCQA's letters are unbalanced, so this is the line to beat)."""
+        return {
+            "chance_accuracy": 1 / len(LETTERS),
+            "majority_accuracy": majority_share([r.answer for r in records]),
+        }
+
+
+def _key(record: MedRecord) -> str:
+    return record.question
 
 
 def _local_parse(row: dict[str, Any], origin: Origin) -> MedRecord:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Hashable, Sequence
 
 
 def mean(values: Sequence[float]) -> float:
@@ -24,4 +25,16 @@ def text_exact_match(predictions: Sequence[str], references: Sequence[str]) -> f
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions against {len(references)} references")
     pairs = zip(predictions, references, strict=True)
-    return mean([float(p.strip() == r.strip()) for p, r in pairs])
+    return mean([float(text_matches(p, r)) for p, r in pairs])
+
+
+def text_matches(prediction: str, reference: str) -> bool:
+    """Whether the two texts are equal after stripping outer whitespace."""
+    return prediction.strip() == reference.strip()
+
+
+def majority_share(labels: Sequence[Hashable]) -> float:
+    """Share of the most frequent label: the accuracy of always giving that one answer."""
+    if not labels:
+        raise ValueError("majority share of no labels")
+    return max(Counter(labels).values()) / len(labels)

@@ -3,10 +3,17 @@
 Both sources yield the same ``(Origin, dict)`` pairs, so every task parses hub rows
 and local rows with one function, and a malformed row is reported the same way:
 file (or hub split), 1-based line (or row number), field.
+
+Held-out splits are decided by a hash, not a shuffle: :func:`hash_fraction` maps a
+record's key (e.g. a question's text, normalised) to a number in [0, 1) through
+sha256 with the fixed salt ``SPLIT_SALT``, and a split is an interval of that range.
+So a record lands in the same split whatever the file order, the caps and ``--seed``,
+and records with the same key never fall on both sides of a split.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -19,6 +26,10 @@ from molf.tasks.base import Example, TaskData
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+SPLITS = ("val", "test")  # the held-out splits a task evaluates on (--eval-split)
+SPLIT_SALT = "molf-split-v1"  # fixed on purpose: the splits must not move with --seed
+EVAL_CAP_SEED = 0  # max_eval_samples picks the same records whatever --seed: seeds share a test set
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,30 @@ def take(items: Sequence[T], limit: int | None, seed: int, name: str) -> list[T]
     return shuffled(items, seed)[:limit]
 
 
+def check_split(split: str) -> str:
+    """``split`` when it is "val" or "test"; a MolfError naming the choices otherwise."""
+    if split not in SPLITS:
+        raise MolfError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    return split
+
+
+def normalised(text: str) -> str:
+    """``text`` lower-cased, with every run of whitespace made one space, outer ones dropped."""
+    return " ".join(text.lower().split())
+
+
+def hash_fraction(key: str, salt: str = SPLIT_SALT) -> float:
+    """A number in [0, 1) fixed by ``key``: the first 8 bytes of the sha256 of ``salt``, a
+    NUL and ``normalised(key)`` (UTF-8), read as a big-endian integer, divided by 2**64."""
+    digest = hashlib.sha256(f"{salt}\0{normalised(key)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def hash_part(items: Sequence[T], key: Callable[[T], str], low: float, high: float) -> list[T]:
+    """The items whose ``hash_fraction(key(item))`` lies in ``[low, high)``, in their order."""
+    return [item for item in items if low <= hash_fraction(key(item)) < high]
+
+
 def split(items: Sequence[T], eval_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """A seeded disjoint (train, eval) split; each side gets at least one item when it can."""
     order = shuffled(items, seed)
@@ -212,7 +247,7 @@ def limited_task_data(
     """Train and eval records capped by the max_*_samples options (seeded), checked
     non-empty, with the training records turned into :class:`Example` pairs."""
     train = take(train, max_train_samples, seed, "max_train_samples")
-    evals = take(evals, max_eval_samples, seed, "max_eval_samples")
+    evals = take(evals, max_eval_samples, EVAL_CAP_SEED, "max_eval_samples")
     return TaskData(
         [to_example(r) for r in nonempty(train, f"training {what}", source)],
         nonempty(evals, f"evaluation {what}", source),

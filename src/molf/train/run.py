@@ -103,14 +103,32 @@ def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
     return task, data
 
 
-def _evaluate(task, model, tokenizer, records, args: TrainArgs) -> dict[str, float]:
-    return task.evaluate(
+def _evaluate(
+    task, model, tokenizer, records, args: TrainArgs, out_dir: Path | None, stage: str
+) -> dict[str, float]:
+    """The task's metrics on ``records``; each example's output goes to
+    ``out_dir/predictions.jsonl`` (when given) as one line tagged with ``stage``."""
+    predictions: list[dict[str, Any]] = []
+    metrics = task.evaluate(
         model,
         tokenizer,
         records,
         batch_size=args.eval_batch_size,
         max_new_tokens=args.max_new_tokens or task.max_new_tokens,
+        predictions=predictions,
     )
+    if out_dir is not None:
+        write_predictions(out_dir / "predictions.jsonl", stage, predictions)
+    return metrics
+
+
+def write_predictions(path: Path, stage: str, rows: list[dict[str, Any]]) -> None:
+    """Replace the ``stage`` lines of a predictions file, keeping the other stages' lines."""
+    kept = []
+    if path.exists():
+        kept = [x for x in path.read_text().splitlines() if json.loads(x).get("stage") != stage]
+    lines = kept + [json.dumps({"stage": stage, **row}) for row in rows]
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base: dict) -> Path:
@@ -232,7 +250,8 @@ def _train_in_run_dir(
     eval_path = run_dir / "eval.json"
     results: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
     if main and args.eval_before and "before" not in results:
-        results["before"] = _evaluate(task, model, tokenizer, data.eval, args)
+        results["before"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "before")
+        results["baselines"] = task.baselines(data.eval)
         write_text_atomic(eval_path, json.dumps(results, indent=2))
         _say(f"before training: {_fmt(results['before'])}")
     barrier(ctx)
@@ -287,7 +306,8 @@ def _train_in_run_dir(
     if not main:
         barrier(ctx)
         return results
-    results["after"] = _evaluate(task, model, tokenizer, data.eval, args)
+    results["after"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "after")
+    results["baselines"] = task.baselines(data.eval)
     results["train_seconds"] = results.get("train_seconds", 0.0) + seconds
     results["peak_memory_mb"] = peak_memory_mb(ctx.device)
     if skipped is not None:
@@ -381,9 +401,11 @@ def run_eval(args: TrainArgs, write: bool) -> dict[str, float]:
     model, tokenizer = load_for_eval(args.model, args.gguf_file, args.dtype)
     ensure_pad_token(tokenizer)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    metrics = _evaluate(task, model, tokenizer, data.eval, args)
-    if write:
-        out = Path(args.output_dir)
+    out = Path(args.output_dir) if write else None
+    if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out / "eval.json", json.dumps({"after": metrics}, indent=2))
+    metrics = _evaluate(task, model, tokenizer, data.eval, args, out, "after")
+    if out is not None:
+        results = {"after": metrics, "baselines": task.baselines(data.eval)}
+        write_text_atomic(out / "eval.json", json.dumps(results, indent=2))
     return metrics
