@@ -1,4 +1,4 @@
-"""``molf train`` and ``molf eval``: parse flags and YAML, then call ``molf.train.run``.
+"""``molf train`` / ``molf eval`` (flags and YAML, then ``molf.train.run``) and ``molf report``.
 
 Every flag comes from a :class:`~molf.train.args.TrainArgs` field (its help text
 included), so the YAML keys, the flags and ``config.yaml`` always agree.
@@ -53,6 +53,15 @@ def _add_train_args(parser: argparse.ArgumentParser) -> None:
             )
 
 
+def _add_report_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: RUN_DIR/report for one run, ./report for several)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="molf",
@@ -68,13 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(train)
     ev = sub.add_parser("eval", help="evaluate a model or a run's final/ directory on a task")
     _add_train_args(ev)
+    report = sub.add_parser(
+        "report",
+        help="plots and tables of one or more runs (loss, routing, metrics): "
+        "index.html, summary.md and PNGs",
+    )
+    _add_report_args(report)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    ns = parser.parse_args(argv)
+def _train_or_eval(ns: argparse.Namespace, argv: list[str]) -> int:
+    """``molf train`` / ``molf eval``: flags over YAML over defaults, then run."""
     command = ns.command
     overrides = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
     demo = command == "train" and len(argv) == 1
@@ -85,30 +98,53 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         overrides.update(DEMO)
+    from molf.train.args import resolve_args
+    from molf.train.run import run_eval, run_train
+
+    args = resolve_args(ns.config, overrides)
+    if command == "train":
+        results = run_train(args)
+        if demo:
+            before = results.get("before", {}).get("efficacy")
+            after = results["after"].get("efficacy")
+            print(
+                f"[molf] demo: efficacy {before:.2f} before -> {after:.2f} after "
+                f"training ({results['train_seconds']:.0f} s)",
+                flush=True,
+            )
+    else:
+        import json
+
+        metrics = run_eval(args, write=ns.output_dir is not None)
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _report(ns: argparse.Namespace, argv: list[str]) -> int:
+    """``molf report RUN_DIR [RUN_DIR ...] [--out DIR]``."""
+    from pathlib import Path
+
+    from molf.report import write_report
+
+    runs = [Path(r) for r in ns.runs]
+    out = Path(ns.out) if ns.out else (runs[0] / "report" if len(runs) == 1 else Path("report"))
+    index = write_report(runs, out)
+    print(f"[molf] report: {index}", flush=True)
+    return 0
+
+
+# One handler per subcommand: (parsed flags, raw argv) -> exit code.
+COMMANDS = {"train": _train_or_eval, "eval": _train_or_eval, "report": _report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ns = build_parser().parse_args(argv)
     try:
-        from molf.train.args import resolve_args
-        from molf.train.run import run_eval, run_train
-
-        args = resolve_args(ns.config, overrides)
-        if command == "train":
-            results = run_train(args)
-            if demo:
-                before = results.get("before", {}).get("efficacy")
-                after = results["after"].get("efficacy")
-                print(
-                    f"[molf] demo: efficacy {before:.2f} before -> {after:.2f} after "
-                    f"training ({results['train_seconds']:.0f} s)",
-                    flush=True,
-                )
-        else:
-            import json
-
-            metrics = run_eval(args, write=ns.output_dir is not None)
-            print(json.dumps(metrics, indent=2))
+        return COMMANDS[ns.command](ns, argv)
     except MolfError as e:
         print(f"molf: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

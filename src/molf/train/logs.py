@@ -10,11 +10,79 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from molf.errors import MolfError
 from molf.optim import Routing
+from molf.report.modules import type_shares
 from molf.train.checkpoint import write_text_atomic
+
+SUMMARY_MIN_SHARE = 0.10  # module types below this share are folded into "others"
+SUMMARY_MAX_TYPES = 4  # and so are those past the first four
+
+
+class RoutingTally:
+    """How often each expert won each module over some steps, counted on the host from
+    the optimizer's :class:`Routing` (``selected``, already copied for the log)."""
+
+    def __init__(self) -> None:
+        self.modules: list[str] = []
+        self.experts: list[str] = []
+        self.counts: np.ndarray | None = None  # int [modules, experts]
+        self.steps = 0
+        self.first_step = self.last_step = 0
+
+    def add(self, step: int, routing: Routing, selected: torch.Tensor) -> None:
+        """Count one step; ``selected`` is ``routing.selected`` on the CPU."""
+        if self.counts is None:
+            self.modules, self.experts = list(routing.modules), list(routing.experts)
+            self.counts = np.zeros((len(self.modules), len(self.experts)), dtype=np.int64)
+            self.first_step = step
+        self.counts += selected.numpy()
+        self.steps += 1
+        self.last_step = step
+
+    def expert_shares(self) -> np.ndarray:
+        """float [experts]: the share of layer-steps each expert was selected in."""
+        assert self.counts is not None
+        return self.counts.sum(0) / max(1, self.steps * len(self.modules))
+
+    def scalars(self) -> dict[str, float]:
+        """Tracker scalars: ``routing/<expert>`` and ``routing/<type>/<expert>`` shares."""
+        if self.counts is None or not self.steps:
+            return {}
+        out = {f"routing/{e}": float(v) for e, v in zip(self.experts, self.expert_shares())}
+        for t, shares in type_shares(self.counts, self.modules, self.steps).items():
+            out.update({f"routing/{t}/{e}": float(v) for e, v in zip(self.experts, shares)})
+        return out
+
+    def summary(self) -> str:
+        """One line, e.g. ``routing, steps 1-60: lora0 88%, fft 12% of layer-steps;
+        fft: down_proj 41%, k_proj 30%, others < 10%``: every expert but the most chosen
+        one, with the module types where it is chosen most."""
+        if self.counts is None or not self.steps:
+            return "routing: no steps yet"
+        overall = self.expert_shares()
+        by_type = type_shares(self.counts, self.modules, self.steps)
+        ranked = sorted(range(len(self.experts)), key=lambda e: -overall[e])
+        total = ", ".join(f"{self.experts[e]} {overall[e]:.0%}" for e in ranked)
+        steps = (
+            f"step {self.last_step}"
+            if self.first_step == self.last_step
+            else f"steps {self.first_step}-{self.last_step}"
+        )
+        clauses = []
+        for e in ranked[1:]:
+            where = sorted(((v[e], t) for t, v in by_type.items()), key=lambda x: -x[0])
+            shown = [(v, t) for v, t in where if v >= SUMMARY_MIN_SHARE][:SUMMARY_MAX_TYPES]
+            big = [f"{t} {v:.0%}" for v, t in shown]
+            if len(shown) < len(where):
+                rest, floor = where[len(shown)][0], SUMMARY_MIN_SHARE
+                bound = f"<= {rest:.0%}" if rest >= floor else f"< {floor:.0%}"
+                big.append(f"{'others' if big else 'all'} {bound}")
+            clauses.append(f"{self.experts[e]}: {', '.join(big)}")
+        return f"routing, {steps}: {total} of layer-steps" + "".join(f"; {c}" for c in clauses)
 
 
 class RunLogger:
@@ -26,6 +94,8 @@ class RunLogger:
         self.run_dir, self.enabled = run_dir, enabled
         self._tracker: Any = None
         self._routing_header_written = (run_dir / "routing.jsonl").exists()
+        self.routing_total = RoutingTally()  # the steps of this process, for the summary
+        self.routing_window = RoutingTally()  # since the last log_train, for trackers
         if not enabled or report_to == "none":
             return
         if report_to == "tensorboard":
@@ -48,15 +118,21 @@ class RunLogger:
             f.write(json.dumps(record) + "\n")
 
     def log_train(self, record: dict[str, Any]) -> None:
+        """Append the record to ``train_log.jsonl``; trackers get its numbers as
+        ``train/<key>`` and the routing shares since the last call as ``routing/...``."""
         if not self.enabled:
             return
         self._append("train_log.jsonl", record)
-        scalars = {k: v for k, v in record.items() if k != "step" and isinstance(v, float)}
+        scalars = {
+            f"train/{k}": v for k, v in record.items() if k != "step" and isinstance(v, float)
+        }
+        scalars.update(self.routing_window.scalars())
+        self.routing_window = RoutingTally()
         if self._tracker is not None and hasattr(self._tracker, "add_scalar"):
             for k, v in scalars.items():
-                self._tracker.add_scalar(f"train/{k}", v, record["step"])
+                self._tracker.add_scalar(k, v, record["step"])
         elif self._tracker is not None:
-            self._tracker.log({f"train/{k}": v for k, v in scalars.items()}, step=record["step"])
+            self._tracker.log(scalars, step=record["step"])
 
     def log_routing(self, step: int, routing: Routing) -> None:
         """One line per optimizer step: each module's winners and its scores (3 digits)."""
@@ -67,6 +143,8 @@ class RunLogger:
             self._routing_header_written = True
         selected = routing.selected.cpu()
         scores = routing.scores.float().cpu()
+        self.routing_total.add(step, routing, selected)
+        self.routing_window.add(step, routing, selected)
         self._append(
             "routing.jsonl",
             {

@@ -55,6 +55,8 @@ def train_loop(
         disable=not ctx.dist.is_main,
         dynamic_ncols=True,
     )
+    summary_every = max(1, total_steps // 10)  # a routing line at most ~10 times a run
+    next_summary = start_step + summary_every
     started = time.perf_counter()
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
@@ -100,6 +102,10 @@ def train_loop(
             bar.set_postfix(
                 loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
+            routing = ctx.logger.routing_total
+            if routing.steps and ctx.dist.is_main and (done >= next_summary or done == total_steps):
+                tqdm.write(f"[molf] {routing.summary()}")
+                next_summary = done + summary_every
         bar.update(1)
         if args.save_steps and done % args.save_steps == 0 and done < total_steps:
             ctx.checkpoint(done)

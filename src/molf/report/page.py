@@ -1,0 +1,115 @@
+"""``write_report``: read runs, draw the figures, write ``index.html`` and ``summary.md``."""
+
+from __future__ import annotations
+
+import html
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from molf.errors import MolfError
+from molf.report.plots import plot_routing_heatmap, plot_routing_shares, plot_training
+from molf.report.routing import routing_matrix
+from molf.report.runs import Run, load_run
+from molf.report.tables import metrics_tables, to_html, to_markdown
+
+STYLE = """
+body { font-family: sans-serif; max-width: 1100px; margin: 1em auto; padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+td.best { font-weight: bold; background: #e6f4e6; }
+img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0 1em; }
+.note { color: #555; }
+"""
+
+
+@dataclass
+class Figure:
+    """A PNG of the report, relative to the output directory, with its caption."""
+
+    file: str
+    caption: str
+
+
+def default_labels(run_dirs: Sequence[Path]) -> list[str]:
+    """Each run's directory name, or enough of its path to tell equal names apart."""
+    paths = [Path(p).resolve() for p in run_dirs]
+    for depth in range(1, max(len(p.parts) for p in paths) + 1):
+        labels = ["/".join(p.parts[-depth:]) for p in paths]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{p.name}#{i + 1}" for i, p in enumerate(paths)]
+
+
+def _slugs(labels: Sequence[str]) -> list[str]:
+    """File-name-safe, unique versions of the labels."""
+    out: list[str] = []
+    for label in labels:
+        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", label).strip("-.") or "run"
+        base, n = slug, 2
+        while slug in out:
+            slug, n = f"{base}-{n}", n + 1
+        out.append(slug)
+    return out
+
+
+def draw_figures(runs: Sequence[Run], out: Path) -> list[Figure]:
+    """Every figure of the report, written into ``out``."""
+    figures = [Figure(plot_training(runs, out / "training.png").name, "Training loss and lr")]
+    for run, slug in zip(runs, _slugs([r.label for r in runs])):
+        if not run.has_routing:
+            continue
+        matrix = routing_matrix(run.path)
+        if len(matrix.steps) == 0:
+            continue
+        heat = plot_routing_heatmap(matrix, run.label, out / f"routing-{slug}.png")
+        shares = plot_routing_shares(matrix, run.label, out / f"shares-{slug}.png")
+        figures.append(Figure(heat.name, f"{run.label} ({run.method}): winning expert"))
+        figures.append(Figure(shares.name, f"{run.label} ({run.method}): routing shares"))
+    return figures
+
+
+def render_html(title: str, runs: Sequence[Run], figures: Sequence[Figure]) -> str:
+    """One self-contained page: tables inline, images by relative path."""
+    tables = "\n".join(to_html(t) for t in metrics_tables(runs))
+    images = "\n".join(
+        f"<h3>{html.escape(f.caption)}</h3>\n"
+        f"<img src='{html.escape(f.file)}' alt='{html.escape(f.caption)}'>"
+        for f in figures
+    )
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
+        f"<h1>{html.escape(title)}</h1>\n{tables}\n<h2>Figures</h2>\n{images}\n"
+        "</body></html>\n"
+    )
+
+
+def render_markdown(title: str, runs: Sequence[Run], figures: Sequence[Figure]) -> str:
+    """The same tables in Markdown, with links to the figures."""
+    parts = [f"# {title}", ""]
+    parts += [to_markdown(t) for t in metrics_tables(runs)]
+    parts += ["## Figures", ""]
+    parts += [f"![{f.caption}]({f.file})" for f in figures]
+    return "\n".join(parts) + "\n"
+
+
+def write_report(run_dirs: list[Path], out: Path, labels: list[str] | None = None) -> Path:
+    """Report on one or more runs (finished or in progress) into ``out``; returns the path
+    of ``out/index.html`` (``out/summary.md`` and the PNGs lie beside it)."""
+    if not run_dirs:
+        raise MolfError("molf report: give at least one run directory")
+    if labels is not None and len(labels) != len(run_dirs):
+        raise MolfError(f"molf report: {len(labels)} labels for {len(run_dirs)} runs")
+    labels = labels or default_labels(run_dirs)
+    runs = [load_run(Path(d), label) for d, label in zip(run_dirs, labels)]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    figures = draw_figures(runs, out)
+    title = f"molf report: {runs[0].label}" if len(runs) == 1 else f"molf report: {len(runs)} runs"
+    (out / "summary.md").write_text(render_markdown(title, runs, figures))
+    index = out / "index.html"
+    index.write_text(render_html(title, runs, figures))
+    return index

@@ -1,0 +1,114 @@
+"""The data behind the routing figures, read from ``routing.jsonl``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from molf.errors import MolfError
+from molf.report.modules import group_modules
+from molf.report.runs import by_step, read_jsonl
+
+NONE, SEVERAL = -1, -2  # heatmap codes: no expert selected (skipped step), several (top-k > 1)
+
+
+@dataclass
+class RoutingMatrix:
+    """Every logged routing decision of a run, modules in ``routing.jsonl`` order.
+
+    ``selected[m, s, e]`` is True when expert ``e`` was among the winners of module
+    ``m`` at ``steps[s]``; ``scores[m, s, e]`` is its logged score."""
+
+    modules: list[str]
+    experts: list[str]
+    steps: np.ndarray  # int [steps]
+    selected: np.ndarray  # bool [modules, steps, experts]
+    scores: np.ndarray  # float [modules, steps, experts]
+
+    @property
+    def winners(self) -> np.ndarray:
+        """int [modules, steps]: the single winning expert's index, ``NONE`` when nothing
+        was selected, ``SEVERAL`` when more than one expert was (top-k > 1)."""
+        count = self.selected.sum(-1)
+        out = self.selected.argmax(-1).astype(np.int64)
+        out[count == 0] = NONE
+        out[count > 1] = SEVERAL
+        return out
+
+
+def _header(path: Path, records: list) -> tuple[list[str], list[str]]:
+    heads = [(line, r) for line, r in records if "modules" in r]
+    if not heads:
+        raise MolfError(f"{path}:1: no header line with 'modules' and 'experts'")
+    line, head = heads[0]
+    modules, experts = head.get("modules"), head.get("experts")
+    if not (isinstance(modules, list) and isinstance(experts, list) and experts):
+        raise MolfError(f"{path}:{line}: the header needs lists 'modules' and 'experts'")
+    for other_line, other in heads[1:]:
+        if other.get("modules") != modules or other.get("experts") != experts:
+            raise MolfError(f"{path}:{other_line}: a second header with other modules or experts")
+    return [str(m) for m in modules], [str(e) for e in experts]
+
+
+def routing_matrix(run_dir: Path) -> RoutingMatrix:
+    """Read ``run_dir/routing.jsonl`` (a repeated step keeps its last line)."""
+    path = Path(run_dir) / "routing.jsonl"
+    if not path.is_file():
+        raise MolfError(f"{path}: no such file (only molf and molf-e runs log routing)")
+    records = read_jsonl(path)
+    modules, experts = _header(path, records)
+    steps = by_step(path, [(line, r) for line, r in records if "modules" not in r])
+    n_mod, n_exp = len(modules), len(experts)
+    selected = np.zeros((n_mod, len(steps), n_exp), dtype=bool)
+    scores = np.full((n_mod, len(steps), n_exp), np.nan)
+    for s, (line, rec) in enumerate(steps.values()):
+        where = f"{path}:{line}"
+        winners, row_scores = rec.get("winners"), rec.get("scores")
+        if not isinstance(winners, list) or len(winners) != n_mod:
+            raise MolfError(f"{where}: 'winners' must list {n_mod} modules' winners")
+        for m, won in enumerate(winners):
+            if not isinstance(won, list) or not all(
+                isinstance(e, int) and 0 <= e < n_exp for e in won
+            ):
+                raise MolfError(f"{where}: winners of module {m} must be expert indices < {n_exp}")
+            selected[m, s, won] = True
+        if row_scores is not None:
+            try:
+                scores[:, s] = np.asarray(row_scores, dtype=float).reshape(n_mod, n_exp)
+            except (TypeError, ValueError):
+                raise MolfError(f"{where}: 'scores' must be {n_mod} x {n_exp} numbers") from None
+    return RoutingMatrix(modules, experts, np.array(list(steps), dtype=np.int64), selected, scores)
+
+
+def heatmap_rows(matrix: RoutingMatrix) -> tuple[list[int], list[tuple[str, int, int]]]:
+    """Row order of the heatmap (grouped by module type, by layer within a type) and the
+    groups as ``(type, first row, end row)`` in that order."""
+    order, groups = [], []
+    for t, rows in group_modules(matrix.modules).items():
+        groups.append((t, len(order), len(order) + len(rows)))
+        order.extend(rows)
+    return order, groups
+
+
+def share_series(matrix: RoutingMatrix) -> dict[str, np.ndarray]:
+    """Per module type, float [steps, experts]: the share of that type's layers that
+    selected each expert at each step."""
+    return {t: matrix.selected[rows].mean(0) for t, rows in group_modules(matrix.modules).items()}
+
+
+def bin_columns(codes: np.ndarray, max_columns: int) -> tuple[np.ndarray, int]:
+    """Shrink int ``[rows, steps]`` codes to at most ``max_columns`` columns, each the most
+    frequent code over its run of consecutive steps; returns the codes and steps per column."""
+    n = codes.shape[1]
+    width = max(1, -(-n // max_columns))
+    if width == 1:
+        return codes, 1
+    out = np.empty((codes.shape[0], -(-n // width)), dtype=codes.dtype)
+    for c in range(out.shape[1]):
+        block = codes[:, c * width : (c + 1) * width]
+        values = np.unique(block)
+        counts = np.stack([(block == v).sum(1) for v in values], 1)
+        out[:, c] = values[counts.argmax(1)]
+    return out, width

@@ -1,0 +1,101 @@
+"""Routing while training: the tally behind the one-line summary and the tracker scalars."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from molf.cli import main
+from molf.optim import Routing
+from molf.train.logs import RoutingTally, RunLogger
+
+MODULES = [
+    f"model.layers.{i}.{kind}" for i in range(2) for kind in ("self_attn.k_proj", "mlp.down_proj")
+]
+EXPERTS = ["fft", "lora0"]
+# winners per step, one per module in MODULES order (k0, down0, k1, down1)
+WINNERS = [[0, 0, 1, 1], [1, 0, 1, 1], [1, 0, 1, 0], [1, 1, 1, 1]]
+
+
+def _routing(winners: list[int]) -> Routing:
+    selected = torch.zeros(len(MODULES), len(EXPERTS), dtype=torch.bool)
+    selected[torch.arange(len(MODULES)), torch.tensor(winners)] = True
+    scores = torch.rand(len(MODULES), len(EXPERTS))
+    return Routing(list(MODULES), list(EXPERTS), scores, selected)
+
+
+def test_tally_shares_and_summary():
+    tally = RoutingTally()
+    for step, winners in enumerate(WINNERS, start=1):
+        r = _routing(winners)
+        tally.add(step, r, r.selected.cpu())
+    # fft won 4 of 16 layer-steps: down_proj 4 of 8, k_proj 1 of 8
+    np.testing.assert_allclose(tally.expert_shares(), [5 / 16, 11 / 16])
+    scalars = tally.scalars()
+    assert scalars["routing/fft"] == pytest.approx(5 / 16)
+    assert scalars["routing/down_proj/fft"] == pytest.approx(4 / 8)
+    assert scalars["routing/k_proj/fft"] == pytest.approx(1 / 8)
+    assert scalars["routing/k_proj/lora0"] == pytest.approx(7 / 8)
+    assert tally.summary() == (
+        "routing, steps 1-4: lora0 69%, fft 31% of layer-steps; fft: down_proj 50%, k_proj 12%"
+    )
+    quiet = RoutingTally()
+    r = _routing([1, 1, 1, 1])
+    quiet.add(9, r, r.selected)
+    assert quiet.summary() == "routing, step 9: lora0 100%, fft 0% of layer-steps; fft: all < 10%"
+    assert RoutingTally().summary() == "routing: no steps yet" and RoutingTally().scalars() == {}
+
+
+def test_logger_sends_window_shares_to_tensorboard_and_keeps_routing_jsonl(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = RunLogger(tmp_path, "tensorboard", {})
+    for step, winners in enumerate(WINNERS, start=1):
+        logger.log_routing(step, _routing(winners))
+        if step % 2 == 0:
+            logger.log_train({"step": step, "loss": 1.0 / step})
+    logger.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    # each logged point covers the steps since the previous one: 1-2, then 3-4
+    fft = [(e.step, e.value) for e in events.Scalars("routing/fft")]
+    assert fft == [(2, pytest.approx(3 / 8)), (4, pytest.approx(2 / 8))]
+    k_proj = [e.value for e in events.Scalars("routing/k_proj/fft")]
+    assert k_proj == [pytest.approx(1 / 4), 0.0]
+    assert [e.value for e in events.Scalars("train/loss")] == [0.5, 0.25]
+    # the whole run for the printed summary
+    assert logger.routing_total.steps == 4
+    lines = [json.loads(x) for x in (tmp_path / "routing.jsonl").read_text().splitlines()]
+    assert lines[0] == {"modules": MODULES, "experts": EXPERTS}
+    assert [sorted(x) for x in lines[1:]] == [["scores", "step", "winners"]] * 4
+    assert [[w[0] for w in x["winners"]] for x in lines[1:]] == WINNERS
+
+
+@pytest.mark.slow
+def test_training_prints_a_short_routing_summary(tmp_path, stories, capsys):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": f"{i} plus one is", "completion": f" {i + 1}"}) + "\n"
+                for i in range(8))
+    )  # fmt: skip
+    out = tmp_path / "run"
+    argv = [
+        "train", "--model", str(stories), "--task", "jsonl", "--data", str(data),
+        "--method", "molf", "--lora-ranks", "4", "--lora-alphas", "8", "--batch-size", "2",
+        "--max-steps", "20", "--lr", "1e-3", "--output-dir", str(out), "--no-eval-before",
+        "--max-new-tokens", "2",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[molf] routing")]
+    # 20 logging steps, one line every 20 // 10 = 2 steps
+    steps = [int(re.search(r"steps 1-(\d+)", x).group(1)) for x in lines]
+    assert steps == list(range(2, 21, 2))
+    routing = (out / "routing.jsonl").read_text().splitlines()[1:]
+    winners = [json.loads(x)["winners"] for x in routing]
+    fft = sum(w == [0] for step in winners for w in step) / sum(len(s) for s in winners)
+    shares = dict(re.findall(r"(fft|lora0) (\d+)%", lines[-1].split(";")[0]))
+    assert int(shares["fft"]) == round(100 * fft) and int(shares["lora0"]) == round(100 * (1 - fft))
