@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 import sys
 
-from molf.errors import MolfError
+from molf.errors import Interrupted, MolfError
 
 DEMO = {
     "task": "fact",
@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
         "index.html, summary.md and PNGs",
     )
     _add_report_args(report)
+    from molf.sweep import add_sweep_parser
+
+    add_sweep_parser(sub)
     return parser
 
 
@@ -133,8 +136,14 @@ def _report(ns: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _sweep(ns: argparse.Namespace, argv: list[str]) -> int:
+    from molf.sweep import run_sweep_command
+
+    return run_sweep_command(ns)
+
+
 # One handler per subcommand: (parsed flags, raw argv) -> exit code.
-COMMANDS = {"train": _train_or_eval, "eval": _train_or_eval, "report": _report}
+COMMANDS = {"train": _train_or_eval, "eval": _train_or_eval, "report": _report, "sweep": _sweep}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -145,6 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     except MolfError as e:
         print(f"molf: error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(f"molf: {e}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(
+            "molf: interrupted; continue with --resume (from the latest checkpoint)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,3 +20,13 @@ class DataError(MolfError):
         where = f"{path}:{line}" if line is not None else str(path)
         super().__init__(f"{where}: field '{field}': {problem}")
         self.path, self.line, self.field = path, line, field
+
+
+class Interrupted(Exception):
+    """Training stopped on request (SIGTERM, Ctrl-C); ``step`` is the last one done and
+    ``saved`` whether a checkpoint of it was written, so ``--resume`` loses nothing."""
+
+    def __init__(self, step: int, saved: bool) -> None:
+        where = f"after step {step}" + (f" (checkpoint-{step} written)" if saved else "")
+        super().__init__(f"interrupted {where}; continue with --resume")
+        self.step, self.saved = step, saved

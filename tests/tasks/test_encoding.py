@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from molf.errors import MolfError
-from molf.tasks.encoding import collate, encode_example, ensure_pad_token
+from molf.tasks.encoding import (
+    chat_format,
+    collate,
+    encode_example,
+    ensure_pad_token,
+    prompt_ids,
+    use_chat_template,
+)
 
 # word ids in the word_tokenizer fixture
 BOS, EOS, THE, CAT, SAT, ON, A, MAT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -77,3 +84,79 @@ def test_real_sentencepiece_tokenizer_adds_bos_only_to_the_prompt(tiny) -> None:
     assert out["input_ids"][0] == tokenizer.bos_token_id
     assert out["input_ids"][-len(completion) - 1 :] == [*completion, tokenizer.eos_token_id]
     assert out["labels"].count(-100) == len(out["input_ids"]) - len(completion) - 1
+
+
+# --- chat templates -----------------------------------------------------------------
+
+DOG, RAN, EOT = 9, 10, 11  # "dog" opens a user turn, "ran" an assistant turn; <eot> ends one
+TEMPLATE = (
+    "<s> {% for m in messages %}{{ 'dog' if m['role'] == 'user' else 'ran' }} "
+    "{{ m['content'] }} <eot> {% endfor %}{% if add_generation_prompt %}ran {% endif %}"
+)
+
+
+@pytest.fixture
+def chat_tokenizer(word_tokenizer):
+    """The word tokenizer with a real Jinja chat template and an end-of-turn special token."""
+    word_tokenizer.add_special_tokens({"additional_special_tokens": ["<eot>"]})
+    assert word_tokenizer.convert_tokens_to_ids("<eot>") == EOT
+    word_tokenizer.chat_template = TEMPLATE
+    return word_tokenizer
+
+
+def test_auto_without_a_template_changes_nothing(word_tokenizer) -> None:
+    before = encode_example(word_tokenizer, "the cat sat", " on a mat")
+    assert use_chat_template(word_tokenizer, "auto") is False
+    assert chat_format(word_tokenizer) is None
+    assert encode_example(word_tokenizer, "the cat sat", " on a mat") == before
+
+
+def test_template_wraps_the_prompt_once_with_a_single_bos(chat_tokenizer) -> None:
+    assert prompt_ids(chat_tokenizer, "the cat") == [BOS, THE, CAT]
+    assert use_chat_template(chat_tokenizer, "auto") is True
+    assert chat_format(chat_tokenizer).end_of_turn_id == EOT
+    # the rendered text holds the BOS; the tokenizer must not add a second one
+    assert prompt_ids(chat_tokenizer, "the cat") == [BOS, DOG, THE, CAT, EOT, RAN]
+
+
+def test_chat_completion_drops_its_leading_space_and_ends_the_turn(chat_tokenizer) -> None:
+    use_chat_template(chat_tokenizer, "auto")
+    out = encode_example(chat_tokenizer, "the cat", " sat on")
+    assert out["input_ids"] == [BOS, DOG, THE, CAT, EOT, RAN, SAT, ON, EOT]
+    assert out["labels"] == [-100] * 6 + [SAT, ON, EOT]
+    scored = encode_example(chat_tokenizer, "the cat", " sat", add_eos=False)
+    assert scored["labels"] == [-100] * 6 + [SAT]
+
+
+def test_chat_truncation_keeps_the_completion(chat_tokenizer) -> None:
+    use_chat_template(chat_tokenizer, "auto")
+    out = encode_example(chat_tokenizer, "the cat", " sat on", max_length=5)
+    assert out["input_ids"] == [EOT, RAN, SAT, ON, EOT]
+    assert out["labels"] == [-100, -100, SAT, ON, EOT]
+
+
+def test_mode_none_removes_the_mark_and_bad_modes_are_refused(chat_tokenizer) -> None:
+    use_chat_template(chat_tokenizer, "auto")
+    assert use_chat_template(chat_tokenizer, "none") is False
+    assert chat_format(chat_tokenizer) is None
+    plain = encode_example(chat_tokenizer, "the cat", " sat")
+    assert plain["input_ids"] == [BOS, THE, CAT, SAT, EOS]
+    with pytest.raises(MolfError, match="--chat-template: unknown value 'always'"):
+        use_chat_template(chat_tokenizer, "always")
+
+
+def test_end_of_turn_falls_back_to_eos(chat_tokenizer) -> None:
+    # nothing special after the assistant's text
+    chat_tokenizer.chat_template = TEMPLATE.replace("<eot>", "mat")
+    use_chat_template(chat_tokenizer, "auto")
+    assert chat_format(chat_tokenizer).end_of_turn_id == EOS
+    assert encode_example(chat_tokenizer, "the", " cat")["labels"][-2:] == [CAT, EOS]
+    # a template that refuses an assistant turn
+    chat_tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'user' %}"
+        "{{ raise_exception('user turns only') }}{% endif %}dog {{ m['content'] }} "
+        "{% endfor %}ran "
+    )
+    use_chat_template(chat_tokenizer, "auto")
+    assert chat_format(chat_tokenizer).end_of_turn_id == EOS
+    assert prompt_ids(chat_tokenizer, "the cat") == [DOG, THE, CAT, RAN]

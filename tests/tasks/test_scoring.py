@@ -6,8 +6,8 @@ import copy
 
 import torch
 
-from molf.tasks.encoding import encode_example
-from molf.tasks.scoring import completion_logprobs, generate, inference
+from molf.tasks.encoding import CHAT_ATTR, ChatFormat, encode_example, use_chat_template
+from molf.tasks.scoring import completion_logprobs, generate, inference, stop_ids
 
 PROMPTS = ["Once upon a time", "The cat sat on the", "Lily went to the park and saw a big", "Tom"]
 COMPLETIONS = [" there was", " mat", " dog and she was happy", " ran away quickly to his mom"]
@@ -98,3 +98,34 @@ def test_inference_runs_without_grad_in_eval_mode_and_restores_training(tiny) ->
         hook.remove()
         model.eval()
     assert seen and all(mode == (False, False) for mode in seen)
+
+
+def test_auto_chat_template_changes_nothing_for_a_model_without_one(tiny) -> None:
+    model, tokenizer = tiny
+    plain = copy.deepcopy(tokenizer)
+    assert tokenizer.chat_template is None
+    assert use_chat_template(plain, "auto") is False
+    assert completion_logprobs(model, plain, PROMPTS, COMPLETIONS) == completion_logprobs(
+        model, tokenizer, PROMPTS, COMPLETIONS
+    )
+    assert generate(model, plain, PROMPTS, max_new_tokens=8) == generate(
+        model, tokenizer, PROMPTS, max_new_tokens=8
+    )
+
+
+def test_generation_goes_through_the_template_and_stops_at_its_end_of_turn(tiny) -> None:
+    model, tokenizer = tiny
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = "{{ bos_token }} {{ messages[0]['content'] | upper }}"
+    assert use_chat_template(chat, "auto") is True
+    assert chat.molf_chat == ChatFormat(end_of_turn_id=tokenizer.eos_token_id)
+    # the model sees the rendered (upper-cased) prompt, not the plain one
+    upper = [p.upper() for p in PROMPTS]
+    assert generate(model, chat, PROMPTS, max_new_tokens=8) == generate(
+        model, tokenizer, upper, max_new_tokens=8
+    )
+    chat.chat_template = "{{ bos_token }} {{ messages[0]['content'] }}"
+    little = tokenizer.convert_tokens_to_ids("\u2581little")
+    setattr(chat, CHAT_ATTR, ChatFormat(end_of_turn_id=little))  # as for <|im_end|>
+    assert little in stop_ids(model, chat) and little not in stop_ids(model, tokenizer)
+    assert generate(model, chat, ["Once upon a time"], max_new_tokens=12) == [", there was a"]

@@ -212,7 +212,7 @@ class Crash(Exception):
     pass
 
 
-@pytest.mark.parametrize("method", ["molf", "lora"])
+@pytest.mark.parametrize("method", ["molf", "lora", "adalora"])
 def test_resume_ends_with_the_uninterrupted_weights(
     tmp_path, stories, shared_data, method, monkeypatch
 ):
@@ -248,7 +248,7 @@ def test_resume_ends_with_the_uninterrupted_weights(
     cut = tmp_path / "runs" / "cut"
     assert (cut / "checkpoint-3").is_dir() and not (cut / "final").exists()
     assert main(["train", "--output-dir", str(cut), *QUICK, *args, "--resume"]) == 0
-    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    name = "model.safetensors" if method == "molf" else "adapter_model.safetensors"
     a, b = load_file(full / "final" / name), load_file(cut / "final" / name)
     assert a.keys() == b.keys()
     for k in a:

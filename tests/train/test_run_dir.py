@@ -249,3 +249,35 @@ def test_a_second_run_in_a_locked_directory_is_refused_naming_the_holder(tmp_pat
         holder.wait()
     time.sleep(0.1)
     start_run_dir(run_dir, resume=False, overwrite=False).release()  # freed when it died
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_resume_ends_exactly(
+    tmp_path, stories, shared_data
+):
+    reference = tmp_path / "reference"
+    steps = ["--max-steps", "40", "--method", "molf"]
+    assert main(_args(reference, stories, shared_data, *steps)) == 0
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "molf", *_args(out, stories, shared_data, *steps)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(15)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    (stopped,) = list(out.glob("checkpoint-*"))  # --save-steps 0, yet the step was saved
+    step = int(stopped.name.split("-")[1])
+    assert 2 <= step < 40 and f"interrupted after step {step}" in err and "Traceback" not in err
+    assert not (out / "final").exists()
+    assert main([*_args(out, stories, shared_data, *steps), "--resume"]) == 0
+    got = load_file(out / "final" / "model.safetensors")
+    want = load_file(reference / "final" / "model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -2,10 +2,17 @@
 
 Training and evaluation both go through :func:`encode_example`, so a completion is
 tokenised the same way when the model learns it and when it is scored.
+
+Chat models: :func:`use_chat_template` marks a tokenizer that has a chat template, and
+from then on every prompt is rendered as one user message of that template (training,
+scoring and generation alike), completions lose their leading whitespace (they start
+the assistant's turn) and training completions end with the template's end-of-turn
+token. An unmarked tokenizer keeps the plain-text behaviour.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,11 +20,79 @@ import torch
 from molf.errors import MolfError
 
 IGNORE_INDEX = -100  # label value that the loss (and scoring) skips
+CHAT_TEMPLATE_MODES = ("auto", "none")
+CHAT_ATTR = "molf_chat"  # the mark :func:`use_chat_template` sets on a tokenizer instance
+_PROBE = "MOLFPROBEANSWER"  # assistant text used to find the end-of-turn token
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a marked tokenizer frames prompts (stored as ``tokenizer.molf_chat``).
+
+    ``end_of_turn_id`` closes the assistant's turn in the template (``<|im_end|>``,
+    ``<end_of_turn>``, ``<|eot_id|>``...): training completions end with it and
+    generation stops at it. It is the tokenizer's EOS when the template shows none.
+    """
+
+    end_of_turn_id: int | None
+
+
+def use_chat_template(tokenizer: Any, mode: str) -> bool:
+    """Mark ``tokenizer`` so that prompts go through its chat template; True if they will.
+
+    ``mode`` is ``"auto"`` (use the template when ``tokenizer.chat_template`` is set)
+    or ``"none"`` (plain text; removes an earlier mark). The mark is the attribute
+    ``tokenizer.molf_chat`` (a :class:`ChatFormat`); it lives on this instance only
+    and is not saved with the tokenizer.
+    """
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise MolfError(
+            f"--chat-template: unknown value {mode!r}; choose one of "
+            f"{', '.join(CHAT_TEMPLATE_MODES)}"
+        )
+    active = mode == "auto" and bool(getattr(tokenizer, "chat_template", None))
+    if active:
+        setattr(tokenizer, CHAT_ATTR, ChatFormat(_end_of_turn_id(tokenizer)))
+    elif hasattr(tokenizer, CHAT_ATTR):
+        delattr(tokenizer, CHAT_ATTR)
+    return active
+
+
+def chat_format(tokenizer: Any) -> ChatFormat | None:
+    """The tokenizer's :class:`ChatFormat` when it is marked, else None (plain text)."""
+    return getattr(tokenizer, CHAT_ATTR, None)
+
+
+def _end_of_turn_id(tokenizer: Any) -> int | None:
+    """The special token the template puts right after an assistant message, else EOS."""
+    try:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _PROBE}],
+            tokenize=False,
+        )
+    except Exception:  # templates may refuse this exchange (jinja raise_exception)
+        return tokenizer.eos_token_id
+    after = text[text.rfind(_PROBE) + len(_PROBE) :] if _PROBE in text else ""
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    # a special token vanishes when decoded with skip_special_tokens
+    if ids and tokenizer.decode(ids[:1], skip_special_tokens=True) == "":
+        return int(ids[0])
+    return tokenizer.eos_token_id
 
 
 def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
-    """Prompt token ids with the tokenizer's default special tokens (BOS if it adds one)."""
-    return list(tokenizer(prompt)["input_ids"])
+    """Prompt token ids: for a marked tokenizer (:func:`use_chat_template`), the prompt as
+    one user message of the chat template followed by the assistant's opening; else
+    the text with the tokenizer's default special tokens (BOS if it adds one).
+
+    The rendered template is tokenised without special tokens: any BOS is in its text.
+    """
+    if chat_format(tokenizer) is None:
+        return list(tokenizer(prompt)["input_ids"])
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_example(
@@ -30,15 +105,23 @@ def encode_example(
     """``input_ids`` and ``labels`` (-100 on prompt tokens) for one pair.
 
     The completion is tokenised on its own without special tokens, plus EOS when
-    ``add_eos`` (training: the model learns to stop). Over ``max_length`` the prompt
-    loses tokens from its left; completion tokens are never dropped for it. A
-    completion that alone reaches ``max_length`` is cut from the right, keeping one
-    prompt token so that every kept completion token has a context to be predicted from.
+    ``add_eos`` (training: the model learns to stop). With a chat template (see
+    :func:`use_chat_template`) the completion is the assistant's reply: its leading
+    whitespace is dropped and it ends with the end-of-turn token instead.
+
+    Over ``max_length`` the prompt loses tokens from its left; completion tokens are
+    never dropped for it. A completion that alone reaches ``max_length`` is cut from the
+    right, keeping one prompt token so that every kept completion token has a context
+    to be predicted from.
     """
     head = prompt_ids(tokenizer, prompt)
+    chat = chat_format(tokenizer)
+    if chat is not None:
+        completion = completion.lstrip()
     tail = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
-    if add_eos and tokenizer.eos_token_id is not None:
-        tail.append(tokenizer.eos_token_id)
+    end = tokenizer.eos_token_id if chat is None else chat.end_of_turn_id
+    if add_eos and end is not None:
+        tail.append(end)
     if max_length is not None and len(head) + len(tail) > max_length:
         if max_length < 2:
             raise MolfError(f"max_length must be at least 2, got {max_length}")

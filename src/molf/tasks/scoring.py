@@ -7,9 +7,17 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from molf.errors import MolfError
-from molf.tasks.encoding import IGNORE_INDEX, collate, encode_example, ensure_pad_token, prompt_ids
+from molf.tasks.encoding import (
+    IGNORE_INDEX,
+    chat_format,
+    collate,
+    encode_example,
+    ensure_pad_token,
+    prompt_ids,
+)
 
 
 @contextmanager
@@ -45,7 +53,7 @@ def completion_logprobs(
     The mean (not the sum) keeps answers of different token lengths comparable.
     Pairs are encoded as for training (without EOS) and right-padded in batches;
     the attention mask keeps each score equal (up to float rounding) to scoring the
-    pair alone.
+    pair alone. A progress bar shows on a terminal (tqdm's ``disable=None``).
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -59,7 +67,9 @@ def completion_logprobs(
             raise MolfError(f"completion {completion!r} has no tokens to score; make it non-empty")
     scores: list[float] = []
     with inference(model):
-        for start in range(0, len(encoded), batch_size):
+        for start in tqdm(
+            range(0, len(encoded), batch_size), desc="scoring", unit="batch", disable=None
+        ):
             batch = collate(encoded[start : start + batch_size], pad_id)
             batch = {k: v.to(model_device(model)) for k, v in batch.items()}
             logits = (
@@ -82,10 +92,12 @@ def generate(
     max_new_tokens: int,
     batch_size: int = 8,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (only the new text), each stopping at EOS.
+    """Greedy continuations of ``prompts`` (only the new text), each stopping at EOS
+    (or any id of :func:`stop_ids`, such as a chat template's end of turn).
 
     Prompts are left-padded so every row's new tokens start at the same position;
-    a prompt too long for the model's context loses tokens from its left.
+    a prompt too long for the model's context loses tokens from its left. A progress
+    bar shows on a terminal.
     """
     pad_id = ensure_pad_token(tokenizer)
     stops = stop_ids(model, tokenizer)
@@ -96,7 +108,9 @@ def generate(
         encoded = [ids[-keep:] for ids in encoded]
     texts: list[str] = []
     with inference(model):
-        for start in range(0, len(encoded), batch_size):
+        for start in tqdm(
+            range(0, len(encoded), batch_size), desc="generating", unit="batch", disable=None
+        ):
             chunk = encoded[start : start + batch_size]
             width = max(len(ids) for ids in chunk)
             input_ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in chunk])
@@ -116,7 +130,10 @@ def generate(
 
 
 def stop_ids(model: Any, tokenizer: Any) -> list[int]:
-    """The tokenizer's EOS plus the model's configured ones (chat models often have several)."""
+    """The tokenizer's EOS, the model's configured ones (chat models often have several)
+    and, for a tokenizer marked by ``use_chat_template``, the template's end of turn."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = configured if isinstance(configured, list) else [configured]
-    return sorted({i for i in [*configured, tokenizer.eos_token_id] if i is not None})
+    chat = chat_format(tokenizer)
+    turn_end = chat.end_of_turn_id if chat is not None else None
+    return sorted({i for i in [*configured, tokenizer.eos_token_id, turn_end] if i is not None})

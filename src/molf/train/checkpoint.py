@@ -31,8 +31,16 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, keep: int
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    keep: int,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
+    """Write ``checkpoint-<step>/`` atomically; ``extra`` holds state the method keeps
+    outside parameters and optimizer (returned by :func:`load_checkpoint`)."""
     with atomic_directory(run_dir / f"checkpoint-{step}") as tmp:
         torch.save(
             {
@@ -40,6 +48,7 @@ def save_checkpoint(
                 "model": trainable_state(model),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                "extra": extra or {},
                 "rng": {
                     "torch": torch.get_rng_state(),
                     "python": random.getstate(),
@@ -94,8 +103,11 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
-    """Restore a checkpoint into the (already wrapped) model; returns its step."""
+def load_checkpoint(
+    path: Path, model: nn.Module, optimizer, scheduler
+) -> tuple[int, dict[str, Any]]:
+    """Restore a checkpoint into the (already wrapped) model; returns its step and the
+    ``extra`` state saved with it."""
     if is_sharded(path):
         raise MolfError(
             f"--resume: {path} is a sharded checkpoint; resume it with torchrun "
@@ -119,7 +131,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> int:
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    return int(state["step"])
+    return int(state["step"]), state.get("extra", {})
 
 
 def save_sharded(

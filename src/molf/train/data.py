@@ -13,9 +13,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from molf.tasks import Example
 from molf.tasks.encoding import IGNORE_INDEX, collate, encode_example
+
+PROGRESS_FROM = 1000  # tokenising more examples than this shows a progress bar (on a TTY)
 
 
 @dataclass
@@ -44,7 +47,11 @@ class BatchPlan:
 
 
 class Batches:
-    """Tokenised examples and the micro-batches of each step for one rank."""
+    """Tokenised examples and the micro-batches of each step for one rank.
+
+    Tokenising more than ``PROGRESS_FROM`` examples shows a progress bar on rank 0
+    when stderr is a terminal.
+    """
 
     def __init__(
         self,
@@ -58,8 +65,10 @@ class Batches:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
+        quiet = len(examples) <= PROGRESS_FROM or rank != 0
         self.encoded = [
-            encode_example(tokenizer, e.prompt, e.completion, max_length) for e in examples
+            encode_example(tokenizer, e.prompt, e.completion, max_length)
+            for e in tqdm(examples, desc="tokenising", unit="ex", disable=True if quiet else None)
         ]
         self.pad_id = pad_id
         self.batch_size, self.grad_accum = batch_size, grad_accum

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from molf.errors import Interrupted
 from molf.optim import MoLFAdamW
 from molf.train.args import TrainArgs
 from molf.train.data import Batches
@@ -28,6 +29,7 @@ class LoopContext:
     logger: RunLogger
     dist: DistContext
     checkpoint: Callable[[int], None]  # saves a checkpoint after the given step
+    stop_requested: Callable[[], bool] = lambda: False  # e.g. SIGTERM: checkpoint and stop
 
 
 def train_loop(
@@ -107,7 +109,18 @@ def train_loop(
                 tqdm.write(f"[molf] {routing.summary()}")
                 next_summary = done + summary_every
         bar.update(1)
-        if args.save_steps and done % args.save_steps == 0 and done < total_steps:
+        stop = done < total_steps and _agreed(ctx.stop_requested(), ctx)
+        if done < total_steps and (stop or (args.save_steps and done % args.save_steps == 0)):
             ctx.checkpoint(done)
+        if stop:
+            bar.close()
+            raise Interrupted(done, saved=True)
     bar.close()
     return time.perf_counter() - started
+
+
+def _agreed(flag: bool, ctx: LoopContext) -> bool:
+    """Whether any rank asked to stop (every rank must stop at the same step)."""
+    if not ctx.dist.active:
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=ctx.device), ctx.dist).item())

@@ -110,6 +110,32 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     return _adamw(trainable, args.effective_lora_lr, lora_wd)
 
 
+def method_state(model: nn.Module, args: TrainArgs) -> dict[str, Any]:
+    """What a method keeps outside parameters and optimizer, for exact resume: AdaLoRA's
+    importance averages (they decide which ranks get pruned) and its rank pattern."""
+    if args.method != "adalora":
+        return {}
+    adalora = getattr(model, "module", model).base_model
+    allocator = adalora.rankallocator
+    return {
+        "ipt": allocator.ipt,
+        "exp_avg_ipt": allocator.exp_avg_ipt,
+        "exp_avg_unc": allocator.exp_avg_unc,
+        "rank_pattern": adalora.peft_config[adalora.trainable_adapter_name].rank_pattern,
+    }
+
+
+def load_method_state(model: nn.Module, args: TrainArgs, state: dict[str, Any]) -> None:
+    """Restore what :func:`method_state` saved."""
+    if args.method != "adalora" or not state:
+        return
+    adalora = getattr(model, "module", model).base_model
+    allocator = adalora.rankallocator
+    allocator.ipt, allocator.exp_avg_ipt = state["ipt"], state["exp_avg_ipt"]
+    allocator.exp_avg_unc = state["exp_avg_unc"]
+    adalora.peft_config[adalora.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+
+
 def after_optimizer_step(model: nn.Module, args: TrainArgs, step: int) -> None:
     """Method-specific work after each optimizer step (AdaLoRA's rank allocation)."""
     if args.method == "adalora":

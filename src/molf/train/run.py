@@ -10,6 +10,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,7 @@ from molf.atomic import atomic_directory
 from molf.errors import MolfError
 from molf.model import export_peft_adapter, merge_and_unload
 from molf.tasks import TaskData, get_task
-from molf.tasks.encoding import ensure_pad_token
+from molf.tasks.encoding import ensure_pad_token, use_chat_template
 from molf.train.args import TrainArgs
 from molf.train.checkpoint import (
     CorruptCheckpoint,
@@ -45,8 +49,15 @@ from molf.train.distributed import (
 )
 from molf.train.logs import RunLogger, append_result, peak_memory_mb
 from molf.train.loop import LoopContext, train_loop
-from molf.train.methods import MOLF_METHODS, PEFT_METHODS, build_optimizer, wrap
-from molf.train.modeling import load_model_and_tokenizer, load_tokenizer, resolve_model
+from molf.train.methods import (
+    MOLF_METHODS,
+    PEFT_METHODS,
+    build_optimizer,
+    load_method_state,
+    method_state,
+    wrap,
+)
+from molf.train.modeling import hub_id, load_model_and_tokenizer, load_tokenizer, resolve_model
 from molf.train.rundir import check_run_dir, start_run_dir
 
 
@@ -186,6 +197,7 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     model, tokenizer, name, gguf = load_model_and_tokenizer(args.model, args.gguf_file, args.dtype)
+    use_chat_template(tokenizer, args.chat_template)
     _say(
         f"model {name}{' (' + gguf + ')' if gguf else ''}: "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
@@ -241,6 +253,7 @@ def _train_in_run_dir(
                     **args.to_dict(),
                     "resolved_model": name,
                     "resolved_gguf_file": gguf,
+                    "hub_id": hub_id(args.model),
                     "world_size": ctx.world_size,
                     "parallel_mode": ctx.mode,
                 },
@@ -274,11 +287,20 @@ def _train_in_run_dir(
                 run_dir, step, model, optimizer, scheduler, args.save_total_limit, ctx.rank
             )
         else:
-            save_checkpoint(run_dir, step, model, optimizer, scheduler, args.save_total_limit)
+            save_checkpoint(
+                run_dir,
+                step,
+                model,
+                optimizer,
+                scheduler,
+                args.save_total_limit,
+                extra=method_state(model, args),
+            )
 
     start = 0
     if args.resume:
-        start = _resume(run_dir, model, optimizer, scheduler, ctx)
+        start, extra = _resume(run_dir, model, optimizer, scheduler, ctx)
+        load_method_state(model, args, extra)
         _say(f"resumed at step {start} of {total}", main)
         if start == total and "after" in results and (run_dir / "final").is_dir():
             _say(f"{run_dir} is already finished: nothing to do", main)
@@ -292,10 +314,16 @@ def _train_in_run_dir(
     )
     logger = RunLogger(run_dir, args.report_to, args.to_dict(), enabled=main)
     logger.truncate(start)
-    loop_ctx = LoopContext(
-        run_dir=run_dir, device=ctx.device, logger=logger, dist=ctx, checkpoint=checkpoint
-    )
-    seconds = train_loop(model, optimizer, scheduler, batches, args, loop_ctx, start, total)
+    with sigterm_requested() as stop_requested:
+        loop_ctx = LoopContext(
+            run_dir=run_dir,
+            device=ctx.device,
+            logger=logger,
+            dist=ctx,
+            checkpoint=checkpoint,
+            stop_requested=stop_requested,
+        )
+        seconds = train_loop(model, optimizer, scheduler, batches, args, loop_ctx, start, total)
     if start < total:
         # Always resumable before the final evaluation and save: a failure there (full
         # disk, a crash) is redone with --resume instead of costing the training.
@@ -314,7 +342,13 @@ def _train_in_run_dir(
         results["skipped_steps"] = skipped
     write_text_atomic(eval_path, json.dumps(results, indent=2))
     _say(f"after training:  {_fmt(results['after'])}")
-    final = save_final(model, tokenizer, args, run_dir, {"base_model": name, "gguf_file": gguf})
+    final = save_final(
+        model,
+        tokenizer,
+        args,
+        run_dir,
+        {"base_model": name, "gguf_file": gguf, "hub_id": hub_id(args.model)},
+    )
     _say(f"saved {final}")
     append_result(
         run_dir.parent / "results.csv",
@@ -338,13 +372,30 @@ def _train_in_run_dir(
     return results
 
 
-def _resume(run_dir: Path, model: nn.Module, optimizer, scheduler, ctx: DistContext) -> int:
+@contextmanager
+def sigterm_requested() -> Iterator[Callable[[], bool]]:
+    """While training, SIGTERM (what schedulers send before killing a job) only sets a
+    flag: the loop finishes its step, writes a checkpoint and stops (exit 130)."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        yield lambda: bool(received)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _resume(
+    run_dir: Path, model: nn.Module, optimizer, scheduler, ctx: DistContext
+) -> tuple[int, dict[str, Any]]:
     """Load the newest readable checkpoint (an unreadable one is reported and skipped);
-    returns its step."""
+    returns its step and the method's extra state."""
     for path in reversed(list_checkpoints(run_dir)):
         try:
             if ctx.active:
-                return load_sharded(path, model, optimizer, scheduler, ctx.rank)
+                return load_sharded(path, model, optimizer, scheduler, ctx.rank), {}
             return load_checkpoint(path, model, optimizer, scheduler)
         except CorruptCheckpoint as e:
             _say(f"warning: skipping {path.name}: {e}", ctx.is_main)
@@ -399,6 +450,7 @@ def load_for_eval(model_dir: str | None, gguf_file: str | None, dtype: str) -> t
 def run_eval(args: TrainArgs, write: bool) -> dict[str, float]:
     task, data = load_task(args)
     model, tokenizer = load_for_eval(args.model, args.gguf_file, args.dtype)
+    use_chat_template(tokenizer, args.chat_template)
     ensure_pad_token(tokenizer)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.output_dir) if write else None

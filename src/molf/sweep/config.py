@@ -1,0 +1,358 @@
+"""The sweep file: a grid of models x tasks x methods x learning rates x seeds.
+
+``load_sweep(path)`` reads the YAML, expands ``${VAR}`` in string values, checks every
+key, and builds :class:`~molf.train.args.TrainArgs` for every cell the sweep could run
+(every learning-rate point on every seed, both splits), so a bad value fails here, with
+the place it came from, before any cell runs.
+
+Layout (see ``docs/protocol.md``)::
+
+    output_dir: runs/study-cpu        # the sweep directory; every cell is a run dir in it
+    launcher: null                    # the command that runs molf (default: python -m molf)
+    summary: null                     # summary.csv to read and write (default: in output_dir);
+                                      # selection.json and results.md are written beside it
+    settings: {max_steps: 16, ...}    # TrainArgs fields shared by every cell
+    models: {NAME: {model: ID, ...}}  # model: hub id or directory (default: NAME)
+    tasks: {NAME: {task: fact, data: ..., ...}}        # task: default NAME
+    methods: {NAME: {method: molf, lr: [...], lora_lr: [...], ...}}  # method: default NAME
+    seeds: [0, 1]                     # test seeds; stage 1 (lr choice) runs on select_seed
+    select_seed: 0                    # default: the first seed
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from molf.errors import MolfError
+
+TOP_KEYS = (
+    "output_dir",
+    "launcher",
+    "summary",
+    "settings",
+    "models",
+    "tasks",
+    "methods",
+    "seeds",
+    "select_seed",
+)
+# Settings the sweep itself decides for each cell: never given in a section.
+SWEEP_OWNED = frozenset({"output_dir", "resume", "overwrite", "seed", "eval_split"})
+# Which TrainArgs field each section's own key sets (the others may not set it).
+SECTION_FIELD = {"models": "model", "tasks": "task", "methods": "method"}
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def format_lr(value: float) -> str:
+    """A short, lossless, stable spelling of a learning rate: 1e-05, 3.5e-05, 0.0002 -> 2e-04."""
+    mantissa, exponent = f"{value:.12e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{exponent}"
+
+
+@dataclass(frozen=True)
+class LrPoint:
+    """One point of a method's learning-rate grid (``lora_lr`` None: the method's default)."""
+
+    lr: float
+    lora_lr: float | None = None
+
+    @property
+    def label(self) -> str:
+        text = f"lr{format_lr(self.lr)}"
+        return text if self.lora_lr is None else f"{text}-llr{format_lr(self.lora_lr)}"
+
+
+@dataclass(frozen=True)
+class Group:
+    """A (model, task, method entry): its lr grid is searched on val, then run on test."""
+
+    model: str  # the models section's name
+    task: str  # the tasks section's name
+    method: str  # the methods section's name (the "method label")
+    settings: dict[str, Any]  # merged settings without lr, lora_lr, seed, eval_split
+    points: tuple[LrPoint, ...]
+    primary_metric: str  # the task's primary metric: what the lr choice maximises
+
+    @property
+    def key(self) -> str:
+        return f"{self.model}/{self.task}/{self.method}"
+
+    @property
+    def needs_selection(self) -> bool:
+        return len(self.points) > 1
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run: a group at one lr point, one seed, evaluated on one split."""
+
+    group: Group
+    point: LrPoint
+    seed: int
+    split: str  # "val" (stage 1) or "test" (stage 2)
+
+    @property
+    def name(self) -> str:
+        return f"{self.group.key}/{self.point.label}/{self.split}-s{self.seed}"
+
+    def values(self, sweep_dir: Path) -> dict[str, Any]:
+        """Every setting of this cell, as given to TrainArgs (None: the field's default)."""
+        return {
+            **self.group.settings,
+            "lr": self.point.lr,
+            "lora_lr": self.point.lora_lr,
+            "seed": self.seed,
+            "eval_split": self.split,
+            "output_dir": str(sweep_dir / self.name),
+        }
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A loaded, validated sweep file."""
+
+    path: Path
+    output_dir: Path
+    launcher: tuple[str, ...]  # the command that runs molf; train arguments follow it
+    summary: Path
+    groups: tuple[Group, ...]
+    seeds: tuple[int, ...]
+    select_seed: int
+
+    @property
+    def results_dir(self) -> Path:
+        """Where summary.csv, selection.json, results.md (and failed.json) are kept."""
+        return self.summary.parent
+
+    def stage1(self, group: Group) -> list[Cell]:
+        """The val cells that choose the group's lr (none for a single-point grid)."""
+        if not group.needs_selection:
+            return []
+        return [Cell(group, p, self.select_seed, "val") for p in group.points]
+
+    def stage2(self, group: Group, point: LrPoint) -> list[Cell]:
+        """The test cells of the group at its chosen lr, one per seed."""
+        return [Cell(group, point, seed, "test") for seed in self.seeds]
+
+
+def expand_env(value: Any, where: str) -> Any:
+    """``${VAR}`` in every string of ``value`` replaced by the environment's value."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match) -> str:
+            if m.group(1) not in os.environ:
+                raise MolfError(f"{where}: environment variable {m.group(1)} is not set")
+            return os.environ[m.group(1)]
+
+        return ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise MolfError(f"{where}: must be a mapping, got {type(value).__name__}")
+    return {str(k): v for k, v in value.items()}
+
+
+def _settings(raw: dict[str, Any], where: str, allowed: set[str]) -> dict[str, Any]:
+    """TrainArgs settings of one section, keys normalised (``-`` -> ``_``) and checked."""
+    from molf.train.args import TrainArgs
+
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name in SWEEP_OWNED:
+            raise MolfError(f"{where}: {key!r} is set by the sweep for each cell; remove it")
+        if name in allowed:
+            out[name] = value
+        elif name in fields:
+            raise MolfError(f"{where}: {key!r} cannot be set here (see docs/protocol.md)")
+        else:
+            raise MolfError(f"{where}: unknown setting {key!r}")
+    return out
+
+
+def _lr_list(value: Any, where: str, required: bool) -> list[float | None]:
+    if value is None:
+        if required:
+            raise MolfError(f"{where}: missing (a learning rate or a list of them)")
+        return [None]
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise MolfError(f"{where}: empty list; give at least one learning rate")
+    out: list[float | None] = []
+    for item in items:
+        try:
+            if isinstance(item, bool):
+                raise ValueError
+            lr = float(item)  # YAML reads 1e-5 (no dot) as a string
+        except (TypeError, ValueError):
+            raise MolfError(f"{where}: {item!r} is not a number") from None
+        if not (math.isfinite(lr) and lr > 0):
+            raise MolfError(f"{where}: {item!r} must be a positive, finite learning rate")
+        out.append(lr)
+    return out
+
+
+def _points(raw: dict[str, Any], where: str) -> tuple[LrPoint, ...]:
+    """``lr`` and ``lora_lr`` lists zipped into points (a single lora_lr goes with each lr)."""
+    lrs = _lr_list(raw.get("lr"), f"{where}.lr", required=True)
+    lora = _lr_list(raw.get("lora_lr"), f"{where}.lora_lr", required=False)
+    if len(lora) == 1:
+        lora = lora * len(lrs)
+    if len(lora) != len(lrs):
+        raise MolfError(
+            f"{where}: lr has {len(lrs)} values but lora_lr has {len(lora)}; they are zipped "
+            "into (lr, lora_lr) pairs, so give as many of each (or one lora_lr)"
+        )
+    return tuple(LrPoint(a, b) for a, b in zip(lrs, lora))  # type: ignore[arg-type]
+
+
+def _section(raw: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
+    entries = _mapping(raw.get(key), key)
+    if not entries:
+        raise MolfError(f"{key}: empty; the grid needs at least one entry")
+    out = {}
+    for name, body in entries.items():
+        if not NAME.match(name):
+            raise MolfError(
+                f"{key}.{name}: names become directory names; use letters, digits, '.', '_', "
+                f"'+', '-' (put a hub id or path in '{SECTION_FIELD[key]}:')"
+            )
+        out[name] = _mapping(body, f"{key}.{name}")
+    return out
+
+
+def _seeds(value: Any, where: str) -> tuple[int, ...]:
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise MolfError(f"{where}: empty list; give at least one seed")
+    if any(isinstance(s, bool) or not isinstance(s, int) for s in items):
+        raise MolfError(f"{where}: seeds must be integers, got {items!r}")
+    if len(set(items)) != len(items):
+        raise MolfError(f"{where}: duplicated seed in {items!r}")
+    return tuple(items)
+
+
+def _train_args(values: dict[str, Any], where: str) -> Any:
+    """TrainArgs for a cell's values (coerced and validated like a --config file)."""
+    from molf.train.args import resolve_args
+
+    try:
+        return resolve_args(None, values)
+    except MolfError as e:
+        raise MolfError(f"{where}: {e}") from None
+
+
+def _check_data(settings: dict[str, Any], where: str) -> None:
+    data = settings.get("data")
+    if data is not None and str(data) != "builtin" and not Path(str(data)).exists():
+        raise MolfError(f"{where}: data {data} does not exist")
+
+
+def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
+    """Read and validate a sweep file; raises MolfError naming the bad key or value."""
+    from molf.tasks import get_task
+    from molf.train.args import TrainArgs
+
+    path = Path(path)
+    if not path.is_file():
+        raise MolfError(f"sweep config {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise MolfError(f"{path} is not valid YAML: {e}") from None
+    raw = expand_env(_mapping(raw, str(path)), str(path))
+    unknown = sorted(set(raw) - set(TOP_KEYS))
+    if unknown:
+        raise MolfError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; known: {', '.join(TOP_KEYS)}"
+        )
+    if not raw.get("output_dir"):
+        raise MolfError(f"{path}: output_dir (the sweep directory) is required")
+    fields = {f.name for f in dataclasses.fields(TrainArgs)}
+    owned_by_section = set(SECTION_FIELD.values()) | {"lr", "lora_lr"}
+    shared = _settings(
+        _mapping(raw.get("settings"), "settings"), "settings", fields - owned_by_section
+    )
+    models, tasks, methods = (_section(raw, k) for k in ("models", "tasks", "methods"))
+    seeds = _seeds(raw.get("seeds", [0]), "seeds")
+    select_seed = raw.get("select_seed", seeds[0])
+    if isinstance(select_seed, bool) or not isinstance(select_seed, int):
+        raise MolfError(f"select_seed: must be an integer, got {select_seed!r}")
+
+    sweep_dir = Path(str(raw["output_dir"]))
+    groups = []
+    for model, m_raw in models.items():
+        m = _settings(m_raw, f"models.{model}", fields - owned_by_section | {"model"})
+        m.setdefault("model", model)
+        for task, t_raw in tasks.items():
+            t = _settings(t_raw, f"tasks.{task}", fields - owned_by_section | {"task"})
+            t.setdefault("task", task)
+            _check_data({**shared, **m, **t}, f"tasks.{task}")
+            for method, e_raw in methods.items():
+                where = f"methods.{method}"
+                e = _settings(e_raw, where, fields - {"model", "task"})
+                e.setdefault("method", method)
+                points = _points(e, where)
+                settings = {
+                    k: v for k, v in {**shared, **m, **t, **e}.items() if k not in ("lr", "lora_lr")
+                }
+                key = f"{model}/{task}/{method}"
+                args = _train_args({**settings, "lr": points[0].lr}, key)
+                groups.append(
+                    Group(model, task, method, settings, points, get_task(args.task).primary_metric)
+                )
+    launcher = raw.get("launcher")
+    sweep = Sweep(
+        path=path,
+        output_dir=sweep_dir,
+        launcher=tuple(shlex.split(str(launcher))) if launcher else (sys.executable, "-m", "molf"),
+        summary=Path(summary or raw.get("summary") or sweep_dir / "summary.csv"),
+        groups=tuple(groups),
+        seeds=seeds,
+        select_seed=select_seed,
+    )
+    _check_cells(sweep)
+    return sweep
+
+
+def all_possible_cells(sweep: Sweep) -> list[Cell]:
+    """Every cell the sweep could run: stage 1, and stage 2 at every lr point."""
+    cells = []
+    for g in sweep.groups:
+        cells += sweep.stage1(g)
+        for p in g.points:
+            cells += sweep.stage2(g, p)
+    return cells
+
+
+def _check_cells(sweep: Sweep) -> None:
+    """Unique cell names, and TrainArgs accepts every cell's settings."""
+    seen: set[str] = set()
+    for cell in all_possible_cells(sweep):
+        if cell.name in seen:
+            raise MolfError(
+                f"{cell.name}: this cell appears twice in the grid (duplicated learning rate?)"
+            )
+        seen.add(cell.name)
+        _train_args(cell.values(sweep.output_dir), cell.name)

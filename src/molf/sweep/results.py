@@ -1,0 +1,288 @@
+"""What a sweep records: ``summary.csv`` rows, the lr choice, and ``results.md``.
+
+Rows are kept as strings, exactly as they read back from the CSV, so a summary
+committed in one session and read in the next gives the same choices and tables.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import hashlib
+import io
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from molf.sweep.config import Cell, Group, LrPoint, Sweep, format_lr
+
+Row = dict[str, str]
+LEAD = (
+    "cell",
+    "status",
+    "model",
+    "task",
+    "method_label",
+    "method",
+    "lr",
+    "lora_lr",
+    "ranks",
+    "seed",
+    "split",
+)
+TAIL = (
+    "steps",
+    "batch",
+    "train_seconds",
+    "wall_seconds",
+    "peak_memory_mb",
+    "returncode",
+    "settings_hash",
+    "run_dir",
+)
+# Settings that do not change a cell's numbers (where files go, logging, evaluation
+# batching) or that name machine-specific paths (model, data: the cell name holds them).
+NOT_FINGERPRINTED = frozenset(
+    {
+        "output_dir",
+        "resume",
+        "overwrite",
+        "model",
+        "gguf_file",
+        "data",
+        "save_steps",
+        "save_total_limit",
+        "save_merged",
+        "logging_steps",
+        "report_to",
+        "parallel",
+        "dist_timeout",
+        "check_routing",
+        "eval_batch_size",
+        "eval_before",
+        "gradient_checkpointing",
+    }
+)
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def number(text: str | None) -> float:
+    """A CSV cell as a float (NaN when empty or not a number)."""
+    try:
+        return float(text) if text not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+@functools.cache
+def _defaults() -> dict[str, Any]:
+    from molf.train.args import TrainArgs
+
+    return TrainArgs().to_dict()
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short hash of the settings that decide a cell's numbers.
+
+    Only values that differ from TrainArgs' defaults count, so adding a new field with
+    a default later does not make earlier results look stale."""
+    defaults = _defaults()
+    kept = {
+        k: settings[k]
+        for k in sorted(defaults)
+        if k not in NOT_FINGERPRINTED and k in settings and settings[k] != defaults[k]
+    }
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cell_row(cell: Cell, args: Any, run_dir: Path, wall_seconds: float | None) -> Row:
+    """The summary row of a finished cell, from its run directory's ``eval.json``."""
+    ev = json.loads((run_dir / "eval.json").read_text())
+    row = base_row(cell, args, "ok")
+    for metric, value in ev["after"].items():
+        row[f"{cell.split}_{metric}"] = _text(value)
+    for metric, value in ev.get("before", {}).items():
+        row[f"{cell.split}_{metric}_before"] = _text(value)
+    row["train_seconds"] = _text(ev.get("train_seconds"))
+    row["wall_seconds"] = _text(None if wall_seconds is None else round(wall_seconds, 2))
+    row["peak_memory_mb"] = _text(ev.get("peak_memory_mb"))
+    row["returncode"] = "0"
+    return row
+
+
+def base_row(cell: Cell, args: Any, status: str) -> Row:
+    """The identifying columns of a cell's row (metrics left out)."""
+    return {
+        "cell": cell.name,
+        "status": status,
+        "model": cell.group.model,
+        "task": cell.group.task,
+        "method_label": cell.group.method,
+        "method": args.method,
+        "lr": _text(args.lr),
+        "lora_lr": "" if args.method == "fft" else _text(args.effective_lora_lr),
+        "ranks": "+".join(str(r) for r in args.lora_ranks),
+        "seed": _text(cell.seed),
+        "split": cell.split,
+        "steps": _text(args.max_steps),
+        "batch": _text(args.batch_size * args.grad_accum),
+        "settings_hash": fingerprint(args.to_dict()),
+        "run_dir": str(Path(args.output_dir)),
+    }
+
+
+def read_summary(path: Path) -> dict[str, Row]:
+    """Rows of an existing summary.csv by cell name (empty when there is none)."""
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {r["cell"]: dict(r) for r in csv.DictReader(f) if r.get("cell")}
+
+
+def write_summary(path: Path, rows: dict[str, Row]) -> None:
+    """Rewrite summary.csv atomically: identifying columns, metrics (sorted), then costs."""
+    from molf.train.checkpoint import write_text_atomic
+
+    keys = {k for r in rows.values() for k in r}
+    middle = sorted(keys - set(LEAD) - set(TAIL))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=[*LEAD, *middle, *TAIL], restval="")
+    writer.writeheader()
+    for row in rows.values():
+        writer.writerow(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, out.getvalue())
+
+
+def choose_lr(
+    sweep: Sweep, group: Group, rows: dict[str, Row]
+) -> tuple[LrPoint, list[dict]] | None:
+    """The group's lr point with the best val primary metric (ties: the smaller lr, then
+    the smaller lora_lr; NaN counts as worst), and the val table it was chosen from.
+    None while a val cell is not finished (or failed)."""
+    if not group.needs_selection:
+        return group.points[0], []
+    column = f"val_{group.primary_metric}"
+    table = []
+    for cell in sweep.stage1(group):
+        row = rows.get(cell.name)
+        if row is None or row.get("status") != "ok":
+            return None
+        value = number(row.get(column))
+        table.append(
+            {"cell": cell.name, "lr": cell.point.lr, "lora_lr": cell.point.lora_lr, column: value}
+        )
+
+    def key(entry: dict) -> tuple[float, float, float]:
+        value = entry[column]
+        return (-math.inf if math.isnan(value) else value, -entry["lr"], -(entry["lora_lr"] or 0.0))
+
+    best = max(table, key=key)
+    return LrPoint(best["lr"], best["lora_lr"]), table
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _point_text(point: LrPoint) -> str:
+    text = format_lr(point.lr)
+    return text if point.lora_lr is None else f"{text} (lora {format_lr(point.lora_lr)})"
+
+
+def results_markdown(sweep: Sweep, rows: dict[str, Row], choices: dict[str, Any]) -> str:
+    """The comparison table: per model/task, each method at its chosen lr on test,
+    mean ± sample std over seeds; then the val tables the lrs were chosen from."""
+    lines = [
+        f"# Sweep results ({sweep.path.name})",
+        "",
+        "Test split; mean ± sample standard deviation over seeds (n = finished seeds); "
+        "each method's lr was chosen on the val split (seed "
+        f"{sweep.select_seed}; `selection.json`), never on test.",
+    ]
+    by_pair: dict[tuple[str, str], list[Group]] = {}
+    for g in sweep.groups:
+        by_pair.setdefault((g.model, g.task), []).append(g)
+    for (model, task), groups in by_pair.items():
+        test_rows = {
+            g.key: [
+                rows[c.name]
+                for c in sweep.stage2(g, choices[g.key][0])
+                if c.name in rows and rows[c.name].get("status") == "ok"
+            ]
+            for g in groups
+            if g.key in choices
+        }
+        metrics = sorted(
+            {
+                k
+                for rs in test_rows.values()
+                for r in rs
+                for k in r
+                if k.startswith("test_") and not k.endswith("_before") and r[k]
+            }
+        )
+        primary = f"test_{groups[0].primary_metric}"
+        metrics = ([primary] if primary in metrics else []) + [m for m in metrics if m != primary]
+        lines += [
+            "",
+            f"## {model} / {task}",
+            "",
+            "| method | lr (chosen on val) | n | " + " | ".join(metrics) + " | train s |",
+            "|---|---|---|" + "---|" * len(metrics) + "---|",
+        ]
+        for g in groups:
+            if g.key not in choices:
+                lines.append(f"| {g.method} | pending | 0 |" + " |" * len(metrics) + " |")
+                continue
+            rs = test_rows[g.key]
+            cols = [_mean_std([number(r.get(m)) for r in rs if r.get(m)]) for m in metrics]
+            train = [number(r.get("train_seconds")) for r in rs]
+            lines.append(
+                f"| {g.method} | {_point_text(choices[g.key][0])} | {len(rs)} | "
+                + " | ".join(cols)
+                + (f" | {statistics.fmean(train):.1f} |" if train else " | |")
+            )
+    val_lines = []
+    for g in sweep.groups:
+        if g.key in choices and choices[g.key][1]:
+            point, table = choices[g.key]
+            column = f"val_{g.primary_metric}"
+            cells = ", ".join(
+                f"{_point_text(LrPoint(e['lr'], e['lora_lr']))}: {e[column]:.4f}"
+                + (" (chosen)" if LrPoint(e["lr"], e["lora_lr"]) == point else "")
+                for e in table
+            )
+            val_lines.append(f"- {g.key}, {column}: {cells}")
+    if val_lines:
+        lines += ["", "## Learning-rate choice (val)", "", *val_lines]
+    return "\n".join(lines) + "\n"
+
+
+def selection_json(choices: dict[str, Any]) -> str:
+    """``selection.json``: each group's chosen lr point and the val table behind it."""
+    out = {}
+    for key, (point, table) in choices.items():
+        out[key] = {
+            "lr": point.lr,
+            "lora_lr": point.lora_lr,
+            "label": point.label,
+            "val": [
+                {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in e.items()}
+                for e in table
+            ],
+            "note": "single lr point: nothing to choose"
+            if not table
+            else "best val primary metric; ties: the smaller lr",
+        }
+    return json.dumps(out, indent=2)

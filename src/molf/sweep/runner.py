@@ -1,0 +1,327 @@
+"""Running a sweep: each cell is a ``molf train`` subprocess, one after another.
+
+Group by group (model, task, method entry): the val cells of every lr point on the
+selection seed, then the lr with the best val primary metric on every test seed. A
+sweep that was stopped continues where it stopped: a finished cell (in the run dir or
+in the summary) is skipped, an unfinished one with a checkpoint resumes from it, one
+without restarts. Beside each run dir ``D`` the sweep keeps ``D.yaml`` (the cell's
+settings, given to ``--config``), ``D.log`` (its output) and ``D.sweep.json``
+(attempts and wall time).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from molf.errors import MolfError
+from molf.sweep.config import Cell, Sweep
+from molf.sweep.results import (
+    Row,
+    base_row,
+    cell_row,
+    choose_lr,
+    fingerprint,
+    number,
+    read_summary,
+    results_markdown,
+    selection_json,
+    write_summary,
+)
+
+
+def is_complete(run_dir: Path) -> bool:
+    """A run is complete when eval.json has "after" and final/ exists."""
+    try:
+        done = "after" in json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return done and (run_dir / "final").is_dir()
+
+
+def _sidecar(run_dir: Path, suffix: str) -> Path:
+    return run_dir.with_name(run_dir.name + suffix)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@dataclass
+class Runner:
+    """Walks the grid in order; with ``execute`` False it only looks (``--dry-run``)."""
+
+    sweep: Sweep
+    execute: bool
+    only: str | None = None
+    rows: dict[str, Row] = field(default_factory=dict)
+    choices: dict[str, Any] = field(default_factory=dict)
+    listing: list[tuple[str, str, str]] = field(default_factory=list)  # name, state, cost
+    failed: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    matched: int = 0
+    seconds: float = 0.0  # estimated wall time of the cells to run
+    unknown: int = 0  # cells to run without an estimate
+
+    def walk(self) -> None:
+        for group in self.sweep.groups:
+            for cell in self.sweep.stage1(group):
+                self.visit(cell)
+            chosen = choose_lr(self.sweep, group, self.rows)
+            if chosen is None:
+                for cell in self.sweep.stage2(group, group.points[0]):
+                    name = f"{group.key}/lr?/test-s{cell.seed}"
+                    cost = self.estimate(cell, _args(cell, self.sweep))
+                    self.listing.append((name, "pending", f"{cost}; once the lr is chosen"))
+                    if self.execute and any(
+                        self.rows.get(c.name, {}).get("status") == "failed"
+                        for c in self.sweep.stage1(group)
+                    ):
+                        self.blocked.append(name)
+                continue
+            self.choices[group.key] = chosen
+            if self.execute and chosen[1]:
+                self._write("selection.json", selection_json(self.choices))
+            for cell in self.sweep.stage2(group, chosen[0]):
+                self.visit(cell)
+
+    def _write(self, name: str, text: str) -> None:
+        from molf.train.checkpoint import write_text_atomic
+
+        self.sweep.results_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.sweep.results_dir / name, text)
+
+    def _matches(self, name: str) -> bool:
+        return self.only is None or name == self.only or fnmatch.fnmatchcase(name, self.only)
+
+    def visit(self, cell: Cell) -> None:
+        from molf.train.checkpoint import list_checkpoints
+
+        args = _args(cell, self.sweep)
+        run_dir = Path(args.output_dir)
+        expected = fingerprint(args.to_dict())
+        row = self.rows.get(cell.name)
+        if row is not None and row.get("status") == "ok":
+            _check_same(
+                cell, row.get("settings_hash"), expected, f"its row in {self.sweep.summary}"
+            )
+            self.listing.append((cell.name, "done", ""))
+            return
+        config = _sidecar(run_dir, ".yaml")  # the settings the cell last ran with
+        if config.is_file() and run_dir.is_dir():
+            saved = yaml.safe_load(config.read_text()) or {}
+            _check_same(cell, fingerprint(saved), expected, f"the run in {run_dir}")
+        if is_complete(run_dir):
+            wall = _read_json(_sidecar(run_dir, ".sweep.json")).get("wall_seconds")
+            self.rows[cell.name] = cell_row(cell, args, run_dir, wall)
+            if self.execute:
+                write_summary(self.sweep.summary, self.rows)
+            self.listing.append((cell.name, "done", ""))
+            return
+        if list_checkpoints(run_dir):
+            state = "resume"
+        elif run_dir.is_dir() and any(run_dir.iterdir()):
+            state = "restart"
+        else:
+            state = "new"
+        self.listing.append((cell.name, state, self.estimate(cell, args)))
+        if self._matches(cell.name):
+            self.matched += 1
+            if self.execute:
+                self.run_cell(cell, args, state)
+
+    def estimate(self, cell: Cell, args: Any) -> str:
+        """steps x batch, and seconds scaled from a finished cell of the same model/task
+        (the same method entry preferred): its training time per example, plus its
+        other time (start-up, evaluation, saving) as it was."""
+        batch = args.batch_size * args.grad_accum
+        size = (
+            f"{args.max_steps} x {batch}" if args.max_steps else f"{args.epochs:g} epochs x {batch}"
+        )
+        same = [
+            r
+            for r in self.rows.values()
+            if r.get("status") == "ok"
+            and r.get("model") == cell.group.model
+            and r.get("task") == cell.group.task
+            and r.get("train_seconds")
+        ]
+        same.sort(key=lambda r: r.get("method_label") == cell.group.method)
+        if not same:
+            self.unknown += 1
+            return size
+        ref = same[-1]
+        train = number(ref["train_seconds"])
+        ref_examples = number(ref.get("steps")) * number(ref.get("batch"))
+        if args.max_steps and ref_examples == ref_examples:  # both known (not NaN)
+            train = train * args.max_steps * batch / ref_examples
+        overhead = max(0.0, number(ref.get("wall_seconds")) - number(ref["train_seconds"]))
+        wall = train + (overhead if overhead == overhead else 0.0)
+        self.seconds += wall
+        return f"{size}, ~{wall:.0f} s (train ~{train:.0f} s, from {ref['cell']})"
+
+    def run_cell(self, cell: Cell, args: Any, state: str) -> None:
+        """Run one cell as ``<launcher> train --config D.yaml [--resume | --overwrite]``."""
+        from molf.train.checkpoint import write_text_atomic
+
+        run_dir = Path(args.output_dir)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        config = _sidecar(run_dir, ".yaml")
+        settings = {k: v for k, v in args.to_dict().items() if k not in ("resume", "overwrite")}
+        write_text_atomic(config, yaml.safe_dump(settings, sort_keys=False))
+        flags = {"resume": ["--resume"], "restart": ["--overwrite"], "new": []}[state]
+        cmd = [*self.sweep.launcher, "train", "--config", str(config), *flags]
+        record_path = _sidecar(run_dir, ".sweep.json")
+        record = _read_json(record_path)
+        attempt = int(record.get("attempts", 0)) + 1
+        record = {**record, "attempts": attempt, "command": cmd}
+        write_text_atomic(record_path, json.dumps(record, indent=2))  # counts killed attempts
+        print(
+            f"[sweep] {cell.name}: {'new' if state == 'new' else state} run (attempt {attempt})",
+            flush=True,
+        )
+        log_path = _sidecar(run_dir, ".log")
+        start = time.monotonic()
+        with open(log_path, "a") as log:
+            log.write(f"=== attempt {attempt}: {shlex.join(cmd)}\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            try:
+                code = proc.wait()
+            except BaseException:  # Ctrl-C / SIGTERM: stop the cell too, keep its checkpoints
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                raise
+        wall = float(record.get("wall_seconds", 0.0)) + time.monotonic() - start
+        record.update(wall_seconds=round(wall, 2), returncode=code)
+        write_text_atomic(record_path, json.dumps(record, indent=2))
+        if code == 0 and is_complete(run_dir):
+            row = cell_row(cell, args, run_dir, wall)
+            metric = f"{cell.split}_{cell.group.primary_metric}"
+            print(
+                f"[sweep] {cell.name}: {metric}={row.get(metric, '?')} ({wall:.0f} s)", flush=True
+            )
+        else:
+            row = base_row(cell, args, "failed")
+            row.update(returncode=str(code), wall_seconds=str(round(wall, 2)))
+            self.failed.append(cell.name)
+            tail = log_path.read_text().strip().splitlines()[-3:]
+            print(
+                f"[sweep] {cell.name}: FAILED (exit {code}); see {log_path}:\n  "
+                + "\n  ".join(tail),
+                flush=True,
+            )
+        self.rows[cell.name] = row
+        write_summary(self.sweep.summary, self.rows)
+
+
+def _args(cell: Cell, sweep: Sweep) -> Any:
+    from molf.train.args import resolve_args
+
+    return resolve_args(None, cell.values(sweep.output_dir))
+
+
+def _check_same(cell: Cell, found: str | None, expected: str, where: str) -> None:
+    if found and found != expected:
+        raise MolfError(
+            f"{cell.name}: {where} was made with other settings than the sweep file now "
+            "gives this cell; restore the file, or delete that run (or row) to redo it"
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def _print_listing(runner: Runner) -> None:
+    width = max((len(n) for n, _, _ in runner.listing), default=0)
+    for name, state, cost in runner.listing:
+        print(f"{name:<{width}}  {state:<8}  {cost}".rstrip())
+    todo = sum(1 for _, s, _ in runner.listing if s != "done")
+    known = todo - runner.unknown
+    print(
+        f"[sweep] {len(runner.listing)} cells: {len(runner.listing) - todo} done, "
+        f"{todo} to run"
+        + (f", ~{_duration(runner.seconds)} for the {known} with an estimate" if known else "")
+        + " (dry run: nothing was run)"
+    )
+
+
+def _report(runner: Runner) -> None:
+    """Hand the finished test cells to ``molf.report`` when that module exists."""
+    try:
+        from molf.report import write_report
+    except ImportError:
+        return
+    dirs, labels = [], []
+    several = len({(g.model, g.task) for g in runner.sweep.groups}) > 1
+    for group in runner.sweep.groups:
+        if group.key in runner.choices:
+            for cell in runner.sweep.stage2(group, runner.choices[group.key][0]):
+                run_dir = runner.sweep.output_dir / cell.name
+                if is_complete(run_dir):
+                    dirs.append(run_dir)
+                    label = f"{group.key if several else group.method} s{cell.seed}"
+                    labels.append(label)
+    if dirs:
+        write_report(dirs, runner.sweep.results_dir / "report", labels)
+
+
+def run_sweep(sweep: Sweep, dry_run: bool = False, only: str | None = None) -> int:
+    """Run (or with ``dry_run`` list) the sweep; 0 when every cell finished, 1 when
+    some failed. Stale results and an ``only`` that matches nothing raise MolfError
+    before anything runs."""
+    rows = read_summary(sweep.summary)
+    look = Runner(sweep, execute=False, only=only, rows=dict(rows))
+    look.walk()  # checks every known cell against what is on disk and in the summary
+    if dry_run:
+        _print_listing(look)
+        return 0
+    if only is not None and not look.matched:
+        todo = [n for n, s, _ in look.listing if s not in ("done",) and "?" not in n]
+        raise MolfError(
+            f"--only {only}: no cell left to run matches; cells to run: "
+            + (", ".join(todo[:8]) or "none")
+            + (" ..." if len(todo) > 8 else "")
+        )
+    runner = Runner(sweep, execute=True, only=only, rows=dict(rows))
+    runner.walk()
+    write_summary(sweep.summary, runner.rows)
+    runner._write("results.md", results_markdown(sweep, runner.rows, runner.choices))
+    _report(runner)
+    if runner.failed or runner.blocked:
+        runner._write(
+            "failed.json",
+            json.dumps(
+                {"failed": runner.failed, "not_run_lr_not_chosen": runner.blocked}, indent=2
+            ),
+        )
+        print(
+            f"[sweep] failed cells: {', '.join(runner.failed)}"
+            + (
+                f"; not run because their lr could not be chosen: {', '.join(runner.blocked)}"
+                if runner.blocked
+                else ""
+            ),
+            flush=True,
+        )
+        return 1
+    (sweep.results_dir / "failed.json").unlink(missing_ok=True)
+    print(f"[sweep] done: {sweep.summary}, {sweep.results_dir / 'results.md'}", flush=True)
+    return 0
