@@ -1,15 +1,23 @@
-"""Text-to-SQL: SQLite execution, metrics, Spider schemas, both layouts, evaluation."""
+"""Text-to-SQL: SQLite execution, metrics, Spider schemas, splits, populated databases,
+robustness to adversarial predictions, evaluation."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import random
+import re
+import sqlite3
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from molf.errors import DataError, MolfError
 from molf.tasks import get_task, sql_exec
+from molf.tasks import sql as sql_module
 from molf.tasks.scoring import generate
-from molf.tasks.sources import Origin
+from molf.tasks.sources import Origin, hash_fraction
 from molf.tasks.spider import schema_ddl
 from molf.tasks.sql import (
     SqlRecord,
@@ -17,44 +25,64 @@ from molf.tasks.sql import (
     parse_gretel_row,
     parse_spider_row,
     sql_example,
-    sql_metrics,
+    sql_prompt,
 )
-from molf.tasks.sql_exec import execute, has_rows
+from molf.tasks.sql_exec import execute, has_rows, outcomes_agree
+from molf.tasks.sql_populate import VARIANTS
+from molf.tasks.sql_score import judge_all, record_scripts, sql_metrics
+from molf.tasks.sql_split import database_sides, question_side
 from molf.tasks.sql_text import postprocess_sql
 
 from .helpers import SINGERS, write_json, write_jsonl
 
-
-def record(query: str, context: str = SINGERS, line: int = 1) -> SqlRecord:
-    return SqlRecord("a question", context, query, Origin("data.jsonl", line))
+FOREVER = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
 
 
-def test_execute_compares_result_multisets_not_order() -> None:
+def record(
+    query: str, context: str = SINGERS, line: int = 1, variants: tuple[str, ...] = ()
+) -> SqlRecord:
+    return SqlRecord("a question", context, query, Origin("data.jsonl", line), None, variants)
+
+
+def test_execute_keeps_row_order_and_agreement_ignores_it_unless_asked() -> None:
     by_name = execute(SINGERS, "SELECT name FROM singer ORDER BY name", "r")
     by_age = execute(SINGERS, "SELECT name FROM singer ORDER BY age", "r")
-    assert by_name == by_age and by_name is not None
+    assert by_name is not None and by_age is not None
+    assert by_name.rows == (("Ann",), ("Bob",), ("Cy",)) and by_age.rows[0] == ("Bob",)
+    assert outcomes_agree(by_age, by_name, ordered=False)
+    assert not outcomes_agree(by_age, by_name, ordered=True)
     doubled = execute(SINGERS, "SELECT name FROM singer UNION ALL SELECT 'Ann'", "r")
-    assert doubled is not None and doubled.rows != by_name.rows
+    assert doubled is not None and not outcomes_agree(doubled, by_name, ordered=False)
 
 
 def test_execute_sees_what_a_statement_changed() -> None:
     deleted = execute(SINGERS, "DELETE FROM singer WHERE age < 25", "r")
-    assert deleted is not None and not deleted.rows
+    assert deleted is not None and not deleted.rows and deleted.tables is not None
     assert sorted(deleted.tables["singer"]) == [(1, "Ann", 30), (3, "Cy", 40)]
-    assert execute(SINGERS, "DELETE FROM singer WHERE age < 35", "r") != deleted
+    other = execute(SINGERS, "DELETE FROM singer WHERE age < 35", "r")
+    assert other is not None and not outcomes_agree(other, deleted, ordered=False)
+    selected = execute(SINGERS, "SELECT 1 FROM singer WHERE 0", "r")
+    assert selected is not None and selected.tables is None  # nothing changed
+    dropped = execute(SINGERS, "DROP TABLE singer", "r")
+    assert dropped is not None and dropped.tables == {}
 
 
-@pytest.mark.parametrize("sql", ["SELECT nope FROM singer", "", "SELECT 1; SELECT 2", "garbage"])
+@pytest.mark.parametrize(
+    "sql", ["SELECT nope FROM singer", "", "SELECT 1; SELECT 2", "garbage", "SELECT '\x00"]
+)
 def test_failing_statements_give_none(sql: str) -> None:
     assert execute(SINGERS, sql, "r") is None
 
 
 def test_runaway_query_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sql_exec, "QUERY_SECONDS", 0.2)
-    forever = (
-        "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
-    )
-    assert execute(SINGERS, forever, "r") is None
+    assert execute(SINGERS, FOREVER, "r") is None
+
+
+def test_too_many_rows_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sql_exec, "MAX_RESULT_ROWS", 8)
+    assert execute(SINGERS, "SELECT * FROM singer a, singer b", "r") is None  # 9 rows
+    assert execute(SINGERS, "SELECT * FROM singer a, singer b LIMIT 8", "r") is not None
 
 
 def test_generated_sql_cannot_write_files(tmp_path: Path) -> None:
@@ -89,22 +117,26 @@ def test_sql_metrics_hand_computed() -> None:
         record("SELECT name FROM singer WHERE id = 1"),
         record("SELECT max(age) FROM singer"),
         record("SELECT a FROM t", context="CREATE TABLE t (a INT);"),  # schema only
+        record("SELECT name FROM singer WHERE id = 5"),  # returns nothing
     ]
     predictions = [
-        "SELECT name FROM singer WHERE age >= 30",  # same rows, different text
+        "SELECT name FROM singer WHERE age >= 30 ORDER BY name",  # same rows, different text
         "select COUNT(*) from singer",  # same text up to case
         "DELETE FROM singer WHERE age <= 30",  # runs, deletes one row too many
         "SELECT nme FROM singer",  # parses, does not run
-        "the oldest",  # not SQL
+        "SELECT 'the oldest",  # sqlglot cannot read it
         "SELECT a FROM t",  # exact, but no data to check execution on
+        "SELECT name FROM singer WHERE id = 6",  # "agrees" with an empty gold result
     ]
     assert sql_metrics(records, predictions) == pytest.approx(
         {
-            "exact_match": 2 / 6,
-            "valid_sql": 5 / 6,
-            "executes": 4 / 6,
-            "execution_accuracy": 2 / 5,
-            "execution_coverage": 5 / 6,
+            "exact_match": 2 / 7,
+            "valid_sql": 6 / 7,
+            "unparsable": 1 / 7,
+            "executes": 5 / 7,
+            "execution_accuracy": 3 / 6,
+            "execution_coverage": 6 / 7,
+            "nonempty_gold": 5 / 6,
         }
     )
 
@@ -114,8 +146,72 @@ def test_schema_only_records_get_no_execution_accuracy() -> None:
     assert sql_metrics(records, ["SELECT a FROM t", "SELECT b FROM t"]) == {
         "exact_match": 0.5,
         "valid_sql": 1.0,
+        "unparsable": 0.0,
         "executes": 0.5,
     }
+
+
+# one schema, two sets of rows: a prediction must agree with the gold query on both
+TWO_VARIANTS = ("INSERT INTO t VALUES (1, 'x');", "INSERT INTO t VALUES (1, 'x'), (5, 'y');")
+
+
+@pytest.mark.parametrize(
+    ("gold", "predicted", "match"),
+    [
+        ("SELECT a FROM t WHERE a < 3", "SELECT a FROM t", False),  # agrees on the first only
+        ("SELECT a FROM t WHERE a < 3", "SELECT a FROM t WHERE a <= 2", True),
+        ("SELECT a FROM t WHERE a < 3", "SELECT a FROM t WHERE b = 'x'", True),
+        ("SELECT a FROM t ORDER BY a DESC", "SELECT a FROM t ORDER BY a", False),  # gold sorts
+        ("SELECT a FROM t", "SELECT a FROM t ORDER BY a DESC", True),  # gold does not
+        ("SELECT a FROM t UNION SELECT 9 ORDER BY 1", "SELECT 9 UNION SELECT a FROM t", True),
+        ("SELECT a, b FROM t", "SELECT b, a FROM t", False),  # columns in order
+        ("SELECT count(*) FROM t", "SELECT count(a) FROM t", True),
+    ],
+)
+def test_execution_match_needs_every_variant(gold: str, predicted: str, match: bool) -> None:
+    r = record(gold, "CREATE TABLE t (a INT, b TEXT);", variants=TWO_VARIANTS)
+    assert record_scripts(r) == tuple(f"{r.context}\n{v}" for v in TWO_VARIANTS)
+    (judgement,) = judge_all([r], [predicted])
+    assert judgement.execution_match is match and judgement.executes
+
+
+def test_adversarial_predictions_are_scored_wrong_and_counted(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(sql_exec, "QUERY_SECONDS", 0.3)
+    schema = "CREATE TABLE singer (id INT, name TEXT, age INT);"
+    rows = (
+        "INSERT INTO singer VALUES (1, 'Ann', 30), (2, 'Bob', 20);",
+        "INSERT INTO singer VALUES (3, 'Cy', 40);",
+    )
+    cases = {  # prediction: (parses, executes)
+        "DROP TABLE singer": (True, True),
+        "CREATE TABLE x (a INT)": (True, True),
+        "CREATE a SQL query that RETURNS the names of the singers": (True, False),
+        "I do not know the answer": (False, False),
+        "SELECT 'unbalanced FROM singer": (False, False),
+        "SELECT name FROM singer; DROP TABLE singer": (True, False),
+        f"ATTACH DATABASE '{tmp_path / 'x.db'}' AS x": (True, False),
+        "PRAGMA table_info(singer)": (True, True),
+        FOREVER: (True, False),
+        "SELECT " + "(" * 80 + "1" + ")" * 80: (False, True),  # sqlglot: RecursionError
+        "x " * 50_000: (False, False),
+        "": (False, False),
+    }
+    gold = "SELECT name FROM singer WHERE age > 25"
+    for context, variants in ((SINGERS, ()), (schema, rows)):
+        records = [record(gold, context, variants=variants)] * (len(cases) + 1)
+        predictions = [*cases, gold]
+        judgements = judge_all(records, predictions)
+        for prediction, judgement in zip(cases, judgements[:-1], strict=True):
+            assert (judgement.parses, judgement.executes) == cases[prediction], prediction[:40]
+            assert not judgement.exact_match and judgement.execution_match is False
+        # each prediction ran on its own copy: the DROP TABLE before did not reach this one
+        assert judgements[-1].exact_match and judgements[-1].execution_match
+        metrics = sql_metrics(records, predictions)
+        assert metrics["unparsable"] == pytest.approx(5 / len(predictions))
+        assert metrics["execution_accuracy"] == pytest.approx(1 / len(predictions))
+    assert list(tmp_path.iterdir()) == []
 
 
 TABLES = {
@@ -205,6 +301,12 @@ def test_check_record_names_file_line_and_layout_field() -> None:
         )
     with pytest.raises(DataError, match=r"dev\.json:5: field 'db_id': database 'music' is not"):
         parse_spider_row(spider, Origin("dev.json", 5), {})
+    # runs on the empty schema, fails once there are rows: json() of a non-JSON value
+    rows = SqlRecord("q", "CREATE TABLE t (a TEXT);", "SELECT json(a) FROM t", origin, "db")
+    assert check_record(rows) is rows
+    variants = ("INSERT INTO t VALUES ('[1]');", "INSERT INTO t VALUES ('x');")
+    with pytest.raises(DataError, match=r"field 'query': .* on generated rows \(variant 1\)"):
+        check_record(dataclasses.replace(rows, variants=variants))
 
 
 def gretel_rows(n: int, context: str = SINGERS) -> list[dict]:
@@ -218,20 +320,32 @@ def gretel_rows(n: int, context: str = SINGERS) -> list[dict]:
     ]
 
 
-def test_hub_layout_file_is_split_by_row_and_eval_rows_are_checked(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "sql.jsonl", gretel_rows(10))
-    data = get_task("sql").load(str(path), seed=1)
-    assert len(data.train) == 8 and len(data.eval) == 2
-    assert not {sql_example(r).prompt for r in data.eval} & {e.prompt for e in data.train}
-    bad = write_jsonl(tmp_path / "bad.jsonl", gretel_rows(10, context="CREATE TABLE ("))
+def test_hub_layout_file_is_split_by_question_hash(tmp_path: Path) -> None:
+    rows = gretel_rows(40)
+    path = write_jsonl(tmp_path / "sql.jsonl", rows)
+    expected = {"train": set(), "val": set(), "test": set()}
+    for row in rows:  # the definition: train below 0.6, val below 0.8, test above
+        h = hash_fraction(row["sql_prompt"])
+        expected["train" if h < 0.6 else "val" if h < 0.8 else "test"].add(row["sql_prompt"])
+    for split in ("val", "test"):
+        for seed in (0, 1):
+            data = get_task("sql").load(str(path), seed=seed, split=split)
+            assert {r.question for r in data.eval} == expected[split]
+            assert {e.prompt.split("Question: ")[1][:-5] for e in data.train} == expected["train"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", gretel_rows(40, context="CREATE TABLE ("))
     with pytest.raises(DataError, match=r"bad\.jsonl:\d+: field 'sql_context'"):
         get_task("sql").load(str(bad))
+    with pytest.raises(MolfError, match="no databases to split by"):
+        get_task("sql").load(f"{path}#by-database")
+
+
+DBS = ("a", "b", "c", "d", "e")
 
 
 def spider_files(directory: Path) -> Path:
     tables = [
         {**TABLES, "db_id": db, "table_names_original": [f"{db}_t", "other", "sqlite_sequence"]}
-        for db in ("a", "b", "c", "d", "e")
+        for db in DBS
     ]
     write_json(directory / "tables.json", tables)
     questions = [
@@ -240,7 +354,7 @@ def spider_files(directory: Path) -> Path:
             "question": f"Q{i} on {db}",
             "query": f"SELECT count(*) FROM {db}_t WHERE Artist_ID > {i}",
         }
-        for db in ("a", "b", "c", "d", "e")
+        for db in DBS
         for i in range(3)
     ]
     return write_json(directory / "dev.json", questions)
@@ -248,12 +362,34 @@ def spider_files(directory: Path) -> Path:
 
 def test_spider_split_keeps_each_database_on_one_side(tmp_path: Path) -> None:
     spider_files(tmp_path)
-    data = get_task("sql").load(str(tmp_path), seed=0)
-    eval_dbs = {r.db_id for r in data.eval}
-    assert len(eval_dbs) == 1 and len(data.eval) == 3 and len(data.train) == 12
-    assert not any(f" on {db}\n" in e.prompt for e in data.train for db in eval_dbs)
-    other = {r.db_id for r in get_task("sql").load(str(tmp_path / "dev.json"), seed=3).eval}
-    assert other != eval_dbs  # another seed holds out another database
+    sides = database_sides(dict.fromkeys(DBS, 3))
+    assert Counter(sides.values()) == {"train": 1, "val": 2, "test": 2}  # at most (5 - 1) // 2
+    loaded = {
+        (split, seed): get_task("sql").load(str(tmp_path), seed=seed, split=split)
+        for split in ("val", "test")
+        for seed in (0, 3)
+    }
+    for (split, _), data in loaded.items():
+        assert {r.db_id for r in data.eval} == {db for db in DBS if sides[db] == split}
+        assert len(data.eval) == 6 and len(data.train) == 3
+        assert all(len(r.variants) == VARIANTS for r in data.eval)
+        train_dbs = {db for db in DBS if f" on {db}\n" in " ".join(e.prompt for e in data.train)}
+        assert train_dbs == {db for db in DBS if sides[db] == "train"}
+        assert "split by database: 1 train / 2 val / 2 test databases" in data.source
+    assert loaded[("test", 0)].eval == loaded[("test", 3)].eval  # --seed does not move test
+
+
+def test_spider_split_by_question_mode(tmp_path: Path) -> None:
+    spider_files(tmp_path)
+    for split in ("val", "test"):
+        data = get_task("sql").load(f"{tmp_path}#by-question", split=split)
+        expected = {f"Q{i} on {db}" for db in DBS for i in range(3)}
+        assert {r.question for r in data.eval} == {q for q in expected if question_side(q) == split}
+        assert len(data.train) == sum(question_side(q) == "train" for q in expected)
+    with pytest.raises(MolfError, match="unknown split mode 'by-row'"):
+        get_task("sql").load(f"{tmp_path}#by-row")
+    with pytest.raises(MolfError, match="split must be one of val, test"):
+        get_task("sql").load(str(tmp_path), split="train")
 
 
 def test_spider_needs_tables_json(tmp_path: Path) -> None:
@@ -263,35 +399,143 @@ def test_spider_needs_tables_json(tmp_path: Path) -> None:
         get_task("sql").load(str(tmp_path))
 
 
-def test_real_spider_files(data_root: Path) -> None:
-    data = get_task("sql").load(str(data_root / "spider"))
-    assert len(data.train) + len(data.eval) == 1034
-    assert len({r.db_id for r in data.eval}) == 4  # 20% of the 20 dev databases
-    eval_schemas = {r.context for r in data.eval}
-    assert all(c.startswith("CREATE TABLE") for c in eval_schemas)
-    assert not any(e.prompt.startswith(c) for e in data.train for c in eval_schemas)
+@pytest.fixture(scope="module")
+def spider_loads(data_root: Path) -> dict:
+    """The real Spider dev set loaded in both modes and both held-out splits."""
+    spider = data_root / "spider"
+    return {
+        (mode, split): get_task("sql").load(f"{spider}{mode}", split=split)
+        for mode in ("", "#by-question")
+        for split in ("val", "test")
+    }
 
 
-def test_evaluate_end_to_end(tiny, tmp_path: Path) -> None:
+def test_real_spider_splits(data_root: Path, spider_loads: dict) -> None:
+    questions = json.loads((data_root / "spider" / "dev.json").read_text())
+    for mode in ("", "#by-question"):
+        val, test = spider_loads[(mode, "val")], spider_loads[(mode, "test")]
+        assert val.train == test.train
+        assert len(val.train) + len(val.eval) + len(test.eval) == len(questions) == 1034
+        held = {sql_prompt(r) for r in val.eval} | {sql_prompt(r) for r in test.eval}
+        assert not held & {e.prompt for e in val.train}
+        assert all(len(r.variants) == VARIANTS for r in val.eval + test.eval)
+    by_db = {s: {r.db_id for r in spider_loads[("", s)].eval} for s in ("val", "test")}
+    train_dbs = {e.prompt.split("\nQuestion:")[0] for e in spider_loads[("", "val")].train}
+    assert not by_db["val"] & by_db["test"]
+    assert not train_dbs & {r.context for s in ("val", "test") for r in spider_loads[("", s)].eval}
+    # each held-out split: at least 3 databases and 15% of the questions
+    for split in ("val", "test"):
+        assert len(by_db[split]) >= 3 and len(spider_loads[("", split)].eval) >= 0.15 * 1034
+    assert (
+        "split by database: 11 train / 5 val / 4 test databases" in spider_loads[("", "val")].source
+    )
+
+
+def test_real_spider_execution_accuracy_against_direct_sqlite(spider_loads: dict) -> None:
+    """Judged against a plain re-implementation: each prediction (the gold query of another
+    question on the same database) run with sqlite3 on each variant and compared."""
+    records = spider_loads[("", "test")].eval
+    rng = random.Random(0)
+    sample = rng.sample(records, 60)
+    predictions = [
+        rng.choice([o.query for o in records if o.db_id == r.db_id]) for r in sample[:40]
+    ] + [r.query for r in sample[40:]]
+
+    def run(script: str, sql: str) -> list | None:
+        conn = sqlite3.connect(":memory:")
+        try:
+            conn.executescript(script)
+            return conn.execute(sql).fetchall()
+        except sqlite3.Error:
+            return None
+        finally:
+            conn.close()
+
+    def outer_order_by(sql: str) -> bool:
+        while re.search(r"\([^()]*\)", sql):
+            sql = re.sub(r"\([^()]*\)", "", sql)
+        return re.search(r"\border\s+by\b", sql, re.I) is not None
+
+    expected = []
+    for r, p in zip(sample, predictions, strict=True):
+        agree, ordered = True, outer_order_by(r.query)
+        for rows in r.variants:
+            script = f"{r.context}\n{rows}"
+            got, gold = run(script, p), run(script, r.query)
+            if got is None or (got != gold if ordered else Counter(got) != Counter(gold)):
+                agree = False
+        expected.append(agree)
+    judgements = judge_all(sample, predictions)
+    assert [j.execution_match for j in judgements] == expected
+    assert all(j.execution_match and j.exact_match for j in judgements[40:])
+    assert 0 < sum(expected[:40]) < 40
+
+
+def test_real_spider_gold_queries_mostly_return_rows(spider_loads: dict) -> None:
+    records = [r for key, data in spider_loads.items() if key[0] == "" for r in data.eval]
+    metrics = sql_metrics(records, [r.query for r in records])
+    assert metrics["exact_match"] == metrics["execution_accuracy"] == 1.0
+    assert metrics["nonempty_gold"] > 0.85  # measured 0.9+ with query literals in the rows
+
+
+def test_evaluate_end_to_end_with_predictions(tiny, tmp_path: Path) -> None:
     model, tokenizer = tiny
     task = get_task("sql")
     records = [record(r["sql"], line=i) for i, r in enumerate(gretel_rows(3), 1)]
     records.append(record("SELECT a FROM t", context="CREATE TABLE t (a INT);"))
-    metrics = task.evaluate(model, tokenizer, records, batch_size=2, max_new_tokens=12)
+    predictions: list[dict] = []
+    metrics = task.evaluate(
+        model, tokenizer, records, batch_size=2, max_new_tokens=12, predictions=predictions
+    )
     assert set(metrics) == {
         "exact_match",
         "valid_sql",
+        "unparsable",
         "executes",
         "execution_accuracy",
         "execution_coverage",
+        "nonempty_gold",
     }
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["execution_coverage"] == 0.75
     generated = generate(model, tokenizer, [sql_example(r).prompt for r in records], 12)
     assert metrics == sql_metrics(records, [postprocess_sql(g) for g in generated])
+    assert [p["output"] for p in predictions] == generated
+    assert [p["sql"] for p in predictions] == [postprocess_sql(g) for g in generated]
+    assert [p["reference"] for p in predictions] == [r.query for r in records]
+    assert [p["prompt"] for p in predictions] == [sql_prompt(r) for r in records]
+    assert sum(p["correct"] for p in predictions) / len(records) == metrics["exact_match"]
+    assert predictions[-1]["execution_match"] is None  # schema only
+    assert all(
+        set(p) == {"prompt", "reference", "output", "sql", "correct", "executes", "execution_match"}
+        for p in predictions
+    )
+    assert task.baselines(records) == {}
     spider = task.load(str(spider_files(tmp_path)), max_eval_samples=2).eval
-    assert set(task.evaluate(model, tokenizer, spider, max_new_tokens=8)) == {
-        "exact_match",
-        "valid_sql",
-        "executes",
-    }
+    spider_predictions: list[dict] = []
+    spider_metrics = task.evaluate(
+        model, tokenizer, spider, max_new_tokens=8, predictions=spider_predictions
+    )
+    assert spider_metrics["execution_coverage"] == 1.0
+    assert all(isinstance(p["execution_match"], bool) for p in spider_predictions)
+
+
+def test_hub_val_and_test_are_hash_halves_of_the_hub_test_split(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = gretel_rows(30)
+    bad = {**rows[0], "sql_prompt": "Broken?", "sql_context": "CREATE TABLE ("}
+
+    def hub_rows(dataset_id: str, split: str) -> list:  # the download, replaced by rows
+        given = rows[:5] if split == "train" else [*rows, bad]
+        return [(Origin(f"hub:{dataset_id}[{split}]", n), r) for n, r in enumerate(given, 1)]
+
+    monkeypatch.setattr(sql_module, "hub_rows", hub_rows)
+    val, test = (get_task("sql").load(None, split=s) for s in ("val", "test"))
+    assert len(val.train) == len(test.train) == 5
+    halves = {s: {r.question for r in d.eval} for s, d in (("val", val), ("test", test))}
+    assert halves["val"] and halves["test"] and not halves["val"] & halves["test"]
+    assert halves["val"] | halves["test"] == {r["sql_prompt"] for r in rows}
+    assert halves["val"] == {q for q in halves["val"] | halves["test"] if hash_fraction(q) < 0.5}
+    bad_side = "val" if hash_fraction("Broken?") < 0.5 else "test"
+    assert "skipped 1 malformed rows" in (val if bad_side == "val" else test).source

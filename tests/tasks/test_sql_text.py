@@ -2,9 +2,44 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from molf.tasks.sql_text import is_valid_sql, normalize_sql, postprocess_sql, sql_exact_match
+from molf.tasks import sql_text
+from molf.tasks.sql_text import (
+    fold_text,
+    is_valid_sql,
+    normalize_sql,
+    parse_trees,
+    postprocess_sql,
+    sql_exact_match,
+)
+
+DEEP = "SELECT " + "(" * 3000 + "1" + ")" * 3000  # sqlglot 30 raises RecursionError on it
+ADVERSARIAL = [
+    "CREATE a SQL query that RETURNS the names of the singers",
+    "CREATE a SQL query that RETURNS ...",
+    "DROP TABLE singer",
+    "CREATE TABLE x (a INT)",
+    "hello world this is not sql at all",
+    "SELECT 'unbalanced FROM singer",
+    'SELECT "unbalanced FROM singer',
+    "SELECT name FROM singer WHERE name = 'a''",
+    "SELECT 1; SELECT 2; DROP TABLE singer",
+    "ATTACH DATABASE 'x.db' AS x",
+    "PRAGMA table_info(singer)",
+    "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c",
+    DEEP,
+    "SELECT " + "NOT " * 5000 + "1",
+    "x " * 50_000,  # 100k characters
+    "blah blah\n" * 10_000,  # 100k characters over 10k lines
+    "```" * 10_000,
+    "SELECT '\x00'",
+    "",
+    ";;;",
+    "]]]]'\"`",
+]
 
 
 @pytest.mark.parametrize(
@@ -55,10 +90,60 @@ def test_is_valid_sql(sql: str, valid: bool) -> None:
 
 
 def test_normalize_sql_folds_case_spacing_and_the_final_semicolon() -> None:
-    assert normalize_sql("select  Name\nFROM Singer ;") == "select name from singer"
-    assert normalize_sql("SELECT T1.a FROM x AS T1") == "select t1.a from x as t1"
-    # not SQL: whitespace and case folded only
+    assert normalize_sql("select  Name\nFROM Singer ;") == "SELECT name FROM singer"
+    assert normalize_sql("SELECT T1.a FROM x AS T1") == "SELECT t1.a FROM x AS t1"
+    assert normalize_sql('SELECT "Home Town" FROM "Singer"', {"home town"}) == (
+        'SELECT "home town" FROM singer'
+    )
+    # not SQL: whitespace folded, case folded outside quotes only
     assert normalize_sql(" No  Idea; ") == "no idea"
+    assert fold_text(" Give  ME 'Texas' and \"Ohio\" ; ") == "give me 'Texas' and \"Ohio\""
+    assert fold_text("An 'unclosed Quote") == "an 'unclosed Quote"
+
+
+def test_string_literals_keep_their_case() -> None:
+    assert normalize_sql("select * from T where S = 'Texas'") == (
+        "SELECT * FROM t WHERE s = 'Texas'"
+    )
+    assert not sql_exact_match(
+        "SELECT a FROM t WHERE s = 'texas'", "SELECT a FROM t WHERE s = 'Texas'"
+    )
+    assert sql_exact_match("select A from T where S = 'Texas'", "SELECT a FROM t WHERE s = 'Texas'")
+
+
+def test_double_quoted_names_resolve_like_sqlite() -> None:
+    # Spider writes strings in double quotes; SQLite reads "x" as a string unless x is a column
+    columns = {"name", "home town"}
+    gold = 'SELECT name FROM singer WHERE name = "Texas"'
+    assert sql_exact_match("SELECT name FROM singer WHERE name = 'Texas'", gold, columns)
+    assert not sql_exact_match("SELECT name FROM singer WHERE name = 'texas'", gold, columns)
+    assert sql_exact_match('SELECT "NAME" FROM singer WHERE name = "Texas"', gold, columns)
+    assert sql_exact_match(
+        'SELECT "Home Town" FROM singer', 'SELECT "home town" FROM singer', columns
+    )
+    # without the column names a double-quoted bare name keeps its case (it may be a string)
+    assert not sql_exact_match(
+        'SELECT a FROM t WHERE b = "texas"', 'SELECT a FROM t WHERE b = "Texas"'
+    )
+
+
+@pytest.mark.parametrize("text", ADVERSARIAL, ids=range(len(ADVERSARIAL)))
+def test_adversarial_text_never_raises_and_is_fast(text: str) -> None:
+    start = time.monotonic()
+    cleaned = postprocess_sql(text)
+    assert isinstance(is_valid_sql(cleaned), bool)
+    assert isinstance(sql_exact_match(cleaned, "SELECT name FROM singer", {"name"}), bool)
+    assert isinstance(sql_exact_match(text, text), bool)
+    assert time.monotonic() - start < 10.0
+
+
+def test_sqlglot_failures_are_unparsable_not_errors() -> None:
+    assert parse_trees(DEEP) is None and not is_valid_sql(DEEP)
+    assert normalize_sql(DEEP).startswith("select ((((")
+    long = "SELECT a FROM t WHERE " + " OR ".join(f"a = {i}" for i in range(3000))
+    assert len(long) > sql_text.MAX_PARSE_CHARS and parse_trees(long) is None
+    assert parse_trees("SELECT 1; SELECT 2") is not None and not is_valid_sql("SELECT 1; SELECT 2")
+    assert parse_trees("") is None and parse_trees(";") is None
 
 
 @pytest.mark.parametrize(
@@ -71,6 +156,8 @@ def test_normalize_sql_folds_case_spacing_and_the_final_semicolon() -> None:
         ("SELECT name FROM singer WHERE age > 21", "SELECT name FROM singer WHERE age > 20", False),
         ("no idea", "No  idea", True),
         ("no idea", "SELECT 1", False),
+        ("SELECT a FROM t WHERE b = 'x'", "SELECT a FROM t WHERE b = 'X'", False),
+        ("SELECT a FROM t WHERE b LIKE '%Ab%'", "select A from T where B like '%Ab%'", True),
     ],
 )
 def test_sql_exact_match(predicted: str, gold: str, match: bool) -> None:

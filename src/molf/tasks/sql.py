@@ -4,12 +4,19 @@ Two sources, one record type. The hub set ``gretelai/synthetic_text_to_sql``
 (``sql_prompt``, ``sql_context`` with CREATE and INSERT statements, ``sql``) has
 data, so predictions can be checked by running them. Local Spider (``dev.json`` +
 ``tables.json``) has schemas only: its context is CREATE TABLE statements written
-from ``tables.json`` and its train/eval split keeps each database on one side.
+from ``tables.json``, and its evaluation records carry ``VARIANTS`` sets of seeded
+random rows (:mod:`molf.tasks.sql_populate`, with values from the literals of all the
+gold queries on the same database) on which predictions and gold queries are run.
+
+Splits (train, val, test) are fixed by hashes, not by ``--seed``; which records go
+where, and the ``--data PATH#by-question`` mode for Spider, are defined in
+:mod:`molf.tasks.sql_split`. Metrics are defined in :mod:`molf.tasks.sql_score`.
 """
 
 from __future__ import annotations
 
-import sqlite3
+import dataclasses
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -18,28 +25,38 @@ from typing import Any
 
 from molf.errors import MolfError
 from molf.tasks.base import Example, TaskData
-from molf.tasks.metrics import mean
 from molf.tasks.scoring import generate
 from molf.tasks.sources import (
     Origin,
     Row,
+    check_split,
     describe,
     existing_path,
     hub_rows,
     limited_task_data,
     parse_rows,
     read_rows,
-    split,
     text,
 )
-from molf.tasks.spider import spider_schemas
-from molf.tasks.sql_exec import Outcome, execute, has_rows, open_database
-from molf.tasks.sql_text import is_valid_sql, postprocess_sql, sql_exact_match
+from molf.tasks.spider import SpiderSchema, create_tables, spider_schemas
+from molf.tasks.sql_exec import GOLD_SECONDS, Databases, column_names
+from molf.tasks.sql_literals import query_literals
+from molf.tasks.sql_populate import variant_scripts
+from molf.tasks.sql_score import judge_all, record_scripts, summarize
+from molf.tasks.sql_split import (
+    BY_DATABASE,
+    BY_QUESTION,
+    MODE_SEPARATOR,
+    data_and_mode,
+    database_sides,
+    hub_test_side,
+    question_side,
+)
+from molf.tasks.sql_text import postprocess_sql
 
 HUB_ID = "gretelai/synthetic_text_to_sql"
 SPIDER_QUESTIONS = "dev.json"  # read when --data is a directory
 SPIDER_TABLES = "tables.json"  # always read from beside the questions file
-EVAL_FRACTION = 0.2  # share of rows (hub-layout file) or databases (Spider) held out
 
 
 @dataclass(frozen=True)
@@ -49,6 +66,7 @@ class SqlRecord:
     query: str  # the gold SQL
     origin: Origin
     db_id: str | None = None  # Spider's database; None for hub-layout rows
+    variants: tuple[str, ...] = ()  # INSERTs of each generated set of rows (Spider eval)
 
     @property
     def name(self) -> str:
@@ -75,7 +93,8 @@ def parse_gretel_row(row: dict[str, Any], origin: Origin) -> SqlRecord:
 
 
 def parse_spider_row(row: dict[str, Any], origin: Origin, schemas: Mapping[str, str]) -> SqlRecord:
-    """A record from a Spider question row; its context is its database's schema."""
+    """A record from a Spider question row; its context is its database's schema
+    (``schemas``: db_id -> CREATE TABLE statements)."""
     db_id = text(row, "db_id", origin)
     if db_id not in schemas:
         raise origin.error("db_id", f"database {db_id!r} is not described in {SPIDER_TABLES}")
@@ -84,106 +103,144 @@ def parse_spider_row(row: dict[str, Any], origin: Origin, schemas: Mapping[str, 
     )
 
 
-def check_record(record: SqlRecord) -> SqlRecord:
-    """The record, if its context and its gold query execute in SQLite; else DataError."""
+def check_record(record: SqlRecord, databases: Databases | None = None) -> SqlRecord:
+    """The record, if its context builds a database and its gold query executes there
+    (on each variant, when it has generated rows); else DataError naming the field."""
     context_field, query_field = ("db_id", "query") if record.db_id else ("sql_context", "sql")
+    own = databases is None
+    databases = Databases() if databases is None else databases
     try:
-        open_database(record.context).close()
-    except (sqlite3.Error, sqlite3.Warning) as e:
-        raise record.origin.error(
-            context_field, f"the context does not execute in SQLite: {e}"
-        ) from e
-    if execute(record.context, record.query, record.name) is None:
-        raise record.origin.error(query_field, "the gold query does not execute in SQLite")
+        try:
+            databases.template(record.context, record.name)
+        except MolfError as e:
+            raise record.origin.error(
+                context_field, f"the context does not execute in SQLite: {e.__cause__}"
+            ) from e
+        for n, script in enumerate(record_scripts(record)):
+            if databases.run(script, record.query, record.name, GOLD_SECONDS) is None:
+                where = f" on generated rows (variant {n})" if record.variants else ""
+                raise record.origin.error(
+                    query_field, f"the gold query does not execute in SQLite{where}"
+                )
+    finally:
+        if own:
+            databases.close()
     return record
 
 
-def split_by_database(
-    records: list[SqlRecord], seed: int
-) -> tuple[list[SqlRecord], list[SqlRecord]]:
-    """A seeded split of whole databases, so no eval database was seen in training."""
-    databases = sorted({r.db_id for r in records if r.db_id is not None})
-    if len(databases) < 2:
-        raise MolfError(f"a database split needs questions on 2 or more databases, got {databases}")
-    held_out = set(split(databases, EVAL_FRACTION, seed)[1])
-    return (
-        [r for r in records if r.db_id not in held_out],
-        [r for r in records if r.db_id in held_out],
-    )
+def checked(records: list[SqlRecord]) -> list[SqlRecord]:
+    """:func:`check_record` of each record, sharing template databases."""
+    with Databases() as databases:
+        return [check_record(r, databases) for r in records]
 
 
-def sql_splits(data: str | None, seed: int) -> tuple[list[SqlRecord], list[SqlRecord], str]:
-    """Train records, checked eval records (see ``check_record``) and a source description.
+def sql_splits(data: str | None, split: str) -> tuple[list[SqlRecord], list[SqlRecord], str]:
+    """Train records, checked ``split`` records (see ``check_record``) and a source
+    description, as :mod:`molf.tasks.sql_split` defines the splits.
 
     Bad rows in a local file raise; bad hub rows (not the user's to fix) are skipped.
     """
     if data is None:
-        train, skipped_train = parse_rows(
-            hub_rows(HUB_ID, "train"), parse_gretel_row, skip_bad=True
-        )
-        evals, skipped_eval = parse_rows(
-            hub_rows(HUB_ID, "test"), _checked_gretel_row, skip_bad=True
-        )
-        return train, evals, describe(f"hub:{HUB_ID} (train / test)", skipped_train + skipped_eval)
-    path = existing_path(data)
+        return hub_splits(split)
+    path_text, mode = data_and_mode(data)
+    path = existing_path(path_text)
     questions = existing_path(str(path / SPIDER_QUESTIONS)) if path.is_dir() else path
     rows = read_rows(questions)
     if rows and "sql_prompt" in rows[0][1]:
-        train_rows, eval_rows = split(rows, EVAL_FRACTION, seed)
-        return (
-            parse_rows(train_rows, parse_gretel_row, skip_bad=False)[0],
-            parse_rows(eval_rows, _checked_gretel_row, skip_bad=False)[0],
-            f"{questions} (seeded row split)",
-        )
-    train, evals = split_by_database(spider_records(rows, questions.parent / SPIDER_TABLES), seed)
-    return train, [check_record(r) for r in evals], f"{questions} (seeded split by database)"
+        if mode == BY_DATABASE:
+            raise MolfError(
+                f"--data {data}: hub-layout rows have no databases to split by; "
+                f"drop '{MODE_SEPARATOR}{BY_DATABASE}' (they are split by question)"
+            )
+        return hub_layout_file_splits(rows, questions, split)
+    return spider_splits(rows, questions, mode or BY_DATABASE, split)
+
+
+def hub_splits(split: str) -> tuple[list[SqlRecord], list[SqlRecord], str]:
+    """The hub's train split, and the ``split`` half of its test split, checked."""
+    train, skipped_train = parse_rows(hub_rows(HUB_ID, "train"), parse_gretel_row, skip_bad=True)
+    held = [(o, r) for o, r in hub_rows(HUB_ID, "test") if _hub_side(r) == split]
+    evals, skipped_eval = parse_rows(held, _checked_gretel_row, skip_bad=True)
+    source = f"hub:{HUB_ID} (train; {split}: a question-hash half of test)"
+    return train, evals, describe(source, skipped_train + skipped_eval)
+
+
+def hub_layout_file_splits(
+    rows: list[Row], path: Path, split: str
+) -> tuple[list[SqlRecord], list[SqlRecord], str]:
+    """A local file of hub-layout rows split by question hash; ``split`` records checked."""
+    records = parse_rows(rows, parse_gretel_row, skip_bad=False)[0]
+    sides = [question_side(r.question) for r in records]
+    return (
+        [r for r, side in zip(records, sides, strict=True) if side == "train"],
+        checked([r for r, side in zip(records, sides, strict=True) if side == split]),
+        f"{path} (question-hash train/val/test 60/20/20; evaluating {split})",
+    )
+
+
+def _hub_side(row: dict[str, Any]) -> str:
+    """The hub test row's half ("val" or "test"); a row without a question string is
+    malformed, and goes to test, where parsing skips and counts it."""
+    question = row.get("sql_prompt")
+    return hub_test_side(question) if isinstance(question, str) else "test"
 
 
 def _checked_gretel_row(row: dict[str, Any], origin: Origin) -> SqlRecord:
     return check_record(parse_gretel_row(row, origin))
 
 
-def spider_records(rows: list[Row], tables: Path) -> list[SqlRecord]:
-    """Records for Spider question rows, with contexts written from ``tables``."""
+def spider_splits(
+    rows: list[Row], questions: Path, mode: str, split: str
+) -> tuple[list[SqlRecord], list[SqlRecord], str]:
+    """Spider train records and checked, populated ``split`` records, split by ``mode``."""
+    schemas = read_spider_schemas(questions.parent / SPIDER_TABLES)
+    records = spider_records(rows, schemas)
+    if mode == BY_QUESTION:
+        side = {r.question: question_side(r.question) for r in records}
+        train = [r for r in records if side[r.question] == "train"]
+        held = [r for r in records if side[r.question] == split]
+        detail = "split by question hash, 60/20/20, databases shared"
+    else:
+        sides = database_sides(Counter(str(r.db_id) for r in records))
+        train = [r for r in records if sides[str(r.db_id)] == "train"]
+        held = [r for r in records if sides[str(r.db_id)] == split]
+        counts = Counter(sides.values())
+        detail = (
+            f"split by database: {counts['train']} train / {counts['val']} val / "
+            f"{counts['test']} test databases"
+        )
+    evals = checked(with_variants(held, records, schemas))
+    return train, evals, f"{questions} ({detail}; evaluating {split})"
+
+
+def read_spider_schemas(tables: Path) -> dict[str, SpiderSchema]:
+    """The schemas of ``tables.json``; MolfError when it is missing."""
     if not tables.is_file():
         raise MolfError(f"Spider questions need {SPIDER_TABLES} beside them; {tables} is missing")
-    parse = partial(parse_spider_row, schemas=spider_schemas(read_rows(tables)))
-    return parse_rows(rows, parse, skip_bad=False)[0]
+    return spider_schemas(read_rows(tables))
 
 
-def sql_metrics(records: list[SqlRecord], predictions: list[str]) -> dict[str, float]:
-    """Metrics of cleaned-up predicted SQL against the records' gold queries.
-
-    - exact_match: equal after sqlglot normalisation (case, spacing, final ';' ignored);
-    - valid_sql: sqlglot parses the prediction as one SQLite statement;
-    - executes: the prediction runs without error on the record's context database;
-    - execution_accuracy: the prediction's result rows and resulting tables equal the
-      gold query's (as multisets), over records whose context holds data; reported
-      only when some do, with execution_coverage = the share of records it covers.
-      Schema-only contexts (Spider) have empty tables, where any runnable query
-      "matches", so they get `executes` and no execution accuracy.
-    """
-    pairs = list(zip(records, predictions, strict=True))
-    outcomes = [execute(r.context, p, r.name) for r, p in pairs]
-    metrics = {
-        "exact_match": mean([float(sql_exact_match(p, r.query)) for r, p in pairs]),
-        "valid_sql": mean([float(is_valid_sql(p)) for p in predictions]),
-        "executes": mean([float(o is not None) for o in outcomes]),
-    }
-    with_data = [(r, o) for r, o in zip(records, outcomes, strict=True) if has_rows(r.context)]
-    if with_data:
-        matches = [float(o is not None and o == gold_outcome(r)) for r, o in with_data]
-        metrics["execution_accuracy"] = mean(matches)
-        metrics["execution_coverage"] = len(with_data) / len(records)
-    return metrics
+def spider_records(rows: list[Row], schemas: Mapping[str, SpiderSchema]) -> list[SqlRecord]:
+    """Records for Spider question rows, with contexts written from ``schemas``."""
+    ddl = {db_id: create_tables(schema) for db_id, schema in schemas.items()}
+    return parse_rows(rows, partial(parse_spider_row, schemas=ddl), skip_bad=False)[0]
 
 
-def gold_outcome(record: SqlRecord) -> Outcome:
-    """What the gold query does; a gold query that fails is the record's fault: MolfError."""
-    outcome = execute(record.context, record.query, record.name)
-    if outcome is None:
-        raise MolfError(f"{record.name}: the gold query does not execute in SQLite; fix the record")
-    return outcome
+def with_variants(
+    records: list[SqlRecord], every: list[SqlRecord], schemas: Mapping[str, SpiderSchema]
+) -> list[SqlRecord]:
+    """``records`` with the generated rows of their database (``sql_populate``), drawn
+    with the literals of the gold queries of ``every`` record on that database."""
+    scripts: dict[str, tuple[str, ...]] = {}
+    for db_id in sorted({r.db_id for r in records if r.db_id is not None}):
+        context = next(r.context for r in records if r.db_id == db_id)
+        queries = [r.query for r in every if r.db_id == db_id]
+        literals = query_literals(queries, column_names(context))
+        scripts[db_id] = variant_scripts(schemas[db_id], literals)
+    return [
+        dataclasses.replace(r, variants=scripts[r.db_id]) if r.db_id is not None else r
+        for r in records
+    ]
 
 
 class SqlTask:
@@ -202,8 +259,9 @@ class SqlTask:
         seed: int = 0,
         split: str = "test",
     ) -> TaskData:
-        """Training pairs and evaluation records whose context and gold SQL run in SQLite."""
-        train, evals, source = sql_splits(data, seed)
+        """Training pairs and the held-out ``split`` ("val" or "test") records, whose
+        context and gold SQL run in SQLite; ``seed`` only orders the capped samples."""
+        train, evals, source = sql_splits(data, check_split(split))
         return limited_task_data(
             train,
             evals,
@@ -222,9 +280,44 @@ class SqlTask:
         *,
         batch_size: int = 8,
         max_new_tokens: int = 64,
+        predictions: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
-        """Greedy SQL for each record, cleaned by ``postprocess_sql``, scored by ``sql_metrics``."""
-        generated = generate(
-            model, tokenizer, [sql_prompt(r) for r in records], max_new_tokens, batch_size
-        )
-        return sql_metrics(records, [postprocess_sql(g) for g in generated])
+        """Greedy SQL for each record, cleaned by ``postprocess_sql``, scored by
+        :mod:`molf.tasks.sql_score`.
+
+        ``predictions`` gets per record: prompt, reference (gold SQL), output (the
+        generated text), sql (after ``postprocess_sql``), correct (exact match, the
+        primary metric), executes and execution_match (None without data).
+        """
+        prompts = [sql_prompt(r) for r in records]
+        generated = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+        cleaned = [_cleaned(g) for g in generated]
+        judgements = judge_all(records, cleaned)
+        if predictions is not None:
+            for record, prompt, output, sql, judgement in zip(
+                records, prompts, generated, cleaned, judgements, strict=True
+            ):
+                predictions.append(
+                    {
+                        "prompt": prompt,
+                        "reference": record.query,
+                        "output": output,
+                        "sql": sql,
+                        "correct": judgement.exact_match,
+                        "executes": judgement.executes,
+                        "execution_match": judgement.execution_match,
+                    }
+                )
+        return summarize(judgements)
+
+    def baselines(self, records: list[SqlRecord]) -> dict[str, float]:
+        """No model-free baseline is meaningful for generated SQL: {}."""
+        return {}
+
+
+def _cleaned(generated: str) -> str:
+    """``postprocess_sql`` of a generation; the stripped text itself if that fails."""
+    try:
+        return postprocess_sql(generated)
+    except Exception:  # a safety net: one odd generation must not end an evaluation
+        return generated.strip()
