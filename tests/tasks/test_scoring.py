@@ -43,6 +43,17 @@ def test_batched_scores_equal_unbatched_and_a_direct_computation(tiny) -> None:
     assert all(s < 0 for s in batched)
 
 
+def test_choices_sharing_a_prompt_score_as_if_alone(tiny) -> None:
+    """Multiple choice: one-token options share one forward pass of their prompt; longer
+    options in the same call take the per-pair path. Both equal the direct computation."""
+    model, tokenizer = tiny
+    prompts = [p for p in PROMPTS[:3] for _ in range(4)]
+    options = [" B", " C", " D", " A"] * 3  # " A" is two tokens in this tokenizer
+    got = completion_logprobs(model, tokenizer, prompts, options, batch_size=3)
+    want = [slow_logprob(model, tokenizer, p, c) for p, c in zip(prompts, options, strict=True)]
+    assert torch.allclose(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
+
+
 def test_likely_continuation_scores_higher(tiny) -> None:
     model, tokenizer = tiny
     likely, unlikely = completion_logprobs(

@@ -13,7 +13,6 @@ from molf.errors import MolfError
 from molf.tasks.encoding import (
     IGNORE_INDEX,
     chat_format,
-    collate,
     encode_example,
     ensure_pad_token,
     prompt_ids,
@@ -51,38 +50,78 @@ def completion_logprobs(
     """Mean token log-probability of each completion given its prompt.
 
     The mean (not the sum) keeps answers of different token lengths comparable.
-    Pairs are encoded as for training (without EOS) and right-padded in batches;
-    the attention mask keeps each score equal (up to float rounding) to scoring the
-    pair alone. A progress bar shows on a terminal (tqdm's ``disable=None``).
+    Pairs are encoded as for training (without EOS). Two savings that leave every
+    score equal (up to float rounding) to scoring the pair alone:
+
+    - pairs whose completion is one token are grouped by prompt: one forward pass of
+      the prompt scores all of them (multiple choice: one pass per question, not four);
+    - rows are left-padded (positions taken from the attention mask), so every row's
+      scored tokens sit at the end and the vocabulary projection runs only there
+      (``logits_to_keep``), not over the whole prompt.
+
+    A progress bar shows on a terminal (tqdm's ``disable=None``).
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    pad_id = ensure_pad_token(tokenizer)
     encoded = [
         encode_example(tokenizer, p, c, max_length=context_length(model), add_eos=False)
         for p, c in zip(prompts, completions, strict=True)
     ]
+    targets: list[list[int]] = []
     for item, completion in zip(encoded, completions, strict=True):
-        if all(label == IGNORE_INDEX for label in item["labels"]):
+        target = [t for t in item["labels"] if t != IGNORE_INDEX]
+        if not target:
             raise MolfError(f"completion {completion!r} has no tokens to score; make it non-empty")
-    scores: list[float] = []
+        targets.append(target)
+    # One sequence per distinct context: a single-token pair is scored from its prompt.
+    contexts: dict[tuple[int, ...], int] = {}
+    sequences: list[tuple[list[int], int]] = []  # (input ids, number of scored tokens)
+    where: list[int] = []
+    for item, target in zip(encoded, targets, strict=True):
+        ids = item["input_ids"]
+        key = tuple(ids[:-1]) if len(target) == 1 else tuple(ids) + (-1,)
+        if key not in contexts:
+            contexts[key] = len(sequences)
+            sequences.append((ids[:-1], 0) if len(target) == 1 else (ids, len(target)))
+        where.append(contexts[key])
+    logprobs = _tail_logprobs(model, tokenizer, sequences, batch_size)
+    scores = []
+    for index, target in zip(where, targets, strict=True):
+        rows = logprobs[index]  # [scored positions, vocab] for this sequence
+        picked = rows[-len(target) :].gather(-1, torch.tensor(target).unsqueeze(-1))
+        scores.append(float(picked.mean()))
+    return scores
+
+
+def _tail_logprobs(
+    model: Any, tokenizer: Any, sequences: list[tuple[list[int], int]], batch_size: int
+) -> list[torch.Tensor]:
+    """For each ``(ids, n)``: next-token log-probs at the positions that predict the
+    last ``n`` tokens of ``ids`` (``n = 0``: the token after ``ids``), [n or 1, vocab]."""
+    pad_id = ensure_pad_token(tokenizer)
+    device = model_device(model)
+    out: list[torch.Tensor] = []
     with inference(model):
         for start in tqdm(
-            range(0, len(encoded), batch_size), desc="scoring", unit="batch", disable=None
+            range(0, len(sequences), batch_size), desc="scoring", unit="batch", disable=None
         ):
-            batch = collate(encoded[start : start + batch_size], pad_id)
-            batch = {k: v.to(model_device(model)) for k, v in batch.items()}
-            logits = (
-                model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-                .logits[:, :-1]
-                .float()
-            )
-            targets = batch["labels"][:, 1:]
-            scored = targets != IGNORE_INDEX
-            picked = logits.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            token_logp = (picked - logits.logsumexp(-1)) * scored
-            scores.extend((token_logp.sum(-1) / scored.sum(-1)).tolist())
-    return scores
+            chunk = sequences[start : start + batch_size]
+            width = max(len(ids) for ids, _ in chunk)
+            keep = max(max(n, 1) for _, n in chunk) + 1
+            input_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids, _ in chunk])
+            mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk])
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=positions.to(device),
+                logits_to_keep=keep,
+            ).logits.float()
+            logp = logits.log_softmax(-1).cpu()
+            for row, (_, n) in zip(logp, chunk, strict=True):
+                # positions [-n-1, -1) predict the last n tokens; n = 0: the last position
+                out.append(row[-1:] if n == 0 else row[-n - 1 : -1])
+    return out
 
 
 def generate(
