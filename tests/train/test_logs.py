@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -99,3 +102,30 @@ def test_training_prints_a_short_routing_summary(tmp_path, stories, capsys):
     fft = sum(w == [0] for step in winners for w in step) / sum(len(s) for s in winners)
     shares = dict(re.findall(r"(fft|lora0) (\d+)%", lines[-1].split(";")[0]))
     assert int(shares["fft"]) == round(100 * fft) and int(shares["lora0"]) == round(100 * (1 - fft))
+
+
+def test_concurrent_result_appends_lose_no_row(tmp_path):
+    """Eight processes append 40 rows each to one results.csv: all 320 arrive."""
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from molf.train.logs import append_result\n"
+        "for i in range(40):\n"
+        "    append_result(Path(sys.argv[1]), {'output_dir': f'{sys.argv[2]}-{i}'})\n"
+    )
+    path = tmp_path / "results.csv"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", script, str(path), f"p{n}"]) for n in range(8)
+    ]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    rows = list(csv.DictReader(path.open()))
+    assert sorted(r["output_dir"] for r in rows) == sorted(
+        f"p{n}-{i}" for n in range(8) for i in range(40)
+    )
+
+
+def test_a_torn_last_log_line_does_not_block_truncation(tmp_path):
+    log = tmp_path / "train_log.jsonl"
+    log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    RunLogger(tmp_path, "none", {}).truncate(2)
+    assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]

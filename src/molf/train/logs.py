@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import json
 import resource
@@ -161,8 +162,7 @@ class RunLogger:
         for name in ("train_log.jsonl", "routing.jsonl"):
             path = self.run_dir / name
             if path.exists():
-                lines = path.read_text().splitlines(keepends=True)
-                kept = [x for x in lines if json.loads(x).get("step", 0) <= step]
+                kept = [x for x in _complete_lines(path) if json.loads(x).get("step", 0) <= step]
                 write_text_atomic(path, "".join(kept))
 
     def close(self) -> None:
@@ -201,13 +201,29 @@ RESULT_COLUMNS = [
 ]
 
 
+def _complete_lines(path: Path) -> list[str]:
+    """A log's lines, without a torn last line (a kill mid-write): it is logged again
+    when the step is redone."""
+    lines = path.read_text().splitlines(keepends=True)
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            print(f"[molf] warning: {path}: dropping a torn last line", file=sys.stderr)
+            lines.pop()
+    return lines
+
+
 def append_result(path: Path, row: dict[str, Any]) -> None:
-    """Add one row to ``results.csv`` (rewritten atomically; the header is kept)."""
+    """Add one row to ``results.csv`` (rewritten atomically; the header is kept). Runs
+    sharing the file take turns through an exclusive lock on ``.results.csv.lock``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    existing = path.read_text() if path.exists() else ""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
-    if not existing:
-        writer.writeheader()
-    writer.writerow(row)
-    write_text_atomic(path, existing + out.getvalue())
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        existing = path.read_text() if path.exists() else ""
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore")
+        if not existing:
+            writer.writeheader()
+        writer.writerow(row)
+        write_text_atomic(path, existing + out.getvalue())
