@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from pathlib import Path
 
 from molf.errors import Interrupted, MolfError
 
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_train_args(train)
     ev = sub.add_parser("eval", help="evaluate a model or a run's final/ directory on a task")
+    ev.add_argument(
+        "--run",
+        metavar="RUN_DIR",
+        help="evaluate RUN_DIR/final on the run's own task, data, caps, split and template "
+        "(from its config.yaml; flags still win)",
+    )
     _add_train_args(ev)
     report = sub.add_parser(
         "report",
@@ -94,7 +101,7 @@ def _train_or_eval(ns: argparse.Namespace, argv: list[str]) -> int:
     """``molf train`` / ``molf eval``: flags over YAML over defaults, then run."""
     started = time.perf_counter()
     command = ns.command
-    overrides = {k: v for k, v in vars(ns).items() if k not in ("command", "config")}
+    overrides = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "run")}
     demo = command == "train" and len(argv) == 1
     if demo:
         print(
@@ -104,9 +111,10 @@ def _train_or_eval(ns: argparse.Namespace, argv: list[str]) -> int:
         )
         overrides.update(DEMO)
     from molf.train.args import resolve_args
-    from molf.train.run import run_eval, run_train
+    from molf.train.run import run_eval, run_settings, run_train
 
-    args = resolve_args(ns.config, overrides)
+    base = run_settings(Path(ns.run)) if getattr(ns, "run", None) else None
+    args = resolve_args(ns.config, overrides, base)
     if command == "train":
         results = run_train(args)
         if demo:
@@ -130,8 +138,6 @@ def _train_or_eval(ns: argparse.Namespace, argv: list[str]) -> int:
 
 def _report(ns: argparse.Namespace, argv: list[str]) -> int:
     """``molf report RUN_DIR [RUN_DIR ...] [--out DIR]``."""
-    from pathlib import Path
-
     from molf.report import write_report
 
     runs = [Path(r) for r in ns.runs]

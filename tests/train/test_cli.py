@@ -111,6 +111,27 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
         assert again[k] == pytest.approx(v, abs=1e-6), k
 
 
+def test_eval_of_a_run_scores_the_runs_own_records(tmp_path, stories, shared_data, capsys):
+    data = str(shared_data / "counterfact" / "counterfact-val.json")
+    out = _train(tmp_path, "run", "--model", str(stories), "--data", data, "--max-steps", "2")
+    evals = json.loads((out / "eval.json").read_text())
+    # predictions.jsonl: one line per contest, its correct flags average to each metric
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    for stage in ("before", "after"):
+        for metric, value in evals[stage].items():
+            flags = [x["correct"] for x in lines if x["stage"] == stage and x["metric"] == metric]
+            if flags:  # first-token variants share the lines of their metric
+                assert sum(flags) / len(flags) == pytest.approx(value), (stage, metric)
+    assert main(["eval", "--run", str(out), "--output-dir", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "eval.json").read_text())["after"]
+    assert again == pytest.approx(evals["after"], abs=1e-6)
+    capsys.readouterr()
+    # the run's model on edits it never saw: efficacy is not what it measures, say so
+    assert main(["eval", "--model", str(out / "final"), "--task", "fact", "--data", data,
+                 "--max-eval-samples", "20"]) == 0  # fmt: skip
+    assert "trained on other edits" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("arch", ["qwen2", "gemma3"])
 def test_tiny_random_architectures(tmp_path, tiny_dir, arch):
     out = _train(

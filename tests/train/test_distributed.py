@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -156,7 +157,22 @@ def test_sharded_checkpoint_resume_reproduces_the_run(tmp_path, shared_data, mod
     assert steps == [1, 2, 3, 4]
 
 
+def _read_lines(stream, lines: list[tuple[float, str]]) -> None:
+    """Collect a process's output lines with the time each arrived."""
+    for line in stream:
+        lines.append((time.monotonic(), line))
+
+
+DIST_TIMEOUT = 20.0
+# torchrun's agent sends SIGTERM to the remaining workers when one fails and SIGKILLs
+# them 30 s later; a stopped worker ignores SIGTERM until then.
+AGENT_GRACE = 30.0
+
+
 def test_a_dead_rank_ends_the_run_with_an_error(tmp_path, shared_data):
+    """A rank that stops answering (SIGSTOP: its sockets stay open and torchrun's agent
+    sees a live process) must end the run through the survivors' collective timeout,
+    ``--dist-timeout`` after it stopped: not before, and not never."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     out = tmp_path / "dead"
     cmd = [
@@ -180,7 +196,7 @@ def test_a_dead_rank_ends_the_run_with_an_error(tmp_path, shared_data):
         "--lora-alphas",
         "8",
         "--dist-timeout",
-        "30",
+        str(DIST_TIMEOUT),
         *COMMON[:2],
         "--max-steps",
         "100000",
@@ -191,22 +207,63 @@ def test_a_dead_rank_ends_the_run_with_an_error(tmp_path, shared_data):
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
-    log = out / "train_log.jsonl"
-    deadline = time.time() + 120
-    while not (log.exists() and log.read_text().count("\n") >= 2):
-        assert proc.poll() is None and time.time() < deadline, "the run never started"
-        time.sleep(0.5)
-    workers = [
-        c
-        for c in psutil.Process(proc.pid).children(recursive=True)
-        if "molf" in " ".join(c.cmdline())
-    ]
-    victim = next(w for w in workers if w.environ().get("RANK") == "1")
-    killed = time.time()
-    os.kill(victim.pid, signal.SIGKILL)
-    output, _ = proc.communicate(timeout=90)
-    assert proc.returncode != 0
-    assert time.time() - killed < 60
-    assert "molf" in output and (
-        "Signal 9" in output or "SIGKILL" in output or "failed" in output.lower()
-    ), output[-2000:]
+    lines: list[tuple[float, str]] = []
+    reader = threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True)
+    reader.start()
+    workers: list[psutil.Process] = []
+    try:
+        log = out / "train_log.jsonl"
+        deadline = time.monotonic() + 180
+        while not (log.exists() and log.read_text().count("\n") >= 2):
+            assert proc.poll() is None, "the run ended before training: " + _text(lines)
+            assert time.monotonic() < deadline, "the run never started"
+            time.sleep(0.5)
+        workers = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "molf" in " ".join(c.cmdline())
+        ]
+        victim = next(w for w in workers if w.environ().get("RANK") == "1")
+        survivor = next(w for w in workers if w.environ().get("RANK") == "0")
+        stopped = time.monotonic()
+        os.kill(victim.pid, signal.SIGSTOP)
+        while victim.status() != psutil.STATUS_STOPPED:  # the signal lands asynchronously
+            assert time.monotonic() < stopped + 5, victim.status()
+            time.sleep(0.01)
+        try:
+            proc.wait(timeout=DIST_TIMEOUT + AGENT_GRACE + 90)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the run hung on a stopped rank: " + _text(lines))
+        ended = time.monotonic()
+        reader.join(timeout=10)
+        output = _text(lines)
+        assert proc.returncode != 0, output
+        # The survivor's collective timed out, with a message saying so, and that is
+        # what ended the run: its first sign came --dist-timeout after the stop.
+        timed_out = [t for t, line in lines if "timed out" in line.lower() and t > stopped]
+        assert timed_out, "no timeout error in the output: " + output
+        waited = timed_out[0] - stopped
+        print(
+            f"\nfirst timeout error {waited:.1f} s after SIGSTOP, run ended after "
+            f"{ended - stopped:.1f} s (--dist-timeout {DIST_TIMEOUT:.0f})"
+        )
+        assert waited >= DIST_TIMEOUT - 2, f"ended {waited:.1f} s after the stop: not by timeout"
+        assert waited <= DIST_TIMEOUT + 45, f"the timeout took {waited:.1f} s"
+        assert not survivor.is_running() or survivor.status() == psutil.STATUS_ZOMBIE
+        assert "molf" in output and f"{DIST_TIMEOUT * 1000:.0f}ms" in output, output[-3000:]
+        assert not (out / "final").exists()
+    finally:
+        for w in workers:  # a stopped worker outlives its parent otherwise
+            try:
+                w.send_signal(signal.SIGKILL)
+                w.send_signal(signal.SIGCONT)
+            except psutil.NoSuchProcess:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+        reader.join(timeout=10)
+
+
+def _text(lines: list[tuple[float, str]]) -> str:
+    return "".join(line for _, line in lines)[-4000:]

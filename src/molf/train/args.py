@@ -224,10 +224,15 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         raise MolfError(f"{flag}: cannot read {value!r} as {f.type}") from None
 
 
-def resolve_args(config_path: str | None, overrides: dict[str, Any]) -> TrainArgs:
-    """Merge a YAML file and command-line overrides (which win) into :class:`TrainArgs`."""
-    values: dict[str, Any] = {}
+def resolve_args(
+    config_path: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None
+) -> TrainArgs:
+    """Merge ``base`` settings (e.g. a run's own, for ``molf eval --run``), a YAML file and
+    command-line overrides into :class:`TrainArgs`; later ones win."""
     fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    values: dict[str, Any] = {
+        name: _coerce(fields[name], value) for name, value in (base or {}).items()
+    }
     if config_path is not None:
         path = Path(config_path)
         if not path.is_file():

@@ -447,7 +447,46 @@ def load_for_eval(model_dir: str | None, gguf_file: str | None, dtype: str) -> t
     return model, tokenizer
 
 
+# A run's settings that decide which records it evaluates and how: what ``molf eval
+# --run`` takes from the run's config.yaml.
+EVAL_SETTINGS = (
+    "task", "data", "max_train_samples", "max_eval_samples", "eval_split", "seed",
+    "max_length", "max_new_tokens", "chat_template", "dtype", "eval_batch_size",
+)  # fmt: skip
+
+
+def run_settings(run_dir: Path) -> dict[str, Any]:
+    """``molf eval --run RUN_DIR``: the run's final model with its evaluation settings."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise MolfError(f"--run: {run_dir} is not a run directory (no config.yaml)")
+    if not (run_dir / "final").is_dir():
+        raise MolfError(f"--run: {run_dir} has no final/ model yet (finish it with --resume)")
+    saved = yaml.safe_load(config.read_text()) or {}
+    return {
+        **{k: saved[k] for k in EVAL_SETTINGS if saved.get(k) is not None},
+        "model": str(run_dir / "final"),
+    }
+
+
+def _warn_untrained_edits(args: TrainArgs) -> None:
+    """Fact scores only mean something on the edits the model was trained on."""
+    run_dir = Path(args.model or "").parent
+    if args.task != "fact" or not (run_dir / "config.yaml").is_file():
+        return
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    keys = ("data", "max_train_samples", "eval_split")
+    differ = [k for k in keys if k in saved and saved[k] != getattr(args, k)]
+    if differ or (args.max_eval_samples or 0) > (saved.get("max_train_samples") or 1e18):
+        _say(
+            f"warning: {args.model} was trained on other edits than the ones evaluated "
+            f"here ({', '.join(differ) or 'max_eval_samples'} differ from its run); "
+            f"scores of untrained edits are not efficacy. Use molf eval --run {run_dir}"
+        )
+
+
 def run_eval(args: TrainArgs, write: bool) -> dict[str, float]:
+    _warn_untrained_edits(args)
     task, data = load_task(args)
     model, tokenizer = load_for_eval(args.model, args.gguf_file, args.dtype)
     use_chat_template(tokenizer, args.chat_template)
