@@ -307,6 +307,24 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
     _fails(capsys, [*base, "--task", "sql", "--data", str(ctx)], "sql.jsonl:", "context")
     _fails(capsys, [*base, "--data", "builtin", "--lora-ranks", "128"], "lora_ranks [128]")
     _fails(capsys, [*base, "--lora-ranks", "4,x"], "--lora-ranks")
+    # method settings are checked before the model loads, in the flags' words
+    err = _fails(
+        capsys, [*base, "--data", "builtin", "--top-k", "3", "--lora-ranks", "4"], "--top-k"
+    )
+    assert "top_k" not in err
+    _fails(
+        capsys,
+        [*base, "--data", "builtin", "--method", "lora", "--target-modules", "nope_proj"],
+        "--method lora",
+        "nope_proj",
+    )
+    _fails(capsys, [*base, "--data", "builtin", "--method", "lora", "--lora-dropout", "1.5"],
+           "--lora-dropout")  # fmt: skip
+    for bad_value in (["--lr", "nan"], ["--epochs", "inf"], ["--max-grad-norm", "nan"]):
+        _fails(capsys, [*base, "--data", "builtin", *bad_value], bad_value[0], "finite")
+    yaml_steps = tmp_path / "steps.yaml"
+    yaml_steps.write_text("max_steps: 2.7\n")
+    _fails(capsys, [*base, "--config", str(yaml_steps)], "--max-steps", "2.7")
     assert not (tmp_path / "r").exists(), "a failed run left a half-written directory"
 
     out = _train(

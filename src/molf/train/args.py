@@ -240,7 +240,10 @@ def resolve_args(
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise MolfError(f"--config: {config_path} is not valid YAML: {e}") from None
+            mark = getattr(e, "problem_mark", None)
+            where = f"{config_path}:{mark.line + 1}" if mark is not None else config_path
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise MolfError(f"--config: {where}: not valid YAML ({problem})") from None
         if not isinstance(loaded, dict):
             raise MolfError(f"--config: {config_path} must hold a mapping of settings")
         for key, value in loaded.items():

@@ -8,12 +8,14 @@ molf / molf-e wrap the same targets with MoLF experts and route with MoLFAdamW.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
 from molf.config import MoLFConfig
+from molf.errors import MolfError
 from molf.model import get_molf_model
 from molf.optim import MoLFAdamW
 from molf.train.args import TrainArgs
@@ -42,6 +44,29 @@ def molf_config(args: TrainArgs) -> MoLFConfig:
         top_k=args.top_k,
         score=args.score,
     )
+
+
+def check_method_settings(args: TrainArgs) -> None:
+    """Build the method's config (cheap: no model) so that bad ranks, alphas, top-k or
+    target modules fail before a model loads, in the CLI's words (``--top-k``)."""
+    try:
+        if args.method in MOLF_METHODS:
+            molf_config(args)
+        elif args.method in PEFT_METHODS:
+            _peft_config(args, total_steps=100)
+    except (MolfError, ValueError, TypeError) as e:
+        raise MolfError(_flag_names(str(e))) from None
+
+
+def _flag_names(message: str) -> str:
+    """``message`` with each multi-word setting name (``top_k``) spelled as its flag;
+    one-word names (``model``) are ordinary words too and stay as they are."""
+    import dataclasses
+
+    names = [f for f in dataclasses.fields(TrainArgs) if "_" in f.name]
+    for f in sorted(names, key=lambda f: -len(f.name)):
+        message = re.sub(rf"(?<![\w-]){f.name}(?!\w)", "--" + f.name.replace("_", "-"), message)
+    return message
 
 
 def _peft_config(args: TrainArgs, total_steps: int) -> Any:
@@ -90,7 +115,10 @@ def wrap(model: nn.Module, args: TrainArgs, total_steps: int) -> nn.Module:
         return get_molf_model(model, molf_config(args))
     from peft import get_peft_model
 
-    return get_peft_model(model, _peft_config(args, total_steps))
+    try:
+        return get_peft_model(model, _peft_config(args, total_steps))
+    except ValueError as e:  # e.g. no module matches --target-modules
+        raise MolfError(f"--method {args.method}: {_flag_names(str(e))}") from None
 
 
 def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:

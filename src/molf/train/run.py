@@ -53,6 +53,7 @@ from molf.train.methods import (
     MOLF_METHODS,
     PEFT_METHODS,
     build_optimizer,
+    check_method_settings,
     load_method_state,
     method_state,
     wrap,
@@ -187,6 +188,7 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     if args.resume:
         _check_resume_config(run_dir, args, ctx.world_size)
     check_tracker(args.report_to)
+    check_method_settings(args)
     resolve_model(args.model, args.gguf_file)  # a wrong path fails before any work
     task, data = load_task(args)
     _say(
