@@ -129,12 +129,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("scheduled", [False, True])
-@pytest.mark.parametrize("implementation", ["auto", "foreach"])  # auto: the CPU kernel if built
-def test_matches_reference(case, scheduled, implementation):
-    arch = "qwen2" if "three" in case else "llama"  # qwen2: FFT experts with biases
-    model = get_molf_model(tiny_model(arch), MoLFConfig(**CASES[case]))
+def _against_reference(
+    model, implementation, scheduled, steps=22, tol=(1e-6, 1e-7), score_rtol=1e-4
+):
+    """Train ``model`` with MoLFAdamW and with the float64 reference side by side on the
+    same gradients; every step, the same routing, scores and weights. Returns the
+    optimizer and the set of routing rows seen."""
     lr, lora_lr, wd, lora_wd = 1e-2, 8e-3, 0.1, 0.01
     ref = ReferenceMoLF(model, lr, lora_lr, wd, lora_wd)
     opt = MoLFAdamW(
@@ -151,7 +151,7 @@ def test_matches_reference(case, scheduled, implementation):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warm) if scheduled else None
     names = dict(model.named_parameters())
     winners_seen = set()
-    for step in range(22):
+    for step in range(steps):
         grads = _grads(model, step)
         scale = warm(step) if scheduled else 1.0
         ref_sel, ref_scores = ref.step(grads, scale)
@@ -160,18 +160,52 @@ def test_matches_reference(case, scheduled, implementation):
             sched.step()
         routing = opt.last_routing
         assert torch.equal(routing.selected.cpu(), ref_sel), f"step {step}"
-        torch.testing.assert_close(routing.scores.double(), ref_scores, rtol=1e-4, atol=1e-30)
+        torch.testing.assert_close(routing.scores.double(), ref_scores, rtol=score_rtol, atol=1e-30)
         winners_seen |= {tuple(r) for r in ref_sel.tolist()}
         for n, p_ref in ref.params.items():
             torch.testing.assert_close(
                 names[n].detach().double(),
                 p_ref,
-                rtol=1e-6,
-                atol=1e-7,
+                rtol=tol[0],
+                atol=tol[1],
                 msg=lambda m, n=n, step=step: f"{n} at step {step}: {m}",
             )
+    return opt, winners_seen
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("implementation", ["auto", "foreach"])  # auto: the CPU kernel if built
+def test_matches_reference(case, scheduled, implementation):
+    arch = "qwen2" if "three" in case else "llama"  # qwen2: FFT experts with biases
+    model = get_molf_model(tiny_model(arch), MoLFConfig(**CASES[case]))
+    opt, winners_seen = _against_reference(model, implementation, scheduled)
+    from molf import _cpu_kernel
+
+    # "auto" is the CPU kernel wherever it can be built: load() raises when a compiler
+    # fails, and CI (MOLF_REQUIRE_CPU_KERNEL=1) also fails without one, so a broken
+    # kernel cannot pass here as a silent foreach run.
+    built = implementation == "auto" and _cpu_kernel.load() is not None
+    assert opt.last_implementation == ("cpu_kernel" if built else "foreach")
     if case != "pfn-k1-molf":  # PFN is scale-free and always picks FFT on this model
         assert len(winners_seen) > 1, "routing never changed: the test would not catch a mix-up"
+
+
+@pytest.mark.parametrize("case", ["epd-k2-three", "pfn-k2-three", "epd-molf-e"])
+def test_float64_model_matches_reference(case):
+    """float64 models (what numerics are checked in) train with float64 moments,
+    updates and scores: the reference's weights to ~1e-12, not float32's 1e-6."""
+    arch = "qwen2" if "three" in case else "llama"
+    model = get_molf_model(tiny_model(arch).double(), MoLFConfig(**CASES[case]))
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    opt, winners_seen = _against_reference(
+        model, "auto", scheduled=True, steps=12, tol=(1e-10, 1e-12), score_rtol=1e-9
+    )
+    assert opt.last_implementation == "foreach"  # the CPU kernel takes float32 only
+    assert opt.last_routing.scores.dtype == torch.float64
+    assert all(st["exp_avg_sq"].dtype == torch.float64 for st in opt.state.values())
+    if case != "pfn-k2-three":
+        assert len(winners_seen) > 1
 
 
 def test_top_k_all_experts_is_adamw():
@@ -208,9 +242,14 @@ def _names(model, params):
     return [ids[id(p)] for p in params]
 
 
-def test_param_groups_and_scheduler_scale_every_group():
+def test_param_groups_and_epd_scores_use_the_scheduled_lr():
+    """EPD's lr_e is each group's lr at the time of the step, as a scheduler set it: fed
+    the same gradients (so the same moments), a scheduled optimizer's FFT and LoRA scores
+    are an unscheduled twin's times that step's factor of their own group."""
     model = get_molf_model(tiny_model("qwen2"), MoLFConfig(lora_ranks=(4,), lora_alphas=(8,)))
-    opt = MoLFAdamW(model, lr=1e-3, lora_lr=5e-3, weight_decay=0.1, lora_weight_decay=0.01)
+    twin = copy.deepcopy(model)
+    kw = dict(lr=1e-3, lora_lr=5e-3, weight_decay=0.1, lora_weight_decay=0.01)
+    opt, plain = MoLFAdamW(model, **kw), MoLFAdamW(twin, **kw)
     by_name = {g["name"]: g for g in opt.param_groups}
     assert list(by_name) == ["fft", "fft_bias", "lora0", "other", "other_no_decay"]
     assert (
@@ -218,13 +257,32 @@ def test_param_groups_and_scheduler_scale_every_group():
         and by_name["other_no_decay"]["weight_decay"] == 0.0
     )
     assert by_name["lora0"]["lr"] == 5e-3 and by_name["lora0"]["weight_decay"] == 0.01
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5**s)
-    for _ in range(3):
+    assert opt.score == "epd" and opt.last_routing is None
+    fft_factor = [1.0, 0.5, 0.25, 3.0, 0.01]
+    lora_factor = [1.0, 2.0, 0.1, 0.5, 40.0]
+    factors = {name: lora_factor if name == "lora0" else fft_factor for name in by_name}
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [lambda s, f=factors[g["name"]]: f[s % len(f)] for g in opt.param_groups]
+    )
+    twin_params = dict(twin.named_parameters())
+    for step in range(len(fft_factor)):
+        assert by_name["fft"]["lr"] == pytest.approx(1e-3 * fft_factor[step])
+        assert by_name["fft_bias"]["lr"] == pytest.approx(1e-3 * fft_factor[step])
+        assert by_name["lora0"]["lr"] == pytest.approx(5e-3 * lora_factor[step])
+        for n, g in _grads(model, step).items():
+            twin_params[n].grad = g
         opt.step()
+        plain.step()
         sched.step()
-    assert by_name["fft"]["lr"] == pytest.approx(1e-3 / 8)
-    assert by_name["lora0"]["lr"] == pytest.approx(5e-3 / 8)
-    assert by_name["other_no_decay"]["lr"] == pytest.approx(1e-3 / 8)
+        got, want = opt.last_routing.scores, plain.last_routing.scores
+        assert opt.last_routing.experts == ["fft", "lora0"]
+        for e, f in ((0, fft_factor[step]), (1, lora_factor[step])):
+            where = f"step {step}, expert {e}"
+            torch.testing.assert_close(
+                got[:, e], want[:, e] * f, rtol=1e-5, atol=0, msg=lambda m, w=where: f"{w}: {m}"
+            )
+        winners = (want * torch.tensor([fft_factor[step], lora_factor[step]])).argmax(1)
+        assert torch.equal(opt.last_routing.selected.float().argmax(1), winners), step
 
 
 def _train(model, opt, steps, start=0):
@@ -330,3 +388,170 @@ def test_ties_go_to_the_lower_index():
 def test_rejects_a_model_without_molf_layers():
     with pytest.raises(MolfError, match="get_molf_model"):
         MoLFAdamW(tiny_model(), lr=1e-3)
+
+
+# ---------------------------------------------------------------- non-finite scores
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_select_top_k_never_picks_a_non_finite_score():
+    from molf.optim import select_top_k
+
+    scores = torch.tensor(
+        [
+            [NAN, 1.0, 2.0],
+            [INF, 1.0, 2.0],
+            [-INF, NAN, 0.0],
+            [NAN, NAN, NAN],
+            [INF, -INF, NAN],
+            [1.0, NAN, 1.0],
+        ]
+    )
+    every = torch.ones_like(scores, dtype=torch.bool)
+    assert select_top_k(scores, every, 1).tolist() == [
+        [False, False, True],
+        [False, False, True],
+        [False, False, True],
+        [False, False, False],
+        [False, False, False],
+        [True, False, False],
+    ]
+    assert select_top_k(scores, every, 2).tolist() == [
+        [False, True, True],
+        [False, True, True],
+        [False, False, True],
+        [False, False, False],
+        [False, False, False],
+        [True, False, True],
+    ]
+    part = torch.tensor([[True, True, False]] * 6)
+    assert select_top_k(scores, part, 1)[:, 2].sum() == 0
+
+
+def _implementations():
+    from molf import _cpu_kernel
+
+    kernel = _cpu_kernel.load() is not None
+    return [
+        "foreach",
+        pytest.param("cpu_kernel", marks=pytest.mark.skipif(not kernel, reason="no C compiler")),
+    ]
+
+
+def _snapshot(model, opt):
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = {
+        n: {k: v.clone() for k, v in opt.state[p].items()}
+        for n, p in model.named_parameters()
+        if p in opt.state
+    }
+    return weights, state
+
+
+@pytest.mark.parametrize("implementation", _implementations())
+def test_non_finite_scores_never_win(implementation):
+    """A NaN or infinite EPD score (here from a NaN or infinite learning rate) never
+    wins; a layer whose experts all score NaN updates none of them, while their moments
+    and step counts move as usual and the parameters outside MoLF layers still train."""
+    model = get_molf_model(
+        tiny_model("qwen2"), MoLFConfig(lora_ranks=(4,), lora_alphas=(8,), top_k=1)
+    )
+    opt = MoLFAdamW(model, lr=1e-2, lora_lr=1e-2, implementation=implementation)
+    groups = {g["name"]: g for g in opt.param_groups}
+    inside = {n for n, _ in model.named_parameters() if ".lora_" in n or ".base_layer." in n}
+    lora = {n for n in inside if ".lora_" in n}
+    _train(model, opt, 2)
+    num_modules = len(opt.last_routing.modules)
+
+    for bad in (NAN, INF):  # LoRA scores non-finite: FFT wins every layer
+        groups["lora0"]["lr"] = bad
+        before, _ = _snapshot(model, opt)
+        _train(model, opt, 1, start=2)
+        assert opt.last_implementation == implementation
+        assert opt.last_routing.selected.tolist() == [[True, False]] * num_modules, bad
+        for n, p in model.named_parameters():
+            assert torch.isfinite(p).all(), n
+            assert torch.equal(p, before[n]) == (n in lora), n
+
+    for key in ("fft", "fft_bias", "lora0"):  # every expert of every layer scores NaN
+        groups[key]["lr"] = NAN
+    before, state = _snapshot(model, opt)
+    model.zero_grad()
+    x = _batch(3)
+    model(x, labels=x).loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert opt.last_routing.scores.isnan().all()
+    assert not opt.last_routing.selected.any()
+    assert opt.skipped_steps == 0
+    b1, b2 = BETAS
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n in inside), n  # others: plain AdamW at lr
+        st, old, g = opt.state[p], state[n], grads[n]
+        assert st["step"].item() == old["step"].item() + 1, n
+        torch.testing.assert_close(st["exp_avg"], b1 * old["exp_avg"] + (1 - b1) * g, msg=n)
+        torch.testing.assert_close(
+            st["exp_avg_sq"], b2 * old["exp_avg_sq"] + (1 - b2) * g * g, msg=n
+        )
+
+    for key in ("fft", "fft_bias", "lora0"):
+        groups[key]["lr"] = 1e-2
+    _train(model, opt, 1, start=4)
+    assert opt.last_routing.selected.sum(1).tolist() == [1] * num_modules
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- betas and eps
+
+
+@pytest.mark.parametrize("implementation", _implementations())
+def test_betas_and_eps_set_in_every_group_take_effect(implementation):
+    """Changing betas and eps in every group (as a momentum schedule does) is the same
+    as constructing the optimizer with them."""
+    cfg = MoLFConfig(lora_ranks=(4, 8), lora_alphas=(8, 32), top_k=1)
+    model = get_molf_model(tiny_model("qwen2"), cfg)
+    twin = copy.deepcopy(model)
+    kw = dict(lr=1e-2, lora_lr=8e-3, implementation=implementation)
+    opt = MoLFAdamW(model, **kw)
+    ref = MoLFAdamW(twin, betas=(0.8, 0.99), eps=1e-6, **kw)
+    for g in opt.param_groups:
+        g["betas"], g["eps"] = (0.8, 0.99), 1e-6
+    for step in range(6):
+        _train(model, opt, 1, start=step)
+        _train(twin, ref, 1, start=step)
+        assert torch.equal(opt.last_routing.selected, ref.last_routing.selected)
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_groups_with_different_betas_or_eps_are_refused():
+    model = get_molf_model(tiny_model(), MoLFConfig(lora_ranks=(4,), lora_alphas=(8,)))
+    opt = MoLFAdamW(model, lr=1e-2)
+    _train(model, opt, 1)
+    before, state = _snapshot(model, opt)
+    groups = {g["name"]: g for g in opt.param_groups}
+    for key, value in (("betas", (0.5, 0.999)), ("eps", 1e-6)):
+        old = groups["lora0"][key]
+        groups["lora0"][key] = value
+        model.zero_grad()
+        x = _batch(1)
+        model(x, labels=x).loss.backward()
+        with pytest.raises(MolfError, match="same betas and eps"):
+            opt.step()
+        groups["lora0"][key] = old
+    for n, p in model.named_parameters():  # nothing moved
+        assert torch.equal(p, before[n]), n
+        for k, v in state.get(n, {}).items():
+            assert torch.equal(opt.state[p][k], v), (n, k)
+
+    extra = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(MolfError, match="same betas and eps"):
+        opt.add_param_group({"params": [extra], "betas": (0.5, 0.9)})
+    assert len(opt.param_groups) == len(groups)
+    opt.add_param_group({"params": [extra], "name": "extra"})  # the shared betas: fine
+    assert opt.param_groups[-1]["betas"] == BETAS
+    for g in opt.param_groups:  # out-of-range values set after construction
+        g["betas"] = (1.0, 0.999)
+    with pytest.raises(MolfError, match=r"betas must be"):
+        opt.step()

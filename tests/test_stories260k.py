@@ -55,4 +55,7 @@ def test_stories260k_learns_counterfact_facts(shared_data, cfg):
         wins.update({e: int(n) for e, n in zip(routing.experts, routing.selected.sum(0))})
     print(f"\n{cfg.expert_names}: loss {losses[0]:.3f} -> {losses[-1]:.3f}; wins {dict(wins)}")
     assert losses[-1] < 0.3 * losses[0], losses
-    assert sum(wins.values()) == 40 * len(routing.modules)
+    # Each layer's Top-K is checked every step above; here, routing is a real choice:
+    # every expert wins some layer at some step (else MoLF degenerates to one method).
+    assert all(wins[e] > 0 for e in cfg.expert_names), dict(wins)
+    assert list(wins) == cfg.expert_names

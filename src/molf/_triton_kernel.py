@@ -11,7 +11,9 @@ are uploaded each step from pinned memory without waiting):
 * ``_update``: AdamW on the chunks of tensors whose mask is non-zero; the others'
   loads and stores are masked off, so losers' weights are not read.
 
-Routing between the last two is the foreach path's tensor code. float32 tensors only;
+Routing between the last two is the foreach path's tensor code (``select_top_k``: a
+NaN or infinite score never wins), and a loser's weights are never loaded, so a NaN
+or infinite learning rate on a loser cannot reach them. float32 tensors only;
 square roots and divisions are IEEE-rounded (``sqrt_rn``, ``div_rn``) so results match
 the other paths to float32 rounding. Nothing here reads a device value on the host.
 """

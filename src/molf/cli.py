@@ -74,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="fine-tune and evaluate before and after; with no arguments, runs the offline demo",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_train_args(train)
     ev = sub.add_parser("eval", help="evaluate a model or a run's final/ directory on a task")

@@ -17,8 +17,16 @@ FFT first) take the AdamW update
     \theta \leftarrow \theta (1 - \mathrm{lr}\,\lambda)
         - \mathrm{lr} \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
 
-and the others keep their weights (their moments still moved). Parameters outside
-MoLF layers get plain AdamW. A non-finite gradient anywhere skips the whole step.
+and the others keep their weights (their moments still moved). A NaN or infinite
+score never wins: a layer whose scores are all non-finite updates no expert (their
+moments still move). Parameters outside MoLF layers get plain AdamW. A non-finite
+gradient anywhere skips the whole step.
+
+``betas`` and ``eps`` are shared by every parameter group (one pass serves them all):
+changing them in every group (e.g. a momentum schedule) takes effect at the next step;
+groups that disagree are refused. float16 parameters are refused (their moments
+underflow; use bfloat16, float32 or float32 weights under autocast); float64 ones
+train with float64 moments, updates and scores.
 
 A step makes three passes over the experts, and no host-device synchronisation:
 
@@ -32,7 +40,7 @@ Passes 2 and 3 have three implementations that compute the same thing (to float3
 rounding): ``"foreach"`` (torch's ``_foreach`` ops on bounded buckets of tensors; any
 device, dtype or tensor subclass), ``"cpu_kernel"`` (:mod:`molf._cpu_kernel`: C loops
 that do passes 2 and 3 module by module while the moments are in the cache, and never
-touch the losers' weights; float32 on the CPU) and ``"triton"``
+touch the losers' weights; float32 on the CPU; other dtypes use foreach) and ``"triton"``
 (:mod:`molf._triton_kernel`: one kernel launch per pass over all tensors; float32 on a
 GPU).
 """
@@ -70,14 +78,17 @@ class Routing:
 
 
 def select_top_k(scores: Tensor, participating: Tensor, k: int) -> Tensor:
-    """Per row, the ``k`` highest scores among participating columns; ties go to the
-    lower column index. Sync-free: rank_i = #{j: s_j > s_i} + #{j < i: s_j = s_i}."""
-    s = scores.masked_fill(~participating, float("-inf"))
+    """Per row, the ``k`` highest finite scores among participating columns; ties go to
+    the lower column index. A NaN or infinite score is never selected (a row without a
+    finite score selects nothing). Sync-free: rank_i = #{j: s_j > s_i} + #{j < i: s_j = s_i}
+    over the eligible columns, the others scoring -inf."""
+    eligible = participating & scores.isfinite()
+    s = scores.masked_fill(~eligible, float("-inf"))
     si, sj = s.unsqueeze(-1), s.unsqueeze(-2)
     n = s.shape[-1]
     earlier = torch.ones(n, n, dtype=torch.bool, device=s.device).tril(-1)
     rank = (sj > si).sum(-1) + ((sj == si) & earlier).sum(-1)
-    return (rank < k) & participating
+    return (rank < k) & eligible
 
 
 def _buckets(tensors: list[Tensor], limit: int = FOREACH_BUCKET) -> list[slice]:
@@ -102,9 +113,18 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+def _math_dtype(tensors: list[Tensor]) -> torch.dtype:
+    """The dtype the foreach path reduces in and keeps its per-tensor coefficients in:
+    float64 when a tensor is float64, else float32 (also for bfloat16 tensors)."""
+    f64 = torch.float64
+    return f64 if any(t.dtype is f64 for t in tensors) else torch.float32
+
+
 def foreach_nonfinite(grads: list[Tensor]) -> Tensor:
     """A 0-d float32 tensor: 1 if any gradient holds a NaN or an infinity, else 0."""
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    # Norms in each gradient's dtype (reduced in float32 or wider): a float32 `dtype`
+    # cannot take float64 gradients.
+    norms = torch._foreach_norm(grads, 2)
     return (~torch.stack(norms).sum().isfinite()).float()
 
 
@@ -124,9 +144,11 @@ def foreach_moments_and_scores(
 ) -> Tensor:
     """Moments and step counts of every tensor (untouched when ``found_inf``), then the
     per-tensor score sums ``lr * sum(m^2/(sqrt(v)+eps))`` (EPD) or
-    ``sum((m/(sqrt(v)+eps))^2)`` (PFN) over the new moments. fp32, ``[len(params)]``."""
+    ``sum((m/(sqrt(v)+eps))^2)`` (PFN) over the new moments. ``[len(params)]``, fp32
+    (fp64 when a tensor is fp64)."""
     if not params:
         return torch.zeros(0, dtype=torch.float32, device=found_inf.device)
+    acc = _math_dtype(exp_avgs)
     # torch's fused kernel with lr=0 updates the moments in one pass and honours found_inf.
     _functional_adamw(
         params,
@@ -154,10 +176,10 @@ def foreach_moments_and_scores(
         del denom
         if score == "epd":
             torch._foreach_mul_(ratio, m)  # m^2 / (sqrt(v) + eps) >= 0: its L1 norm is its sum
-            norms = torch._foreach_norm(ratio, 1, dtype=torch.float32)
+            norms = torch._foreach_norm(ratio, 1, dtype=acc)
             partial += torch._foreach_mul(norms, lrs[b])
         else:
-            norms = torch._foreach_norm(ratio, 2, dtype=torch.float32)
+            norms = torch._foreach_norm(ratio, 2, dtype=acc)
             partial += torch._foreach_mul(norms, norms)
     return torch.stack(partial)
 
@@ -181,16 +203,20 @@ def foreach_masked_update(
     if not params:
         return
     # Per-tensor coefficients as [P] vectors; the bias corrections in float64, since
-    # 1 - beta2^t loses digits in float32 (1e-5 relative for beta2=0.999, t=1).
+    # 1 - beta2^t loses digits in float32 (1e-5 relative for beta2=0.999, t=1). They
+    # are applied in float32 (float64 for float64 tensors). A loser's coefficients are
+    # chosen, not multiplied by 0, so that a NaN or infinite lr cannot reach its weights.
+    acc = _math_dtype(params)
     t = torch.stack(state_steps).double().clamp_min(1.0)  # no 0/0 before the first step
-    mask64 = mask.double()
-    neg_step = torch.stack(torch._foreach_mul(list((mask64 / (beta1**t - 1.0)).unbind()), lrs))
+    on = mask != 0
+    ones = list(torch.ones_like(t).unbind())
+    neg_step = torch.stack(torch._foreach_mul(list((1.0 / (beta1**t - 1.0)).unbind()), lrs))
     decay = torch.stack(
-        torch._foreach_mul(list(mask64.unbind()), [-lr * wd for lr, wd in zip(lrs, weight_decays)])
+        torch._foreach_mul(ones, [1.0 - lr * wd for lr, wd in zip(lrs, weight_decays)])
     )
-    neg_step = list(neg_step.float().unbind())
-    decay = list((decay + 1.0).float().unbind())
-    bc2_sqrt = list((1.0 - beta2**t).sqrt().float().unbind())
+    neg_step = list(torch.where(on, neg_step, 0.0).to(acc).unbind())
+    decay = list(torch.where(on, decay, 1.0).to(acc).unbind())
+    bc2_sqrt = list((1.0 - beta2**t).sqrt().to(acc).unbind())
     for b in _buckets(params):
         denom = torch._foreach_sqrt(exp_avg_sqs[b])
         torch._foreach_div_(denom, bc2_sqrt[b])
@@ -200,6 +226,21 @@ def foreach_masked_update(
         torch._foreach_mul_(update, neg_step[b])
         torch._foreach_mul_(params[b], decay[b])
         torch._foreach_add_(params[b], update)
+
+
+_F16 = torch.float16
+_F16_MESSAGE = (
+    "MoLFAdamW: float16 parameters are not supported: use bf16 or fp32 (or amp: fp32 "
+    "weights under torch.autocast(dtype=torch.float16)); float16 Adam moments underflow "
+    "({} is float16)"
+)
+
+
+def _check_betas_eps(betas, eps) -> None:
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise MolfError(f"MoLFAdamW: betas must be two numbers in [0, 1), got {betas!r}")
+    if not eps >= 0:
+        raise MolfError(f"MoLFAdamW: eps must be a non-negative number, got {eps!r}")
 
 
 class _ForeachPasses:
@@ -271,8 +312,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         ):
             if not isinstance(value, (int, float)) or value < 0:
                 raise MolfError(f"MoLFAdamW: {name} must be a non-negative number, got {value!r}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise MolfError(f"MoLFAdamW: betas must be in [0, 1), got {betas!r}")
+        _check_betas_eps(betas, eps)
         if implementation not in IMPLEMENTATIONS:
             raise MolfError(
                 f"MoLFAdamW: implementation must be one of {IMPLEMENTATIONS}, "
@@ -320,6 +360,11 @@ class MoLFAdamW(torch.optim.Optimizer):
             for key, ps in buckets.items()
             if ps
         ]
+        half = next(
+            (n for n, p in model.named_parameters() if p.requires_grad and p.dtype == _F16), None
+        )
+        if half is not None:
+            raise MolfError(_F16_MESSAGE.format(half))
         devices = {p.device for g in groups for p in g["params"]}
         if len(devices) > 1:
             raise MolfError(
@@ -369,6 +414,32 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.last_routing: Routing | None = None
         self.last_implementation: str | None = None  # which implementation the last step used
         self.register_load_state_dict_post_hook(MoLFAdamW._steps_to_device)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, refusing a group whose ``betas`` or ``eps`` differ from the
+        others' (MoLFAdamW has one of each for all groups)."""
+        super().add_param_group(param_group)
+        try:
+            self._betas_eps()
+        except MolfError:
+            self.param_groups.pop()
+            raise
+
+    def _betas_eps(self) -> tuple[float, float, float]:
+        """``beta1, beta2, eps``, the same in every group (checked every step: a few
+        Python comparisons, no tensor read)."""
+        seen = {(*(float(b) for b in g["betas"]), float(g["eps"])) for g in self.param_groups}
+        if len(seen) != 1:
+            by_group = {
+                g.get("name", i): (g["betas"], g["eps"]) for i, g in enumerate(self.param_groups)
+            }
+            raise MolfError(
+                "MoLFAdamW: every parameter group must have the same betas and eps (one "
+                f"pass updates the moments of all), got {by_group}"
+            )
+        ((beta1, beta2, eps),) = seen
+        _check_betas_eps((beta1, beta2), eps)
+        return beta1, beta2, eps
 
     @property
     def skipped_steps(self) -> int:
@@ -425,6 +496,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        beta1, beta2, eps = self._betas_eps()
         self._poll_skips()
         key: list[int] = []
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
@@ -440,6 +512,8 @@ class MoLFAdamW(torch.optim.Optimizer):
         for p, group, i in routed + plain:
             st = self.state[p]
             if not st:
+                if p.dtype == _F16:
+                    raise MolfError(_F16_MESSAGE.format(f"a parameter of shape {tuple(p.shape)}"))
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -459,8 +533,6 @@ class MoLFAdamW(torch.optim.Optimizer):
                 [_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
             )
         r = layout.num_routed
-        beta1, beta2 = self.defaults["betas"]
-        eps = self.defaults["eps"]
         hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
         impl = self._pick(params, grads, exp_avgs, exp_avg_sqs, steps)
         self.last_implementation = impl
@@ -507,7 +579,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                     rp, rg, rm, rv, rs, lrs[:r], found_inf, score=self.score, **hyper
                 )
             num_cells = layout.cell_sizes.numel()
-            sums = torch.zeros(num_cells, dtype=torch.float32, device=partial.device)
+            sums = torch.zeros(num_cells, dtype=partial.dtype, device=partial.device)
             sums.index_add_(0, layout.cell_index[:r], partial)
             if self.score_sums_hook is not None:
                 self.score_sums_hook(sums)

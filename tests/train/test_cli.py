@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,9 @@ import yaml
 from safetensors.torch import load_file
 
 from molf.cli import main
+from molf.tasks.sql_text import is_valid_sql, parse_trees
 from molf.train import run as run_module
+from molf.train.args import TrainArgs
 
 QUICK = [
     "--max-train-samples",
@@ -177,9 +181,32 @@ def test_paper_tasks_on_local_files(tmp_path, stories, shared_data, task, data, 
         "--max-length",
         "256",
     )
-    after = json.loads((out / "eval.json").read_text())["after"]
-    assert metrics <= set(after)
-    assert all(0.0 <= after[m] <= 1.0 for m in metrics)
+    evals = json.loads((out / "eval.json").read_text())
+    assert metrics <= set(evals["before"]) and metrics <= set(evals["after"])
+    # Each metric is the share of the 6 evaluated records that their own lines in
+    # predictions.jsonl count as hits, and those flags agree with the recorded outputs.
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    if task == "med":
+        flags = {"accuracy": "correct", "generation_accuracy": "generation_correct"}
+    else:
+        flags = {"exact_match": "correct", "executes": "executes"}
+    for stage in ("before", "after"):
+        rows = [x for x in lines if x["stage"] == stage]
+        assert len(rows) == 6, (stage, len(rows))
+        for metric, flag in flags.items():
+            share = sum(bool(r[flag]) for r in rows) / len(rows)
+            assert evals[stage][metric] == pytest.approx(share), (stage, metric)
+        for r in rows:
+            if task == "med":  # the best-scored letter (ties: the first) is the answer
+                best = max(r["scores"], key=r["scores"].get)
+                assert r["correct"] == (best == r["reference"]), r
+            else:
+                assert r["correct"] <= is_valid_sql(r["sql"]), r  # a match is valid SQL
+        if task == "sql":  # the parse-based shares, from each record's cleaned SQL
+            valid = sum(is_valid_sql(r["sql"]) for r in rows) / len(rows)
+            assert evals[stage]["valid_sql"] == pytest.approx(valid), stage
+            unparsable = sum(parse_trees(r["sql"]) is None for r in rows) / len(rows)
+            assert evals[stage]["unparsable"] == pytest.approx(unparsable), stage
 
 
 def test_jsonl_task_and_yaml_config(tmp_path, stories):
@@ -353,41 +380,40 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
     )
 
 
+def _help_entries(text: str) -> dict[str, str]:
+    """``--help`` output as {flag: its help text}, each option line with the lines that
+    continue it (argparse indents options by two spaces and their help further)."""
+    entries: dict[str, str] = {}
+    flags: list[str] = []
+    for line in text.splitlines():
+        if re.match(r"  -", line):  # a new option: its flags, maybe its help's first words
+            options, *first = re.split(r"\s{2,}", line.strip(), maxsplit=1)
+            flags = re.findall(r"(?<![\w-])--?[a-z][a-z0-9-]*", options)
+            for flag in flags:
+                entries[flag] = " ".join(first)
+        elif flags and line.startswith("   "):
+            for flag in flags:
+                entries[flag] += " " + line.strip()
+        else:
+            flags = []
+    return entries
+
+
 def test_help_explains_every_flag(capsys):
+    """Every TrainArgs field is a flag of `molf train --help`, shown with its own help
+    text (from the field's metadata, which must not be empty) and its default."""
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
-    text = capsys.readouterr().out
-    for flag in (
-        "--model",
-        "--gguf-file",
-        "--task",
-        "--data",
-        "--method",
-        "--output-dir",
-        "--max-steps",
-        "--epochs",
-        "--batch-size",
-        "--grad-accum",
-        "--lr",
-        "--lora-lr",
-        "--weight-decay",
-        "--lora-weight-decay",
-        "--lora-ranks",
-        "--lora-alphas",
-        "--lora-dropout",
-        "--top-k",
-        "--score",
-        "--scheduler",
-        "--warmup-ratio",
-        "--max-train-samples",
-        "--max-eval-samples",
-        "--seed",
-        "--dtype",
-        "--gradient-checkpointing",
-        "--resume",
-        "--overwrite",
-        "--save-steps",
-        "--report-to",
-    ):
-        assert flag in text, flag
+    entries = _help_entries(capsys.readouterr().out)
+    fields = dataclasses.fields(TrainArgs)
+    flags = {f.name: "--" + f.name.replace("_", "-") for f in fields}
+    negated = {"--no-" + flags[f.name][2:] for f in fields if str(f.type).startswith("bool")}
+    assert set(entries) == {*flags.values(), *negated, "--config", "-h", "--help"}
+    squash = lambda text: "".join(text.split())  # noqa: E731  (argparse re-wraps the text)
+    for f in fields:
+        flag, explained = flags[f.name], f.metadata.get("help", "").strip()
+        assert len(explained.split()) >= 2, f"{flag}: no help text in TrainArgs.{f.name}"
+        assert squash(explained) in squash(entries[flag]), (flag, entries[flag])
+        assert "(default:" in entries[flag], (flag, entries[flag])
+    assert squash("flags win over it") in squash(entries["--config"])

@@ -32,11 +32,20 @@ def test_default_model_trains_and_saves_a_plain_model(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "runs" / "smol"
-    assert main(["train", "--data", "builtin", "--method", "molf", "--max-steps", "1",
+    assert main(["train", "--data", "builtin", "--method", "molf", "--max-steps", "6",
                  "--batch-size", "2", "--lora-ranks", "8", "--lora-alphas", "8",
+                 "--lr", "1e-4", "--lora-lr", "1e-3", "--scheduler", "constant",
                  "--max-eval-samples", "2", "--max-train-samples", "2", "--max-new-tokens", "2",
-                 "--no-eval-before", "--output-dir", str(out)]) == 0
-    assert json.loads((out / "eval.json").read_text())["after"]["efficacy"] >= 0.0
+                 "--output-dir", str(out)]) == 0
+    # Training injected the two built-in edits it trained on: the first token of each new
+    # answer now beats the true one's (before, the pretrained model's first token preferred
+    # both true answers; by mean log-prob it already preferred both new ones), and the
+    # loss fell.
+    before, after = (json.loads((out / "eval.json").read_text())[k] for k in ("before", "after"))
+    assert before["efficacy_first_token"] == 0.0, before
+    assert after["efficacy_first_token"] == 1.0 and after["efficacy"] == 1.0, after
+    losses = [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 6 and losses[-1] < 0.1 * losses[0], losses
     reloaded = AutoModelForCausalLM.from_pretrained(out / "final")
     assert reloaded.config.model_type == "llama"
     assert getattr(reloaded.config, "quantization_config", None) is None
