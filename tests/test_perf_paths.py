@@ -62,7 +62,9 @@ def _mlp_grads(step):
 def _assert_same(a, b, rtol=1e-6, atol=1e-7):
     ra, rb = a[1].last_routing, b[1].last_routing
     assert torch.equal(ra.selected, rb.selected)
-    torch.testing.assert_close(ra.scores, rb.scores, rtol=1e-5, atol=1e-30)
+    # foreach sums a score in float32 (order set by the thread count), the C kernel in
+    # double: over ~1e5 terms they agree to a few float32 ulps of sqrt(N), not to 1e-5
+    torch.testing.assert_close(ra.scores, rb.scores, rtol=5e-5, atol=1e-30)
     for (n, p), q in zip(a[0].named_parameters(), b[0].parameters()):
         torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=n)
     for p, q in zip(a[0].parameters(), b[0].parameters()):
