@@ -293,7 +293,8 @@ def run_sweep(sweep: Sweep, dry_run: bool = False, only: str | None = None) -> i
     if dry_run:
         _print_listing(look)
         return 0
-    if only is not None and not look.matched:
+    finished = [n for n, s, _ in look.listing if s == "done" and look._matches(n)]
+    if only is not None and not look.matched and not finished:
         todo = [n for n, s, _ in look.listing if s not in ("done",) and "?" not in n]
         raise MolfError(
             f"--only {only}: no cell left to run matches; cells to run: "
