@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 import time
 from pathlib import Path
@@ -167,6 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as e:
         print(f"molf: {e}", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(
+            f"molf: error: {e.strerror} while writing {e.filename or 'the run'}; nothing "
+            "half-written was kept: free some space and continue with --resume",
+            file=sys.stderr,
+        )
+        return 1
     except KeyboardInterrupt:
         print(
             "molf: interrupted; continue with --resume (from the latest checkpoint)",

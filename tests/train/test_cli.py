@@ -349,6 +349,15 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
            "--lora-dropout")  # fmt: skip
     for bad_value in (["--lr", "nan"], ["--epochs", "inf"], ["--max-grad-norm", "nan"]):
         _fails(capsys, [*base, "--data", "builtin", *bad_value], bad_value[0], "finite")
+    _fails(capsys, [*base, "--data", "builtin", "--max-length", "4096"], "--max-length", "512")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in stories.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    _fails(capsys, ["train", "--model", str(truncated), "--output-dir", str(tmp_path / "r"),
+                    "--data", "builtin"], "truncated or corrupt")  # fmt: skip
     yaml_steps = tmp_path / "steps.yaml"
     yaml_steps.write_text("max_steps: 2.7\n")
     _fails(capsys, [*base, "--config", str(yaml_steps)], "--max-steps", "2.7")

@@ -206,6 +206,7 @@ def load_model_and_tokenizer(
     fails to load is deleted and rebuilt. ``MOLF_MODEL_CACHE=off`` disables the cache
     (every load dequantizes); ``MOLF_CACHE_DIR`` moves it.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     name, gguf = resolve_model(model, gguf_file)
@@ -220,6 +221,11 @@ def load_model_and_tokenizer(
             lm = AutoModelForCausalLM.from_pretrained(name, **kw)
             if gguf:
                 _drop_quantizer(lm)
+    except SafetensorError as e:  # truncated or corrupt weights
+        raise MolfError(
+            f"--model: the weights in {name} are unreadable ({e}); the file is truncated "
+            "or corrupt: copy or download it again"
+        ) from None
     except (OSError, ValueError) as e:
         short = PACKAGED_MODELS.get(model or "smollm2-135m")
         hint = (

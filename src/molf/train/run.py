@@ -205,6 +205,12 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
         main,
     )
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is not None and args.max_length > positions:
+        raise MolfError(
+            f"--max-length {args.max_length} is longer than the model's {positions} "
+            f"positions; use --max-length {positions} or less"
+        )
     pad_id = ensure_pad_token(tokenizer)
     model.config.pad_token_id = pad_id
     model.to(ctx.device)
