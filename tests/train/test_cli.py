@@ -115,6 +115,24 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
         assert again[k] == pytest.approx(v, abs=1e-6), k
 
 
+def test_the_model_card_records_method_routing_and_metrics(tmp_path, stories, shared_data):
+    data = str(shared_data / "counterfact" / "counterfact-val.json")
+    out = _train(
+        tmp_path, "card", "--model", str(stories), "--data", data, "--method", "molf-e",
+        "--max-steps", "3",
+    )  # fmt: skip
+    card = (out / "final" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == str(stories) and front["library_name"] == "peft"
+    assert "MoLF-Efficient" in card and "4+8" in card
+    routing = [json.loads(x) for x in (out / "routing.jsonl").read_text().splitlines()]
+    wins = sum(len(w) for r in routing[1:] for w in r["winners"] if w == [0])
+    share = wins / (len(routing[0]["modules"]) * 3)
+    assert f"lora0 {share:.0%}" in card
+    after = json.loads((out / "eval.json").read_text())["after"]
+    assert "| efficacy | " in card and f"{after['efficacy']:.4f} |" in card
+
+
 def test_eval_of_a_run_scores_the_runs_own_records(tmp_path, stories, shared_data, capsys):
     data = str(shared_data / "counterfact" / "counterfact-val.json")
     out = _train(tmp_path, "run", "--model", str(stories), "--data", data, "--max-steps", "2")

@@ -52,3 +52,7 @@ def test_default_model_trains_and_saves_a_plain_model(tmp_path, monkeypatch):
     # the dequantized model was cached for the next run
     (entry,) = (tmp_path / "cache" / "models").iterdir()
     assert (entry / CACHE_MARKER).is_file() and (entry / "model.safetensors").is_file()
+    # the model card names the hub model and says what routing did
+    card = (out / "final" / "README.md").read_text()
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card
+    assert "share of layer-steps won over 6 steps" in card and "| efficacy |" in card

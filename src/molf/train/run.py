@@ -58,6 +58,7 @@ from molf.train.methods import (
     method_state,
     wrap,
 )
+from molf.train.model_card import model_card, point_adapter_at
 from molf.train.modeling import hub_id, load_model_and_tokenizer, load_tokenizer, resolve_model
 from molf.train.rundir import check_run_dir, start_run_dir
 
@@ -143,9 +144,13 @@ def write_predictions(path: Path, stage: str, rows: list[dict[str, Any]]) -> Non
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base: dict) -> Path:
+def save_final(
+    model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base: dict, card: str
+) -> Path:
     """``final/``: a merged HF model (fft, molf) or a PEFT adapter (lora, dora, adalora,
-    molf-e), with the tokenizer; ``final/merged`` too for adapters with --save-merged."""
+    molf-e), with the tokenizer and the model card ``card`` as README.md; ``final/merged``
+    too for adapters with --save-merged. An adapter names its base model by hub id when
+    one is known (the offline GGUF file is recorded in ``molf_run.json``)."""
     final = run_dir / "final"
     with atomic_directory(final) as tmp:
         merged = None
@@ -163,7 +168,10 @@ def save_final(model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base
             merged.save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")
         tokenizer.save_pretrained(tmp)
+        if base.get("hub_id"):
+            point_adapter_at(tmp, base["hub_id"])
         (tmp / "molf_run.json").write_text(json.dumps({**base, "method": args.method}, indent=2))
+        (tmp / "README.md").write_text(card)
     return final
 
 
@@ -356,6 +364,7 @@ def _train_in_run_dir(
         args,
         run_dir,
         {"base_model": name, "gguf_file": gguf, "hub_id": hub_id(args.model)},
+        model_card(args, hub_id(args.model) or name, {**results, "steps": total}, run_dir),
     )
     _say(f"saved {final}")
     append_result(

@@ -1,0 +1,122 @@
+"""``final/README.md``: the model card a hub page shows, written from the run's own records.
+
+Front matter (``base_model``, ``library_name``, ``tags``) in the Hugging Face card
+format, then what was trained and how: method, ranks, learning rates, steps, the
+routing the optimizer chose (MoLF methods), metrics before and after, and the command.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from molf.train.args import TrainArgs
+
+ADAPTER_METHODS = ("lora", "dora", "adalora", "molf-e")
+
+
+def routing_summary(run_dir: Path) -> str | None:
+    """One sentence: each expert's share of layer-steps, and where the minority experts
+    won most (module types), from ``routing.jsonl``; None without routing."""
+    from molf.report.modules import type_shares
+    from molf.report.routing import routing_matrix
+
+    if not (run_dir / "routing.jsonl").is_file():
+        return None
+    matrix = routing_matrix(run_dir)
+    if not matrix.steps.size:
+        return None
+    wins = matrix.selected.sum(axis=(0, 1)) / (len(matrix.modules) * matrix.steps.size)
+    order = np.argsort(-wins)
+    parts = [f"{matrix.experts[e]} {wins[e]:.0%}" for e in order]
+    shares = type_shares(matrix.selected.sum(axis=1), matrix.modules, matrix.steps.size)
+    where = []
+    for e in order[1:]:
+        top = sorted(((t, float(v[e])) for t, v in shares.items()), key=lambda kv: -kv[1])[:3]
+        where.append(f"{matrix.experts[e]} mostly in " + ", ".join(f"{t} {v:.0%}" for t, v in top))
+    return f"share of layer-steps won over {matrix.steps.size} steps: {', '.join(parts)}" + (
+        f"; {'; '.join(where)}" if where else ""
+    )
+
+
+def _metrics_table(results: dict[str, Any]) -> list[str]:
+    before, after = results.get("before", {}), results.get("after", {})
+    rows = ["| metric | before | after |", "|---|---|---|"]
+    for name in after:
+        b = before.get(name)
+        rows.append(f"| {name} | {'' if b is None else f'{b:.4f}'} | {after[name]:.4f} |")
+    for name, value in results.get("baselines", {}).items():
+        rows.append(f"| {name} (baseline) | | {value:.4f} |")
+    return rows
+
+
+def model_card(args: TrainArgs, base_model: str, results: dict[str, Any], run_dir: Path) -> str:
+    """The card's text (markdown with YAML front matter)."""
+    adapter = args.method in ADAPTER_METHODS
+    front = {
+        "base_model": base_model,
+        "library_name": "peft" if adapter else "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["molf", args.method, args.task],
+    }
+    ranks = "+".join(map(str, args.lora_ranks))
+    what = {
+        "fft": "full fine-tuning (AdamW on every parameter)",
+        "lora": f"a LoRA adapter of rank {sum(args.lora_ranks)} (PEFT)",
+        "dora": f"a DoRA adapter of rank {sum(args.lora_ranks)} (PEFT)",
+        "adalora": f"an AdaLoRA adapter of target rank {sum(args.lora_ranks)} (PEFT)",
+        "molf": f"MoLF: the dense weights (FFT expert) and LoRA experts of rank {ranks}, "
+        f"each layer's update routed to its top-{args.top_k} by {args.score.upper()} "
+        "scores; merged into the weights, so this is a plain model",
+        "molf-e": f"MoLF-Efficient: frozen weights, LoRA experts of rank {ranks} routed "
+        f"top-{args.top_k} by {args.score.upper()}; exported as one LoRA adapter of rank "
+        f"{sum(args.lora_ranks)}",
+    }[args.method]
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {base_model} fine-tuned with molf ({args.method}, task {args.task})",
+        "",
+        f"Trained with {what}.",
+        "",
+        f"- learning rate {args.lr:g}"
+        + ("" if args.method == "fft" else f", LoRA learning rate {args.effective_lora_lr:g}")
+        + f"; {results.get('steps', '?')} steps of {args.batch_size * args.grad_accum} "
+        f"examples per process; seed {args.seed}",
+        f"- data: {args.data or 'the hub dataset'} (evaluated on its {args.eval_split} split)",
+    ]
+    routing = routing_summary(run_dir)
+    if routing:
+        lines.append(f"- routing: {routing}")
+    lines += ["", "## Metrics", "", *_metrics_table(results), "", "## Load it", "", "```python"]
+    if adapter:
+        lines += [
+            "from peft import AutoPeftModelForCausalLM",
+            'model = AutoPeftModelForCausalLM.from_pretrained("path/to/final")',
+        ]
+    else:
+        lines += [
+            "from transformers import AutoModelForCausalLM",
+            'model = AutoModelForCausalLM.from_pretrained("path/to/final")',
+        ]
+    command = shlex.join(["molf", *sys.argv[1:]]) if sys.argv[1:] else "molf train"
+    lines += ["```", "", "## Command", "", "```bash", command, "```", ""]
+    return "\n".join(lines)
+
+
+def point_adapter_at(final: Path, base_model: str) -> None:
+    """Make an adapter's ``base_model_name_or_path`` the base model's hub id (a local
+    package folder would not resolve on another machine)."""
+    config = final / "adapter_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["base_model_name_or_path"] = base_model
+        config.write_text(json.dumps(data, indent=2))
