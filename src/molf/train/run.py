@@ -197,6 +197,13 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         _check_resume_config(run_dir, args, ctx.world_size)
     check_tracker(args.report_to)
     check_method_settings(args)
+    if args.method == "molf-e" and len(args.lora_ranks) == 1:
+        _say(
+            f"warning: --method molf-e with one rank ({args.lora_ranks[0]}) is plain rsLoRA: "
+            "there is nothing to route; give two ranks, e.g. --lora-ranks 32,128 "
+            "--lora-alphas 32,32",
+            main,
+        )
     resolve_model(args.model, args.gguf_file)  # a wrong path fails before any work
     task, data = load_task(args)
     _say(
