@@ -364,3 +364,20 @@ def test_only_runs_nothing_when_nothing_matches(tmp_path, facts, capsys):
     assert main([str(_config(tmp_path, out, facts)), "--only", "nope/*"]) == 2
     assert "no cell left to run matches" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_collect_rebuilds_the_summary_from_finished_run_dirs(tmp_path, facts, finished):
+    """Several sweeps may share a grid, each with its own --only and --summary; --collect
+    gathers their finished cells into one summary without running anything."""
+    sweep_dir = finished[0]
+    config = _config(tmp_path, sweep_dir, facts)
+    rebuilt = tmp_path / "collected" / "summary.csv"
+    before = {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("eval.json")}
+    assert main([str(config), "--collect", "--summary", str(rebuilt)]) == 0
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.rglob("eval.json")} == before
+    want, got = _rows(sweep_dir / "summary.csv"), _rows(rebuilt)
+    assert got.keys() == want.keys()
+    assert all(_numbers(got[name]) == _numbers(want[name]) for name in want)
+    assert (rebuilt.parent / "results.md").read_text().splitlines()[1:] == (
+        (sweep_dir / "results.md").read_text().splitlines()[1:]
+    )

@@ -46,6 +46,11 @@ def add_sweep_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--only", metavar="CELL", help="run only the cells matching this name or glob"
     )
     parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="run nothing: write summary.csv and results.md from the finished cells",
+    )
+    parser.add_argument(
         "--summary",
         metavar="CSV",
         help="summary.csv to read (cells in it count as done) and rewrite "
@@ -65,7 +70,7 @@ def run_sweep_command(ns: argparse.Namespace) -> int:
         sweep = load_sweep(ns.config, ns.summary)
         previous = signal.signal(signal.SIGTERM, _interrupt)
         try:
-            return run_sweep(sweep, dry_run=ns.dry_run, only=ns.only)
+            return run_sweep(sweep, dry_run=ns.dry_run, only=ns.only, collect=ns.collect)
         finally:
             signal.signal(signal.SIGTERM, previous)
     except MolfError as e:

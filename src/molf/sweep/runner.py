@@ -283,15 +283,25 @@ def _report(runner: Runner) -> None:
         write_report(dirs, runner.sweep.results_dir / "report", labels)
 
 
-def run_sweep(sweep: Sweep, dry_run: bool = False, only: str | None = None) -> int:
+def run_sweep(
+    sweep: Sweep, dry_run: bool = False, only: str | None = None, collect: bool = False
+) -> int:
     """Run (or with ``dry_run`` list) the sweep; 0 when every cell finished, 1 when
     some failed. Stale results and an ``only`` that matches nothing raise MolfError
-    before anything runs."""
+    before anything runs. ``collect`` runs nothing: it writes summary.csv, results.md
+    and the report from the cells finished so far (e.g. by several sweeps, each with
+    its own ``--only`` and ``--summary``)."""
     rows = read_summary(sweep.summary)
     look = Runner(sweep, execute=False, only=only, rows=dict(rows))
     look.walk()  # checks every known cell against what is on disk and in the summary
     if dry_run:
         _print_listing(look)
+        return 0
+    if collect:
+        write_summary(sweep.summary, look.rows)
+        look._write("results.md", results_markdown(sweep, look.rows, look.choices))
+        look._write("selection.json", selection_json(look.choices))
+        print(f"[sweep] collected {len(look.rows)} finished cells into {sweep.summary}")
         return 0
     finished = [n for n, s, _ in look.listing if s == "done" and look._matches(n)]
     if only is not None and not look.matched and not finished:
