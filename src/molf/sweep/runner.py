@@ -301,6 +301,7 @@ def run_sweep(
         write_summary(sweep.summary, look.rows)
         look._write("results.md", results_markdown(sweep, look.rows, look.choices))
         look._write("selection.json", selection_json(look.choices))
+        _report(look)
         print(f"[sweep] collected {len(look.rows)} finished cells into {sweep.summary}")
         return 0
     finished = [n for n, s, _ in look.listing if s == "done" and look._matches(n)]
