@@ -129,3 +129,31 @@ def test_a_torn_last_log_line_does_not_block_truncation(tmp_path):
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     RunLogger(tmp_path, "none", {}).truncate(2)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
+
+
+def test_a_run_sends_lora_lr_and_its_results_to_tensorboard(tmp_path, shared_data):
+    """The LoRA lr as a scalar, and metrics before/after with the settings as hparams."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    data = str(shared_data / "counterfact" / "counterfact-val.json")
+    argv = ["train", "--model", str(shared_data / "models" / "stories260k"), "--data", data,
+            "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4",
+            "--max-train-samples", "8", "--max-eval-samples", "4", "--lora-ranks", "4",
+            "--lora-alphas", "8", "--lr", "1e-4", "--lora-lr", "1e-3",
+            "--scheduler", "constant", "--report-to", "tensorboard"]  # fmt: skip
+    assert main(argv) == 0
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["lr_lora"] / r["lr"] for r in log] == pytest.approx([10.0] * 3)
+    runs = [p.parent for p in (out / "tensorboard").rglob("events.out.tfevents.*")]
+    tags = {}
+    for run in runs:
+        events = EventAccumulator(str(run))
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            tags[tag] = [e.value for e in events.Scalars(tag)]
+    assert tags["train/lr_lora"] == pytest.approx([r["lr_lora"] for r in log])
+    results = json.loads((out / "eval.json").read_text())
+    for stage in ("before", "after"):
+        for name, value in results[stage].items():
+            assert tags[f"{stage}/{name}"] == pytest.approx([value]), (stage, name)

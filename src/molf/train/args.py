@@ -99,6 +99,10 @@ class TrainArgs:
     save_merged: bool = _f(False, "also save a merged model for adapter methods")
     logging_steps: int = _f(1, "log every N optimizer steps")
     report_to: str = _f("none", "none | tensorboard | wandb")
+    wandb_project: str = _f("molf", "W&B project of the run (with --report-to wandb)")
+    wandb_run_name: str | None = _f(
+        None, "W&B run name (with --report-to wandb; default: W&B's own)"
+    )
     resume: bool = _f(False, "continue from the latest checkpoint in --output-dir")
     overwrite: bool = _f(False, "replace a previous run in --output-dir")
     parallel: str = _f("auto", "auto | none | ddp | fsdp2 (auto = ddp under torchrun)")

@@ -92,7 +92,7 @@ class RunLogger:
     def __init__(
         self, run_dir: Path, report_to: str, config: dict[str, Any], enabled: bool = True
     ) -> None:
-        self.run_dir, self.enabled = run_dir, enabled
+        self.run_dir, self.enabled, self._config = run_dir, enabled, config
         self._tracker: Any = None
         self._routing_header_written = (run_dir / "routing.jsonl").exists()
         self.routing_total = RoutingTally()  # the steps of this process, for the summary
@@ -112,7 +112,12 @@ class RunLogger:
                 import wandb
             except ImportError:
                 raise MolfError("--report-to wandb: install it with pip install wandb") from None
-            self._tracker = wandb.init(project="molf", dir=str(run_dir), config=config)
+            self._tracker = wandb.init(
+                project=config.get("wandb_project") or "molf",
+                name=config.get("wandb_run_name"),
+                dir=str(run_dir),
+                config=config,
+            )
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
         with open(self.run_dir / name, "a") as f:
@@ -164,6 +169,26 @@ class RunLogger:
             if path.exists():
                 kept = [x for x in _complete_lines(path) if json.loads(x).get("step", 0) <= step]
                 write_text_atomic(path, "".join(kept))
+
+    def log_results(self, results: dict[str, Any]) -> None:
+        """Metrics before and after training, with the resolved settings as hyperparameters
+        (TensorBoard's HParams tab; W&B's run summary)."""
+        metrics = {
+            f"{stage}/{name}": float(value)
+            for stage in ("before", "after", "baselines")
+            for name, value in results.get(stage, {}).items()
+        }
+        if self._tracker is None or not metrics:
+            return
+        if hasattr(self._tracker, "add_hparams"):
+            hparams = {
+                k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for k, v in self._config.items()
+                if v is not None
+            }
+            self._tracker.add_hparams(hparams, metrics, run_name=".")
+        else:
+            self._tracker.summary.update(metrics)
 
     def close(self) -> None:
         if self._tracker is not None:

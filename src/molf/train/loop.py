@@ -96,6 +96,7 @@ def train_loop(
                 "step": done,
                 "loss": loss,
                 "lr": float(scheduler.get_last_lr()[0]),
+                **_lora_lr(optimizer),
                 "grad_norm": None if grad_norm is None else float(grad_norm),
                 "tokens_per_s": tokens / seconds,
                 "step_time": seconds,
@@ -124,3 +125,11 @@ def _agreed(flag: bool, ctx: LoopContext) -> bool:
     if not ctx.dist.active:
         return flag
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=ctx.device), ctx.dist).item())
+
+
+def _lora_lr(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """The LoRA experts' scheduled lr (``lr_lora``) when it has its own parameter group."""
+    for group in optimizer.param_groups:
+        if str(group.get("name", "")).startswith("lora"):
+            return {"lr_lora": float(group["lr"])}
+    return {}

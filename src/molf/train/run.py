@@ -77,7 +77,8 @@ def check_tracker(report_to: str) -> None:
 
 # Settings that do not change what a run computes: free to differ on --resume.
 RESUME_FREE = {
-    "resume", "overwrite", "output_dir", "report_to", "logging_steps", "save_steps",
+    "resume", "overwrite", "output_dir", "report_to", "wandb_project", "wandb_run_name",
+    "logging_steps", "save_steps",
     "save_total_limit", "save_merged", "eval_batch_size", "dist_timeout", "check_routing",
     "parallel",
 }  # fmt: skip
@@ -351,10 +352,10 @@ def _train_in_run_dir(
         # Always resumable before the final evaluation and save: a failure there (full
         # disk, a crash) is redone with --resume instead of costing the training.
         checkpoint(total)
-    logger.close()
     skipped = optimizer.skipped_steps if args.method in MOLF_METHODS else None
     model = gather_for_saving(model, args, ctx, total)
     if not main:
+        logger.close()
         barrier(ctx)
         return results
     results["after"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "after")
@@ -364,6 +365,8 @@ def _train_in_run_dir(
     if skipped is not None:
         results["skipped_steps"] = skipped
     write_text_atomic(eval_path, json.dumps(results, indent=2))
+    logger.log_results(results)
+    logger.close()
     _say(f"after training:  {_fmt(results['after'])}")
     final = save_final(
         model,
