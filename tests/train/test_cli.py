@@ -174,7 +174,7 @@ def test_tiny_random_architectures(tmp_path, tiny_dir, arch):
         "--lora-alphas",
         "8",
     )
-    assert (out / "final" / "model.safetensors").exists()
+    assert (out / "final" / "model.safetensors").exists()  # --max-length 512 > 64 positions
 
 
 @pytest.mark.parametrize(
@@ -367,7 +367,6 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
            "--lora-dropout")  # fmt: skip
     for bad_value in (["--lr", "nan"], ["--epochs", "inf"], ["--max-grad-norm", "nan"]):
         _fails(capsys, [*base, "--data", "builtin", *bad_value], bad_value[0], "finite")
-    _fails(capsys, [*base, "--data", "builtin", "--max-length", "4096"], "--max-length", "512")
     truncated = tmp_path / "truncated"
     truncated.mkdir()
     for f in stories.iterdir():

@@ -221,11 +221,14 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters",
         main,
     )
+    max_length = args.max_length
     positions = getattr(model.config, "max_position_embeddings", None)
-    if positions is not None and args.max_length > positions:
-        raise MolfError(
-            f"--max-length {args.max_length} is longer than the model's {positions} "
-            f"positions; use --max-length {positions} or less"
+    if positions is not None and max_length > positions:
+        max_length = positions  # longer examples could not be encoded: cut them there
+        _say(
+            f"--max-length {args.max_length} > the model's {positions} positions: "
+            f"using {positions}",
+            main,
         )
     pad_id = ensure_pad_token(tokenizer)
     model.config.pad_token_id = pad_id
@@ -233,7 +236,7 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     batches = Batches(
         data.train,
         tokenizer,
-        args.max_length,
+        max_length,
         pad_id,
         args.batch_size,
         args.grad_accum,
