@@ -328,7 +328,7 @@ def _train_in_run_dir(
     if args.resume:
         start, extra = _resume(run_dir, model, optimizer, scheduler, ctx)
         load_method_state(model, args, extra)
-        _say(f"resumed at step {start} of {total}", main)
+        _say(f"resumed from checkpoint-{start} (step {start} of {total})", main)
         if start == total and "after" in results and (run_dir / "final").is_dir():
             _say(f"{run_dir} is already finished: nothing to do", main)
             return results
