@@ -64,6 +64,15 @@ def test_overwrite_of_the_working_directory_touches_nothing(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "final", "notes.txt"]
 
 
+def test_a_run_never_replaces_a_users_file_named_like_its_own(tmp_path, monkeypatch, capsys):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "config.yaml").write_text("the user's own config\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--output-dir", ".", "--task", "fact", "--data", "builtin"]) == 2
+    assert "config.yaml" in capsys.readouterr().err
+    assert (tmp_path / "config.yaml").read_text() == "the user's own config\n"
+
+
 @pytest.mark.slow
 def test_overwrite_replaces_only_the_old_run(finished, stories, shared_data):
     (finished / "checkpoint-9").mkdir()

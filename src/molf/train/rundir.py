@@ -85,6 +85,14 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             f"--output-dir: {run_dir} already holds a run; pass --resume to "
             "continue it or --overwrite to replace it"
         )
+    written = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    named_like_ours = sorted(n for n in written if n in RUN_FILES or n in RUN_DIRS)
+    if named_like_ours and foreign_entries(run_dir):
+        raise MolfError(
+            f"--output-dir: {run_dir} holds files molf did not write next to "
+            f"{', '.join(named_like_ours)}, which a run would replace; pick a new or empty "
+            "--output-dir"
+        )
 
 
 def _check_writable(run_dir: Path) -> None:
