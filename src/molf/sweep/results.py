@@ -146,7 +146,7 @@ def read_summary(path: Path) -> dict[str, Row]:
 
 def write_summary(path: Path, rows: dict[str, Row]) -> None:
     """Rewrite summary.csv atomically: identifying columns, metrics (sorted), then costs."""
-    from molf.train.checkpoint import write_text_atomic
+    from molf.atomic import write_text_atomic
 
     keys = {k for r in rows.values() for k in r}
     middle = sorted(keys - set(LEAD) - set(TAIL))

@@ -97,7 +97,7 @@ class Runner:
                 self.visit(cell)
 
     def _write(self, name: str, text: str) -> None:
-        from molf.train.checkpoint import write_text_atomic
+        from molf.atomic import write_text_atomic
 
         self.sweep.results_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.sweep.results_dir / name, text)
@@ -173,7 +173,7 @@ class Runner:
 
     def run_cell(self, cell: Cell, args: Any, state: str) -> None:
         """Run one cell as ``<launcher> train --config D.yaml [--resume | --overwrite]``."""
-        from molf.train.checkpoint import write_text_atomic
+        from molf.atomic import write_text_atomic
 
         run_dir = Path(args.output_dir)
         run_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from molf.atomic import atomic_directory, fsync_tree, replace_dir, write_text_atomic
+from molf.atomic import atomic_directory, fsync_tree, replace_dir
 from molf.errors import MolfError
-
-__all__ = ["write_text_atomic"]  # re-exported for the run's other writers
 
 PATTERN = re.compile(r"checkpoint-(\d+)$")
 

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from molf.atomic import write_text_atomic
 from molf.errors import MolfError
 from molf.optim import Routing
 from molf.report.modules import type_shares
-from molf.train.checkpoint import write_text_atomic
 
 SUMMARY_MIN_SHARE = 0.10  # module types below this share are folded into "others"
 SUMMARY_MAX_TYPES = 4  # and so are those past the first four

@@ -21,7 +21,7 @@ import torch
 import yaml
 from torch import nn
 
-from molf.atomic import atomic_directory
+from molf.atomic import atomic_directory, write_text_atomic
 from molf.errors import MolfError
 from molf.model import export_peft_adapter, merge_and_unload
 from molf.tasks import TaskData, get_task
@@ -35,7 +35,6 @@ from molf.train.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
     save_sharded,
-    write_text_atomic,
 )
 from molf.train.data import Batches
 from molf.train.distributed import (
