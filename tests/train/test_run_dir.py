@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from molf.atomic import atomic_directory, recover_dir, write_text_atomic
@@ -171,6 +173,38 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, stories, shared_data)
     assert main(_args(out, stories, shared_data, "--save-steps", "1", "--resume")) == 0
     assert _tree(out) == before
     assert (out.parent / "results.csv").read_text() == csv_before
+
+
+@pytest.mark.slow
+def test_resume_refuses_changed_settings_unless_asked_and_records_them(
+    tmp_path, stories, shared_data, monkeypatch, capsys
+):
+    out = tmp_path / "runs" / "run"
+    assert main(_args(out, stories, shared_data, "--save-steps", "1")) == 0
+    first_seconds = json.loads((out / "eval.json").read_text())["train_seconds"]
+    before = _tree(out)
+    assert (
+        main(_args(out, stories, shared_data, "--save-steps", "1", "--resume", "--lr", "5e-3")) == 2
+    )
+    err = capsys.readouterr().err
+    assert "--lr 0.005 (the run used 0.001)" in err and "--allow-changed-settings" in err
+    assert _tree(out) == before
+    # the same files spelled another way (from another directory) are the same settings
+    stories, shared_data = stories.resolve(), shared_data.resolve()
+    same = _args(out, stories, shared_data, "--save-steps", "1", "--resume")
+    monkeypatch.chdir(tmp_path)
+    assert main(same) == 0
+    assert _tree(out) == before
+
+    more = [*_args(out, stories, shared_data, "--save-steps", "1", "--resume"), "--max-steps", "3"]
+    assert main([*more, "--allow-changed-settings"]) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["max_steps"] == 3
+    assert config["resume_changes"] == [{"step": 2, "changes": ["--max-steps 3 (the run used 2)"]}]
+    steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    # the time of the first attempt is carried through its checkpoint
+    assert json.loads((out / "eval.json").read_text())["train_seconds"] > first_seconds
 
 
 def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_in_place(tmp_path):

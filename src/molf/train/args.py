@@ -105,6 +105,12 @@ class TrainArgs:
     )
     resume: bool = _f(False, "continue from the latest checkpoint in --output-dir")
     overwrite: bool = _f(False, "replace a previous run in --output-dir")
+    allow_changed_settings: bool = _f(
+        False,
+        "with --resume: continue although settings that change the result differ from the "
+        "run's (e.g. a larger --max-steps); config.yaml takes the new values and lists each "
+        "change under resume_changes",
+    )
     parallel: str = _f("auto", "auto | none | ddp | fsdp2 (auto = ddp under torchrun)")
     dist_timeout: float = _f(
         600.0,
@@ -178,6 +184,8 @@ class TrainArgs:
             raise MolfError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.resume and self.overwrite:
             raise MolfError("--resume and --overwrite exclude each other: pick one")
+        if self.allow_changed_settings and not self.resume:
+            raise MolfError("--allow-changed-settings applies only with --resume")
         if self.save_steps < 0:
             raise MolfError("--save-steps must be >= 0")
 

@@ -133,10 +133,18 @@ def load_checkpoint(
 
 
 def save_sharded(
-    run_dir: Path, step: int, model: nn.Module, optimizer, scheduler, keep: int, rank: int
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    keep: int,
+    rank: int,
+    extra: dict[str, Any] | None = None,
 ) -> None:
     """Multi-process checkpoint with torch.distributed.checkpoint: each rank writes its
-    shards; rank 0 adds the scheduler and marks the directory complete, then renames it."""
+    shards; rank 0 adds the scheduler and ``extra`` and marks the directory complete,
+    then renames it."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -158,7 +166,10 @@ def save_sharded(
         tmp / f"rng-{rank}.pt",
     )
     if rank == 0:
-        torch.save({"step": step, "scheduler": scheduler.state_dict()}, tmp / "extra.pt")
+        torch.save(
+            {"step": step, "scheduler": scheduler.state_dict(), "extra": extra or {}},
+            tmp / "extra.pt",
+        )
     dist.barrier()
     if rank == 0:
         (tmp / "meta.json").write_text(json.dumps({"step": step, "sharded": True}))
@@ -168,7 +179,12 @@ def save_sharded(
     dist.barrier()
 
 
-def load_sharded(path: Path, model: nn.Module, optimizer, scheduler, rank: int) -> int:
+def load_sharded(
+    path: Path, model: nn.Module, optimizer, scheduler, rank: int
+) -> tuple[int, dict[str, Any]]:
+    """Restore a sharded checkpoint on every rank; returns its step and ``extra``. A
+    shard that cannot be read raises CorruptCheckpoint on every rank (dcp reports a
+    reader's failure to all of them)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -178,15 +194,18 @@ def load_sharded(path: Path, model: nn.Module, optimizer, scheduler, rank: int) 
         )
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path))
+        extra = torch.load(path / "extra.pt", weights_only=False)
+        rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)
+    except Exception as e:  # dcp wraps each rank's read error in a CheckpointException
+        raise CorruptCheckpoint(f"{path} cannot be read ({str(e).splitlines()[0][:200]})") from e
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
-    extra = torch.load(path / "extra.pt", weights_only=False)
     scheduler.load_state_dict(extra["scheduler"])
-    rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return int(extra["step"])
+    return int(extra["step"]), extra.get("extra", {})

@@ -41,8 +41,8 @@ def train_loop(
     ctx: LoopContext,
     start_step: int,
     total_steps: int,
-) -> float:
-    """Run optimizer steps ``start_step .. total_steps - 1``; returns the seconds spent.
+) -> None:
+    """Run optimizer steps ``start_step .. total_steps - 1``.
 
     The loss of a step is the sum of token losses over the whole global batch divided
     by its number of target tokens, accumulated over micro-batches (and ranks).
@@ -59,7 +59,6 @@ def train_loop(
     )
     summary_every = max(1, total_steps // 10)  # a routing line at most ~10 times a run
     next_summary = start_step + summary_every
-    started = time.perf_counter()
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         micro, num_targets = batches.step(step)
@@ -117,7 +116,6 @@ def train_loop(
             bar.close()
             raise Interrupted(done, saved=True)
     bar.close()
-    return time.perf_counter() - started
 
 
 def _agreed(flag: bool, ctx: LoopContext) -> bool:

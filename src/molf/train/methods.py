@@ -154,8 +154,8 @@ def method_state(model: nn.Module, args: TrainArgs) -> dict[str, Any]:
 
 
 def load_method_state(model: nn.Module, args: TrainArgs, state: dict[str, Any]) -> None:
-    """Restore what :func:`method_state` saved."""
-    if args.method != "adalora" or not state:
+    """Restore what :func:`method_state` saved (``state`` may hold other keys too)."""
+    if args.method != "adalora" or "rank_pattern" not in state:
         return
     adalora = getattr(model, "module", model).base_model
     allocator = adalora.rankallocator

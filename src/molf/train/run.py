@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,15 +78,40 @@ def check_tracker(report_to: str) -> None:
 
 # Settings that do not change what a run computes: free to differ on --resume.
 RESUME_FREE = {
-    "resume", "overwrite", "output_dir", "report_to", "wandb_project", "wandb_run_name",
-    "logging_steps", "save_steps",
+    "resume", "overwrite", "allow_changed_settings", "output_dir", "report_to",
+    "wandb_project", "wandb_run_name", "logging_steps", "save_steps",
     "save_total_limit", "save_merged", "eval_batch_size", "dist_timeout", "check_routing",
     "parallel",
 }  # fmt: skip
 
 
-def _check_resume_config(run_dir: Path, args: TrainArgs, world_size: int) -> None:
-    """Refuse to continue a run with any setting that changes its result, naming each."""
+PATH_SETTINGS = ("data", "model", "gguf_file")
+
+
+def _absolute_paths(args: TrainArgs) -> dict[str, str]:
+    """The path settings that name existing files, made absolute: a resume from another
+    directory, or with the path spelled differently, still finds them equal."""
+    values = {key: getattr(args, key) for key in PATH_SETTINGS}
+    return {k: os.path.abspath(v) for k, v in values.items() if v and os.path.exists(v)}
+
+
+def _same_setting(key: str, saved: dict[str, Any], now: Any) -> bool:
+    """Equal values, or two spellings of one existing path (relative vs absolute, links)."""
+    if saved[key] == now:
+        return True
+    if key not in PATH_SETTINGS or not isinstance(now, str) or not os.path.exists(now):
+        return False
+    before = saved.get("absolute_paths", {}).get(key, saved[key])
+    try:
+        return os.path.samefile(before, now)
+    except OSError:
+        return False
+
+
+def _resume_changes(run_dir: Path, args: TrainArgs, world_size: int) -> list[str]:
+    """Every setting that changes the run's result and differs from the run's own, as
+    ``--flag NEW (the run used OLD)``; refused (MolfError) unless
+    ``--allow-changed-settings``."""
     path = run_dir / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text())
@@ -94,14 +121,15 @@ def _check_resume_config(run_dir: Path, args: TrainArgs, world_size: int) -> Non
     changed = [
         f"--{key.replace('_', '-')} {now[key]!r} (the run used {saved[key]!r})"
         for key in now
-        if key not in RESUME_FREE and key in saved and saved[key] != now[key]
+        if key not in RESUME_FREE and key in saved and not _same_setting(key, saved, now[key])
     ]
-    if changed:
+    if changed and not args.allow_changed_settings:
         raise MolfError(
             f"--resume: {run_dir} was started with other settings: {'; '.join(changed)}. "
-            "Resume with the run's own settings (they are in its config.yaml), or start a "
-            "new run"
+            "Resume with the run's own settings (they are in its config.yaml), start a new "
+            "run, or continue with the new ones on purpose with --allow-changed-settings"
         )
+    return changed
 
 
 def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
@@ -193,8 +221,7 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     run_dir = Path(args.output_dir)
     # Every check that can fail runs before the run directory is touched.
     check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
-    if args.resume:
-        _check_resume_config(run_dir, args, ctx.world_size)
+    changes = _resume_changes(run_dir, args, ctx.world_size) if args.resume else []
     check_tracker(args.report_to)
     check_method_settings(args)
     if args.method == "molf-e" and len(args.lora_ranks) == 1:
@@ -250,7 +277,9 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     barrier(ctx)
     lock = start_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite) if main else None
     try:
-        return _train_in_run_dir(args, ctx, run_dir, task, data, model, tokenizer, batches, total)
+        return _train_in_run_dir(
+            args, ctx, run_dir, task, data, model, tokenizer, batches, total, changes
+        )
     finally:
         if lock is not None:
             lock.release()
@@ -266,26 +295,14 @@ def _train_in_run_dir(
     tokenizer: Any,
     batches: Batches,
     total: int,
+    changes: list[str],
 ) -> dict[str, Any]:
     from transformers import get_scheduler
 
     main = ctx.is_main
     name, gguf = resolve_model(args.model, args.gguf_file)
     if main and not args.resume:
-        write_text_atomic(
-            run_dir / "config.yaml",
-            yaml.safe_dump(
-                {
-                    **args.to_dict(),
-                    "resolved_model": name,
-                    "resolved_gguf_file": gguf,
-                    "hub_id": hub_id(args.model),
-                    "world_size": ctx.world_size,
-                    "parallel_mode": ctx.mode,
-                },
-                sort_keys=False,
-            ),
-        )
+        _write_config(run_dir, args, ctx, name, gguf, [])
     eval_path = run_dir / "eval.json"
     results: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
     if main and args.eval_before and "before" not in results:
@@ -307,30 +324,36 @@ def _train_in_run_dir(
         num_training_steps=total,
     )
 
+    # Training seconds over every attempt: checkpoints carry the total so far, so a
+    # resumed run counts the killed attempt's time up to the checkpoint it resumed.
+    clock = {"before": 0.0, "started": time.perf_counter()}
+
     def checkpoint(step: int) -> None:
+        seconds = clock["before"] + time.perf_counter() - clock["started"]
+        extra = {**method_state(model, args), "train_seconds": seconds}
         if ctx.active:
             save_sharded(
-                run_dir, step, model, optimizer, scheduler, args.save_total_limit, ctx.rank
+                run_dir, step, model, optimizer, scheduler, args.save_total_limit, ctx.rank, extra
             )
         else:
             save_checkpoint(
-                run_dir,
-                step,
-                model,
-                optimizer,
-                scheduler,
-                args.save_total_limit,
-                extra=method_state(model, args),
+                run_dir, step, model, optimizer, scheduler, args.save_total_limit, extra=extra
             )
 
     start = 0
     if args.resume:
         start, extra = _resume(run_dir, model, optimizer, scheduler, ctx)
         load_method_state(model, args, extra)
+        clock["before"] = float(extra.get("train_seconds", 0.0))
         _say(f"resumed from checkpoint-{start} (step {start} of {total})", main)
         if start == total and "after" in results and (run_dir / "final").is_dir():
             _say(f"{run_dir} is already finished: nothing to do", main)
             return results
+        if changes and main:
+            _say(f"warning: continuing with changed settings: {'; '.join(changes)}")
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            history = [*saved.get("resume_changes", []), {"step": start, "changes": changes}]
+            _write_config(run_dir, args, ctx, name, gguf, history)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _say(
         f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
@@ -349,7 +372,9 @@ def _train_in_run_dir(
             checkpoint=checkpoint,
             stop_requested=stop_requested,
         )
-        seconds = train_loop(model, optimizer, scheduler, batches, args, loop_ctx, start, total)
+        clock["started"] = time.perf_counter()
+        train_loop(model, optimizer, scheduler, batches, args, loop_ctx, start, total)
+    seconds = clock["before"] + time.perf_counter() - clock["started"]
     if start < total:
         # Always resumable before the final evaluation and save: a failure there (full
         # disk, a crash) is redone with --resume instead of costing the training.
@@ -362,7 +387,7 @@ def _train_in_run_dir(
         return results
     results["after"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "after")
     results["baselines"] = task.baselines(data.eval)
-    results["train_seconds"] = results.get("train_seconds", 0.0) + seconds
+    results["train_seconds"] = seconds
     results["peak_memory_mb"] = peak_memory_mb(ctx.device)
     if skipped is not None:
         results["skipped_steps"] = skipped
@@ -401,6 +426,30 @@ def _train_in_run_dir(
     return results
 
 
+def _write_config(
+    run_dir: Path,
+    args: TrainArgs,
+    ctx: DistContext,
+    name: str,
+    gguf: str | None,
+    resume_changes: list[dict[str, Any]],
+) -> None:
+    """config.yaml: the resolved settings, what they resolved to, and (after a resume
+    with --allow-changed-settings) the step and list of each change."""
+    config = {
+        **args.to_dict(),
+        "resolved_model": name,
+        "resolved_gguf_file": gguf,
+        "hub_id": hub_id(args.model),
+        "absolute_paths": _absolute_paths(args),
+        "world_size": ctx.world_size,
+        "parallel_mode": ctx.mode,
+    }
+    if resume_changes:
+        config["resume_changes"] = resume_changes
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
+
+
 @contextmanager
 def sigterm_requested() -> Iterator[Callable[[], bool]]:
     """While training, SIGTERM (what schedulers send before killing a job) only sets a
@@ -424,7 +473,7 @@ def _resume(
     for path in reversed(list_checkpoints(run_dir)):
         try:
             if ctx.active:
-                return load_sharded(path, model, optimizer, scheduler, ctx.rank), {}
+                return load_sharded(path, model, optimizer, scheduler, ctx.rank)
             return load_checkpoint(path, model, optimizer, scheduler)
         except CorruptCheckpoint as e:
             _say(f"warning: skipping {path.name}: {e}", ctx.is_main)
