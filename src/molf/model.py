@@ -79,8 +79,8 @@ def get_molf_model(model: nn.Module, config: MoLFConfig) -> nn.Module:
             raise MolfError(
                 f"lora_ranks {too_big} exceed min(d_in, d_out) = "
                 f"{min(base.in_features, base.out_features)} of layer '{name}' "
-                f"({base.in_features} -> {base.out_features}): use smaller ranks or "
-                "exclude that layer with exclude_modules"
+                f"({base.in_features} -> {base.out_features}): use smaller ranks, or "
+                "leave that layer out of target_modules"
             )
     for p in model.parameters():
         p.requires_grad_(config.train_non_linear)

@@ -350,7 +350,10 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
     rows = [good] * 4 + [{**good, "sql_context": "CREATE TABLE t ("}] * 6
     ctx.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _fails(capsys, [*base, "--task", "sql", "--data", str(ctx)], "sql.jsonl:", "context")
-    _fails(capsys, [*base, "--data", "builtin", "--lora-ranks", "128"], "lora_ranks [128]")
+    err = _fails(
+        capsys, [*base, "--data", "builtin", "--lora-ranks", "128"], "--lora-ranks [128]"
+    )
+    assert "lora_ranks" not in err and "--target-modules" in err
     _fails(capsys, [*base, "--lora-ranks", "4,x"], "--lora-ranks")
     # method settings are checked before the model loads, in the flags' words
     err = _fails(

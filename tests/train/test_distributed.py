@@ -149,9 +149,14 @@ def test_sharded_checkpoint_resume_reproduces_the_run(tmp_path, shared_data, mod
     shutil.rmtree(full / "checkpoint-4")
     shutil.rmtree(full / "final")
     assert {p.name for p in full.glob("checkpoint-*")} == {"checkpoint-2"}
+    # A newer checkpoint whose shards are truncated is reported and skipped.
+    broken = full / "checkpoint-3"
+    shutil.copytree(full / "checkpoint-2", broken)
+    for shard in broken.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])
     res = torchrun(["--output-dir", str(full), "--resume", *args])
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resumed from checkpoint-2" in res.stdout
+    assert "skipping checkpoint-3" in res.stdout and "resumed from checkpoint-2" in res.stdout
     _assert_close(_weights(full), expected, rtol=1e-6)
     steps = [json.loads(x)["step"] for x in (full / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]

@@ -186,6 +186,7 @@ def load_sharded(
     shard that cannot be read raises CorruptCheckpoint on every rank (dcp reports a
     reader's failure to all of them)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if not is_sharded(path):
@@ -198,8 +199,11 @@ def load_sharded(
         dcp.load(state, checkpoint_id=str(path))
         extra = torch.load(path / "extra.pt", weights_only=False)
         rng = torch.load(path / f"rng-{rank}.pt", weights_only=False)
-    except Exception as e:  # dcp wraps each rank's read error in a CheckpointException
-        raise CorruptCheckpoint(f"{path} cannot be read ({str(e).splitlines()[0][:200]})") from e
+    except CheckpointException as e:  # a BaseException: every rank gets each reader's error
+        failures = "; ".join(f"rank {r}: {type(x[0]).__name__}" for r, x in e.failures.items())
+        raise CorruptCheckpoint(f"{path} cannot be read ({failures})") from None
+    except Exception as e:
+        raise CorruptCheckpoint(f"{path} cannot be read ({type(e).__name__}: {e})") from None
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )

@@ -112,7 +112,10 @@ def wrap(model: nn.Module, args: TrainArgs, total_steps: int) -> nn.Module:
     if args.method == "fft":
         return model.requires_grad_(True)
     if args.method in MOLF_METHODS:
-        return get_molf_model(model, molf_config(args))
+        try:
+            return get_molf_model(model, molf_config(args))
+        except MolfError as e:  # e.g. a rank larger than a layer: name the flags
+            raise MolfError(_flag_names(str(e))) from None
     from peft import get_peft_model
 
     try:
