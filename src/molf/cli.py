@@ -32,28 +32,39 @@ DEMO = {
 }
 
 
-def _add_train_args(parser: argparse.ArgumentParser) -> None:
-    from molf.train.args import TrainArgs
+def _add_train_args(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """One flag per TrainArgs field (``only``: just these), grouped by topic, each with
+    its help, its choices and its default shown once."""
+    from molf.train.args import FLAG_GROUPS, TrainArgs, choices
 
     parser.add_argument(
         "--config", help="YAML file with any of the settings below (flags win over it)"
     )
-    for f in dataclasses.fields(TrainArgs):
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f.metadata.get("help", "")
-        default = f.default if not isinstance(f.default, tuple) else ",".join(map(str, f.default))
-        if str(f.type).startswith("bool"):
-            parser.add_argument(
-                flag,
-                dest=f.name,
-                action=argparse.BooleanOptionalAction,
-                default=None,
-                help=f"{help_text} (default: {default})",
-            )
-        else:
-            parser.add_argument(
-                flag, dest=f.name, default=None, help=f"{help_text} (default: {default})"
-            )
+    fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
+    allowed = choices()
+    for title, names in FLAG_GROUPS.items():
+        names = tuple(n for n in names if only is None or n in only)
+        group = parser.add_argument_group(title) if names else None
+        for name in names:
+            f = fields[name]
+            flag = "--" + name.replace("_", "-")
+            help_text = f.metadata["help"]
+            default = f.default
+            if isinstance(default, tuple):
+                default = ",".join(map(str, default))
+            if default is not None and "default:" not in help_text:
+                help_text += f" (default: {default})"
+            if str(f.type).startswith("bool"):
+                group.add_argument(
+                    flag,
+                    dest=name,
+                    action=argparse.BooleanOptionalAction,
+                    default=None,
+                    help=help_text,
+                )
+            else:
+                metavar = "{" + ",".join(allowed[name]) + "}" if name in allowed else None
+                group.add_argument(flag, dest=name, default=None, metavar=metavar, help=help_text)
 
 
 def _add_report_args(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune causal LMs with MoLF, FFT, LoRA, DoRA or AdaLoRA, "
         "and evaluate them on fact / med / sql / jsonl tasks.",
     )
+    from molf import __version__
+
+    parser.add_argument("--version", action="version", version=f"molf {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser(
         "train",
@@ -84,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluate RUN_DIR/final on the run's own task, data, caps, split and template "
         "(from its config.yaml; flags still win)",
     )
-    _add_train_args(ev)
+    from molf.train.args import EVAL_FLAGS
+
+    _add_train_args(ev, only=EVAL_FLAGS)
     report = sub.add_parser(
         "report",
         help="plots and tables of one or more runs (loss, routing, metrics): "

@@ -13,10 +13,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+import molf
 from molf.cli import main
 from molf.tasks.sql_text import is_valid_sql, parse_trees
 from molf.train import run as run_module
-from molf.train.args import TrainArgs
+from molf.train.args import EVAL_FLAGS, FLAG_GROUPS, TrainArgs, choices
 
 QUICK = [
     "--max-train-samples",
@@ -350,9 +351,7 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
     rows = [good] * 4 + [{**good, "sql_context": "CREATE TABLE t ("}] * 6
     ctx.write_text("".join(json.dumps(r) + "\n" for r in rows))
     _fails(capsys, [*base, "--task", "sql", "--data", str(ctx)], "sql.jsonl:", "context")
-    err = _fails(
-        capsys, [*base, "--data", "builtin", "--lora-ranks", "128"], "--lora-ranks [128]"
-    )
+    err = _fails(capsys, [*base, "--data", "builtin", "--lora-ranks", "128"], "--lora-ranks [128]")
     assert "lora_ranks" not in err and "--target-modules" in err
     _fails(capsys, [*base, "--lora-ranks", "4,x"], "--lora-ranks")
     # method settings are checked before the model loads, in the flags' words
@@ -429,20 +428,48 @@ def _help_entries(text: str) -> dict[str, str]:
 
 
 def test_help_explains_every_flag(capsys):
-    """Every TrainArgs field is a flag of `molf train --help`, shown with its own help
-    text (from the field's metadata, which must not be empty) and its default."""
+    """Every TrainArgs field is a flag of `molf train --help`, in one topic group, shown
+    with its own help text (from the field's metadata, which must not be empty), its
+    choices, and its default at most once (always, when it has one)."""
     with pytest.raises(SystemExit) as e:
         main(["train", "--help"])
     assert e.value.code == 0
-    entries = _help_entries(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    entries = _help_entries(text)
     fields = dataclasses.fields(TrainArgs)
     flags = {f.name: "--" + f.name.replace("_", "-") for f in fields}
     negated = {"--no-" + flags[f.name][2:] for f in fields if str(f.type).startswith("bool")}
     assert set(entries) == {*flags.values(), *negated, "--config", "-h", "--help"}
+    grouped = [name for names in FLAG_GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(flags), "every field in exactly one group"
+    for title in FLAG_GROUPS:
+        assert f"\n{title}:\n" in text, title
     squash = lambda text: "".join(text.split())  # noqa: E731  (argparse re-wraps the text)
+    allowed = choices()
     for f in fields:
         flag, explained = flags[f.name], f.metadata.get("help", "").strip()
         assert len(explained.split()) >= 2, f"{flag}: no help text in TrainArgs.{f.name}"
         assert squash(explained) in squash(entries[flag]), (flag, entries[flag])
-        assert "(default:" in entries[flag], (flag, entries[flag])
+        assert entries[flag].count("default") <= 1, (flag, entries[flag])
+        if f.default is not None:
+            assert "(default:" in entries[flag], (flag, entries[flag])
+        if f.name in allowed:
+            assert f"{flag} {{{','.join(allowed[f.name])}}}" in text, flag
     assert squash("flags win over it") in squash(entries["--config"])
+
+
+def test_eval_help_lists_only_evaluation_flags_and_version_is_printed(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    entries = _help_entries(capsys.readouterr().out)
+    wanted = {"--" + name.replace("_", "-") for name in EVAL_FLAGS}
+    assert {e for e in entries if not e.startswith("--no-")} == {
+        *wanted,
+        "--run",
+        "--config",
+        "-h",
+        "--help",
+    }
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"molf {molf.__version__}"

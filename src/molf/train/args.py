@@ -24,6 +24,57 @@ EVAL_SPLITS = ("val", "test")
 CHAT_TEMPLATES = ("auto", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
+SCORES = ("epd", "pfn")
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The settings that take one of a few values, and those values."""
+    from molf.tasks import TASK_NAMES
+
+    return {
+        "task": TASK_NAMES,
+        "method": METHODS,
+        "score": SCORES,
+        "scheduler": SCHEDULERS,
+        "dtype": DTYPES,
+        "save_dtype": DTYPES,
+        "report_to": REPORT_TO,
+        "parallel": PARALLEL,
+        "eval_split": EVAL_SPLITS,
+        "chat_template": CHAT_TEMPLATES,
+    }
+
+
+# The flags of ``molf train --help``, by topic (every TrainArgs field in one group).
+FLAG_GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "gguf_file", "dtype", "chat_template"),
+    "data": ("task", "data", "max_train_samples", "max_length"),
+    "training": (
+        "method", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
+        "scheduler", "warmup_ratio", "max_grad_norm", "seed", "gradient_checkpointing",
+    ),
+    "LoRA and MoLF": (
+        "lora_lr", "lora_weight_decay", "lora_ranks", "lora_alphas", "use_rslora",
+        "lora_dropout", "target_modules", "top_k", "score", "train_non_linear",
+    ),
+    "evaluation": (
+        "max_eval_samples", "eval_batch_size", "max_new_tokens", "eval_split", "eval_before",
+    ),
+    "saving and resuming": (
+        "output_dir", "save_steps", "save_total_limit", "save_merged", "save_dtype",
+        "push_to_hub", "resume", "overwrite", "allow_changed_settings",
+    ),
+    "distributed": ("parallel", "dist_timeout", "check_routing"),
+    "logging": ("logging_steps", "report_to", "wandb_project", "wandb_run_name"),
+}  # fmt: skip
+
+# What ``molf eval`` reads: the model, where to write, and the settings that decide which
+# records are scored and how (``molf eval --run`` takes these from the run's config.yaml).
+EVAL_SETTINGS = (
+    "task", "data", "max_train_samples", "max_eval_samples", "eval_split", "seed",
+    "max_length", "max_new_tokens", "chat_template", "dtype", "eval_batch_size",
+)  # fmt: skip
+EVAL_FLAGS = ("model", "gguf_file", "output_dir", *EVAL_SETTINGS)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -32,25 +83,29 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainArgs:
-    model: str | None = _f(None, "hub id or local directory (default: SmolLM2-135M-Instruct)")
+    model: str | None = _f(
+        None,
+        "hub id, local directory, or a short name (smollm2-135m, gemma3-270m); "
+        "default: SmolLM2-135M-Instruct, installed from PyPI",
+    )
     gguf_file: str | None = _f(None, "GGUF file name inside the --model directory")
-    task: str = _f("fact", "fact | med | sql | jsonl")
+    task: str = _f("fact", "the task: its data format, prompts and metrics")
     data: str | None = _f(
         None,
         "local file or directory; omitted = the task's hub dataset; "
         "'builtin' = the demo's facts (task fact)",
     )
-    method: str = _f("molf", "fft | lora | dora | adalora | molf | molf-e")
-    output_dir: str | None = _f(None, "run directory (default: runs/<task>-<method>)")
+    method: str = _f("molf", "how to fine-tune (see the README's table of methods)")
+    output_dir: str | None = _f(None, "run directory; default: runs/<task>-<method>")
     max_steps: int | None = _f(None, "optimizer steps; overrides --epochs")
     epochs: float = _f(1.0, "passes over the training set when --max-steps is not given")
     batch_size: int = _f(8, "examples per device per micro-batch")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(5e-5, "learning rate (FFT expert / full fine-tuning)")
-    lora_lr: float | None = _f(None, "learning rate of LoRA experts and adapters (default: --lr)")
+    lora_lr: float | None = _f(None, "learning rate of LoRA experts and adapters; default: --lr")
     weight_decay: float = _f(0.0, "decoupled weight decay (FFT expert, 2-D weights)")
     lora_weight_decay: float | None = _f(
-        None, "weight decay of LoRA parameters (default: --weight-decay)"
+        None, "weight decay of LoRA parameters; default: --weight-decay"
     )
     lora_ranks: tuple[int, ...] = _f(
         (128,), "LoRA expert ranks, e.g. 32,128 (PEFT baselines use their sum)", list=int
@@ -62,11 +117,11 @@ class TrainArgs:
         "all-linear", "'all-linear', comma-separated name suffixes, or a regex"
     )
     top_k: int = _f(1, "experts updated per layer and step (molf, molf-e)")
-    score: str = _f("epd", "routing score: epd | pfn")
+    score: str = _f("epd", "routing score (molf, molf-e)")
     train_non_linear: bool | None = _f(
-        None, "train embeddings/norms/lm_head too (default: yes for molf, no for molf-e)"
+        None, "train embeddings/norms/lm_head too; default: yes for molf, no for molf-e"
     )
-    scheduler: str = _f("cosine", "cosine | linear | constant")
+    scheduler: str = _f("cosine", "learning-rate schedule after the warm-up")
     warmup_ratio: float = _f(0.0, "share of steps with linear warm-up")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 = off)")
     max_length: int = _f(512, "maximum tokens per example")
@@ -74,21 +129,21 @@ class TrainArgs:
     max_eval_samples: int | None = _f(None, "cap on evaluation records (seeded shuffle)")
     eval_batch_size: int = _f(16, "batch size for evaluation")
     max_new_tokens: int | None = _f(
-        None, "generation length for generation metrics (default: the task's, e.g. 256 for sql)"
+        None, "generation length for generation metrics; default: the task's, e.g. 256 for sql"
     )
     eval_split: str = _f(
         "test",
-        "held-out split to evaluate: val (choose settings on it) | test (report on it); "
+        "held-out split to evaluate: val to choose settings on, test to report; "
         "for fact, the split's edits are also the training data",
     )
     chat_template: str = _f(
         "auto",
-        "auto (wrap prompts in the tokenizer's chat template when it has one) | none; "
-        "used alike for training and generation-based evaluation",
+        "auto: wrap prompts in the tokenizer's chat template when it has one; used alike "
+        "for training and generation-based evaluation",
     )
     eval_before: bool = _f(True, "also evaluate before training")
     seed: int = _f(0, "seed for initialisation and data order")
-    dtype: str = _f("fp32", "fp32 | bf16 parameters")
+    dtype: str = _f("fp32", "parameter dtype while training and evaluating")
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
     save_steps: int = _f(
         0,
@@ -97,11 +152,21 @@ class TrainArgs:
     )
     save_total_limit: int = _f(2, "checkpoints kept")
     save_merged: bool = _f(False, "also save a merged model for adapter methods")
+    save_dtype: str | None = _f(
+        None,
+        "dtype of the saved final model's weights (bf16 halves an fp32 model; training is "
+        "unchanged); default: as trained (--dtype)",
+    )
+    push_to_hub: str | None = _f(
+        None,
+        "upload final/ to this Hugging Face Hub repo id (e.g. me/smollm2-molf-facts) once "
+        "the run is finished; needs a token (huggingface-cli login or HF_TOKEN)",
+    )
     logging_steps: int = _f(1, "log every N optimizer steps")
-    report_to: str = _f("none", "none | tensorboard | wandb")
+    report_to: str = _f("none", "experiment tracker")
     wandb_project: str = _f("molf", "W&B project of the run (with --report-to wandb)")
     wandb_run_name: str | None = _f(
-        None, "W&B run name (with --report-to wandb; default: W&B's own)"
+        None, "W&B run name (with --report-to wandb); default: W&B's own"
     )
     resume: bool = _f(False, "continue from the latest checkpoint in --output-dir")
     overwrite: bool = _f(False, "replace a previous run in --output-dir")
@@ -111,7 +176,7 @@ class TrainArgs:
         "run's (e.g. a larger --max-steps); config.yaml takes the new values and lists each "
         "change under resume_changes",
     )
-    parallel: str = _f("auto", "auto | none | ddp | fsdp2 (auto = ddp under torchrun)")
+    parallel: str = _f("auto", "multi-process mode; auto = ddp under torchrun")
     dist_timeout: float = _f(
         600.0,
         "seconds a collective may wait before the run fails "
@@ -127,20 +192,10 @@ class TrainArgs:
         self.validate()
 
     def validate(self) -> None:
-        from molf.tasks import TASK_NAMES
-
-        choices = {
-            "task": TASK_NAMES,
-            "method": METHODS,
-            "scheduler": SCHEDULERS,
-            "dtype": DTYPES,
-            "report_to": REPORT_TO,
-            "parallel": PARALLEL,
-            "eval_split": EVAL_SPLITS,
-            "chat_template": CHAT_TEMPLATES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
+        for name, allowed in choices().items():
+            if getattr(self, name) not in allowed and not (
+                name == "save_dtype" and self.save_dtype is None
+            ):
                 raise MolfError(
                     f"--{name.replace('_', '-')}: unknown value "
                     f"{getattr(self, name)!r}; choose one of {', '.join(allowed)}"

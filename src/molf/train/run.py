@@ -23,12 +23,11 @@ import torch
 import yaml
 from torch import nn
 
-from molf.atomic import atomic_directory, write_text_atomic
+from molf.atomic import write_text_atomic
 from molf.errors import MolfError
-from molf.model import export_peft_adapter, merge_and_unload
 from molf.tasks import TaskData, get_task
 from molf.tasks.encoding import ensure_pad_token, use_chat_template
-from molf.train.args import TrainArgs
+from molf.train.args import EVAL_SETTINGS, TrainArgs
 from molf.train.checkpoint import (
     CorruptCheckpoint,
     list_checkpoints,
@@ -48,18 +47,18 @@ from molf.train.distributed import (
     unwrap,
     wrap_model,
 )
+from molf.train.export import check_hub_token, push_final, save_final
 from molf.train.logs import RunLogger, append_result, peak_memory_mb
 from molf.train.loop import LoopContext, train_loop
 from molf.train.methods import (
     MOLF_METHODS,
-    PEFT_METHODS,
     build_optimizer,
     check_method_settings,
     load_method_state,
     method_state,
     wrap,
 )
-from molf.train.model_card import model_card, point_adapter_at
+from molf.train.model_card import model_card
 from molf.train.modeling import hub_id, load_model_and_tokenizer, load_tokenizer, resolve_model
 from molf.train.rundir import check_run_dir, start_run_dir
 
@@ -79,9 +78,9 @@ def check_tracker(report_to: str) -> None:
 # Settings that do not change what a run computes: free to differ on --resume.
 RESUME_FREE = {
     "resume", "overwrite", "allow_changed_settings", "output_dir", "report_to",
-    "wandb_project", "wandb_run_name", "logging_steps", "save_steps",
-    "save_total_limit", "save_merged", "eval_batch_size", "dist_timeout", "check_routing",
-    "parallel",
+    "wandb_project", "wandb_run_name", "logging_steps", "save_steps", "save_total_limit",
+    "save_merged", "save_dtype", "push_to_hub", "eval_batch_size", "dist_timeout",
+    "check_routing", "parallel",
 }  # fmt: skip
 
 
@@ -172,37 +171,6 @@ def write_predictions(path: Path, stage: str, rows: list[dict[str, Any]]) -> Non
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def save_final(
-    model: nn.Module, tokenizer, args: TrainArgs, run_dir: Path, base: dict, card: str
-) -> Path:
-    """``final/``: a merged HF model (fft, molf) or a PEFT adapter (lora, dora, adalora,
-    molf-e), with the tokenizer and the model card ``card`` as README.md; ``final/merged``
-    too for adapters with --save-merged. An adapter names its base model by hub id when
-    one is known (the offline GGUF file is recorded in ``molf_run.json``)."""
-    final = run_dir / "final"
-    with atomic_directory(final) as tmp:
-        merged = None
-        if args.method in PEFT_METHODS:
-            model.save_pretrained(tmp)
-            if args.save_merged:
-                merged = model.merge_and_unload()
-        elif args.method == "molf-e":
-            export_peft_adapter(model, tmp)  # replaces the still-empty tmp directory
-            if args.save_merged:
-                merged = merge_and_unload(model)
-        else:  # fft, molf: the final artifact is itself a plain HF model
-            (merge_and_unload(model) if args.method == "molf" else model).save_pretrained(tmp)
-        if merged is not None:
-            merged.save_pretrained(tmp / "merged")
-            tokenizer.save_pretrained(tmp / "merged")
-        tokenizer.save_pretrained(tmp)
-        if base.get("hub_id"):
-            point_adapter_at(tmp, base["hub_id"])
-        (tmp / "molf_run.json").write_text(json.dumps({**base, "method": args.method}, indent=2))
-        (tmp / "README.md").write_text(card)
-    return final
-
-
 def run_train(args: TrainArgs) -> dict[str, Any]:
     """Train, evaluate before and after, save the final model; returns ``eval.json``'s dict.
 
@@ -223,6 +191,7 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
     changes = _resume_changes(run_dir, args, ctx.world_size) if args.resume else []
     check_tracker(args.report_to)
+    check_hub_token(args.push_to_hub)
     check_method_settings(args)
     if args.method == "molf-e" and len(args.lora_ranks) == 1:
         _say(
@@ -422,6 +391,8 @@ def _train_in_run_dir(
     )
     if not args.save_steps:
         prune_checkpoints(run_dir, keep=0)  # kept only until final/ was safe
+    if args.push_to_hub:
+        _say(f"uploaded to the Hub: {push_final(final, args.push_to_hub)}")
     barrier(ctx)
     return results
 
@@ -523,14 +494,6 @@ def load_for_eval(model_dir: str | None, gguf_file: str | None, dtype: str) -> t
         return PeftModel.from_pretrained(base, path).eval(), load_tokenizer(str(path), None)
     model, tokenizer, _, _ = load_model_and_tokenizer(model_dir, gguf_file, dtype)
     return model, tokenizer
-
-
-# A run's settings that decide which records it evaluates and how: what ``molf eval
-# --run`` takes from the run's config.yaml.
-EVAL_SETTINGS = (
-    "task", "data", "max_train_samples", "max_eval_samples", "eval_split", "seed",
-    "max_length", "max_new_tokens", "chat_template", "dtype", "eval_batch_size",
-)  # fmt: skip
 
 
 def run_settings(run_dir: Path) -> dict[str, Any]:
