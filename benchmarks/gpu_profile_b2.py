@@ -21,8 +21,12 @@ from benchmarks.gpu_check import Ctx, _ids, _variant
 
 def phases(model, opt, ids, reps: int = 5) -> dict[str, float]:
     """Median milliseconds of forward, backward and optimizer step."""
-    times: dict[str, list[float]] = {"forward": [], "backward": [], "optimizer": [],
-                                      "forward_cpu": []}
+    times: dict[str, list[float]] = {
+        "forward": [],
+        "backward": [],
+        "optimizer": [],
+        "forward_cpu": [],
+    }
     for i in range(reps + 2):
         ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         ev[0].record()
@@ -71,8 +75,11 @@ def main(argv=None) -> int:
     result, tables = {}, []
     base = ctx.model()
     impl = "triton" if "triton" in ctx.impls else "foreach"
-    for name, kind, path in (("fft", "fft", None), ("molf-fused", "molf", "fused"),
-                             ("molf-dual", "molf", "dual")):
+    for name, kind, path in (
+        ("fft", "fft", None),
+        ("molf-fused", "molf", "fused"),
+        ("molf-dual", "molf", "dual"),
+    ):
         model, opt = _variant(ctx, kind, base, impl if kind == "molf" else "auto")
         for layer in model.modules():
             if path is not None and hasattr(layer, "grad_path"):

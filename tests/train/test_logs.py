@@ -114,9 +114,7 @@ def test_concurrent_result_appends_lose_no_row(tmp_path):
         "    append_result(Path(sys.argv[1]), {'output_dir': f'{sys.argv[2]}-{i}'})\n"
     )
     path = tmp_path / "results.csv"
-    procs = [
-        subprocess.Popen([sys.executable, "-c", script, str(path), f"p{n}"]) for n in range(8)
-    ]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), f"p{n}"]) for n in range(8)]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     rows = list(csv.DictReader(path.open()))
     assert sorted(r["output_dir"] for r in rows) == sorted(
