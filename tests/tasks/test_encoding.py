@@ -160,3 +160,20 @@ def test_end_of_turn_falls_back_to_eos(chat_tokenizer) -> None:
     use_chat_template(chat_tokenizer, "auto")
     assert chat_format(chat_tokenizer).end_of_turn_id == EOS
     assert prompt_ids(chat_tokenizer, "the cat") == [DOG, THE, CAT, RAN]
+
+
+def test_a_conversation_prompt_renders_every_turn_and_the_reply_is_labelled(
+    chat_tokenizer,
+) -> None:
+    conversation = (
+        {"role": "user", "content": "the cat"},
+        {"role": "assistant", "content": "sat"},
+        {"role": "user", "content": "a dog"},
+    )
+    with pytest.raises(MolfError, match="chat template"):
+        prompt_ids(chat_tokenizer, conversation)  # not marked: plain text cannot hold it
+    use_chat_template(chat_tokenizer, "auto")
+    out = encode_example(chat_tokenizer, conversation, "ran")
+    prompt = [BOS, DOG, THE, CAT, EOT, RAN, SAT, EOT, DOG, A, DOG, EOT, RAN]
+    assert out["input_ids"] == [*prompt, RAN, EOT]
+    assert out["labels"] == [-100] * len(prompt) + [RAN, EOT]

@@ -68,9 +68,94 @@ def test_a_directory_without_eval_jsonl_is_an_error(tmp_path: Path) -> None:
         get_task("jsonl").load(str(tmp_path))
 
 
-def test_there_is_no_hub_dataset() -> None:
+def test_without_data_it_says_what_to_pass() -> None:
     with pytest.raises(MolfError, match="pass --data"):
         get_task("jsonl").load(None)
+
+
+CHAT = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris"},
+]
+
+
+def test_chat_rows_in_both_shapes_become_conversation_prompts(tmp_path: Path) -> None:
+    rows = [
+        {"messages": CHAT},
+        {"prompt": CHAT[:2], "completion": CHAT[2:]},  # TRL's conversational form
+        PAIRS[0],
+    ]
+    data = get_task("jsonl").load(str(write_jsonl(tmp_path / "chat.jsonl", rows)))
+    conversation = Example(tuple(CHAT[:2]), "Paris")
+    assert data.train.count(conversation) == 2
+    assert Example(PAIRS[0]["prompt"], PAIRS[0]["completion"]) in data.train
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({"messages": CHAT[:2]}, "messages"),  # no assistant reply at the end
+        ({"messages": CHAT[2:]}, "messages"),  # a reply with nothing before it
+        ({"messages": [{"role": "user"}, CHAT[2]]}, "messages"),
+        ({"prompt": CHAT[:2], "completion": CHAT}, "completion"),
+        ({"prompt": CHAT[:2], "completion": "Paris"}, "completion"),
+    ],
+)
+def test_malformed_chat_rows_name_the_line_and_field(tmp_path: Path, bad, field) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, bad])
+    with pytest.raises(DataError, match=rf"chat\.jsonl:2: field '{field}'"):
+        get_task("jsonl").load(str(path))
+
+
+def test_csv_and_parquet_files_are_read_through_datasets(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "mine.csv"
+    csv.write_text(
+        "prompt,completion\n" + "".join(f'"{p["prompt"]}","{p["completion"]}"\n' for p in PAIRS)
+    )
+    parquet = tmp_path / "mine.parquet"
+    pq.write_table(pa.Table.from_pylist(PAIRS), parquet)
+    expected = [Example(p["prompt"], p["completion"]) for p in PAIRS]
+    for path in (csv, parquet):
+        data = get_task("jsonl").load(str(path))
+        assert (
+            sorted(data.train, key=str) == sorted(expected, key=str) == sorted(data.eval, key=str)
+        )
+    bad = tmp_path / "bad.csv"
+    bad.write_text("question,answer\nx,y\n")
+    with pytest.raises(DataError, match=r"bad\.csv:1: field 'prompt'"):
+        get_task("jsonl").load(str(bad))
+
+
+def test_a_dataset_layout_trains_on_train_and_evaluates_on_test_or_validation(
+    tmp_path: Path,
+) -> None:
+    """The layout a hub dataset repo has (split files), loaded with datasets.load_dataset:
+    the same call a hub id takes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    repo = tmp_path / "my-dataset"
+    (repo / "data").mkdir(parents=True)
+    for split, rows in (("train", PAIRS[:1]), ("validation", PAIRS[1:2]), ("test", PAIRS[2:])):
+        pq.write_table(
+            pa.Table.from_pylist(rows), repo / "data" / f"{split}-00000-of-00001.parquet"
+        )
+    test = get_task("jsonl").load(str(repo))
+    val = get_task("jsonl").load(str(repo), split="val")
+    assert test.train == val.train == [Example(PAIRS[0]["prompt"], PAIRS[0]["completion"])]
+    assert test.eval == [Example(PAIRS[2]["prompt"], PAIRS[2]["completion"])]
+    assert val.eval == [Example(PAIRS[1]["prompt"], PAIRS[1]["completion"])]
+    assert "eval: test" in test.source and "eval: validation" in val.source
+
+    only_train = tmp_path / "only-train"
+    only_train.mkdir()
+    pq.write_table(pa.Table.from_pylist(PAIRS), only_train / "train.parquet")
+    data = get_task("jsonl").load(str(only_train))
+    assert len(data.eval) == len(data.train) == 3 and "eval: train" in data.source
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -473,3 +474,43 @@ def test_eval_help_lists_only_evaluation_flags_and_version_is_printed(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"molf {molf.__version__}"
+
+
+def test_chat_data_trains_on_the_reply_through_the_models_template(tmp_path, stories):
+    """`{"messages": [...]}` rows with a model whose tokenizer has a chat template: the
+    run trains and evaluates, and the template's text reaches the predictions."""
+    model = tmp_path / "chat-model"
+    model.mkdir()
+    for f in stories.iterdir():
+        (model / f.name).write_bytes(f.read_bytes())
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Say {w}."},
+                {"role": "assistant", "content": w},
+            ]
+        }
+        for w in ("cat", "dog", "sun", "tree")
+    ]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = _train(
+        tmp_path, "chat", "--model", str(model), "--task", "jsonl", "--data", str(data),
+        "--method", "lora", "--lora-ranks", "4", "--lora-alphas", "8", "--max-new-tokens", "2",
+    )  # fmt: skip
+    assert yaml.safe_load((out / "config.yaml").read_text())["chat_template"] == "auto"
+    predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert {p["reference"] for p in predictions} == {"cat", "dog", "sun", "tree"}
+    assert all(p["prompt"][0]["role"] == "user" for p in predictions)
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log and all(math.isfinite(x["loss"]) for x in log)
+    # without the template the same data is refused with one clear line
+    assert main(["train", "--output-dir", str(tmp_path / "runs" / "plain"), *QUICK,
+                 "--model", str(model), "--task", "jsonl", "--data", str(data),
+                 "--chat-template", "none"]) == 2  # fmt: skip

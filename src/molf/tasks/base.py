@@ -5,12 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+Prompt = str | tuple[dict[str, str], ...]  # text, or chat messages before the reply
+
 
 @dataclass(frozen=True)
 class Example:
-    """One training pair. The loss is taken on the completion tokens only."""
+    """One training pair. The loss is taken on the completion tokens only.
 
-    prompt: str
+    ``prompt`` is text, or a conversation (``[{"role": ..., "content": ...}, ...]``,
+    rendered with the model's chat template) whose reply is ``completion``."""
+
+    prompt: Prompt
     completion: str  # e.g. " English": a leading space where the text continues naturally
 
 

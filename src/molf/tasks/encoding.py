@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
+from molf.tasks.base import Prompt
 
 IGNORE_INDEX = -100  # label value that the loss (and scoring) skips
 CHAT_TEMPLATE_MODES = ("auto", "none")
@@ -80,24 +81,31 @@ def _end_of_turn_id(tokenizer: Any) -> int | None:
     return tokenizer.eos_token_id
 
 
-def prompt_ids(tokenizer: Any, prompt: str) -> list[int]:
+def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     """Prompt token ids: for a marked tokenizer (:func:`use_chat_template`), the prompt as
-    one user message of the chat template followed by the assistant's opening; else
-    the text with the tokenizer's default special tokens (BOS if it adds one).
+    one user message of the chat template (a conversation: its messages) followed by
+    the assistant's opening; else the text with the tokenizer's default special tokens
+    (BOS if it adds one). A conversation needs a marked tokenizer.
 
     The rendered template is tokenised without special tokens: any BOS is in its text.
     """
-    if chat_format(tokenizer) is None:
+    chat = chat_format(tokenizer)
+    if chat is None and not isinstance(prompt, str):
+        raise MolfError(
+            "chat data (messages) needs the model's chat template, and this tokenizer has "
+            "none or --chat-template none was given: use a chat model, or plain "
+            '{"prompt", "completion"} text'
+        )
+    if chat is None:
         return list(tokenizer(prompt)["input_ids"])
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-    )
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_example(
     tokenizer: Any,
-    prompt: str,
+    prompt: Prompt,
     completion: str,
     max_length: int | None = None,
     add_eos: bool = True,

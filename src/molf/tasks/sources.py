@@ -117,13 +117,7 @@ def _as_row(origin: Origin, value: Any) -> Row:
 
 def hub_rows(dataset_id: str, split: str) -> list[Row]:
     """Rows of one split of a hub dataset; ``datasets`` is an optional dependency."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise MolfError(
-            f"loading {dataset_id} from the Hugging Face hub needs the 'datasets' package: "
-            "pip install datasets (or pass a local copy with --data PATH)"
-        ) from e
+    datasets = _datasets()
     try:
         table = datasets.load_dataset(dataset_id, split=split)
     except Exception as e:  # network, auth or cache problems all mean the same to the user
@@ -133,6 +127,51 @@ def hub_rows(dataset_id: str, split: str) -> list[Row]:
         ) from e
     name = f"hub:{dataset_id}[{split}]"
     return [(Origin(name, number), dict(row)) for number, row in enumerate(table, 1)]
+
+
+# Local files that ``datasets`` reads (JSON and JSON lines are read here, naming lines).
+DATASET_BUILDERS = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError as e:
+        raise MolfError(
+            "reading this data needs the 'datasets' package: pip install datasets "
+            "(or pass a local JSON lines copy with --data PATH)"
+        ) from e
+    return datasets
+
+
+def file_rows(path: Path) -> list[Row]:
+    """Rows of a local file: JSON or JSON lines (:func:`read_rows`), or any format in
+    :data:`DATASET_BUILDERS` through ``datasets``."""
+    builder = DATASET_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        return read_rows(path)
+    extra = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        table = _datasets().load_dataset(builder, data_files=str(path), split="train", **extra)
+    except Exception as e:  # a malformed file: say which, in one line
+        raise MolfError(f"--data {path}: cannot read it as {builder} ({e})") from None
+    return [(Origin(str(path), number), dict(row)) for number, row in enumerate(table, 1)]
+
+
+def dataset_splits(name: str) -> dict[str, list[Row]]:
+    """Every split of a hub dataset id, or of a local directory in a hub dataset's
+    layout, as rows (``datasets.load_dataset(name)``)."""
+    try:
+        loaded = _datasets().load_dataset(name)
+    except Exception as e:  # network, auth, cache or layout: the same to the user
+        raise MolfError(
+            f"--data {name}: could not load it as a dataset ({str(e).splitlines()[0]}); "
+            "check the id and the network, or pass a local file"
+        ) from None
+    return {
+        split: [(Origin(f"{name}[{split}]", n), dict(row)) for n, row in enumerate(table, 1)]
+        for split, table in loaded.items()
+    }
 
 
 def parse_rows(
