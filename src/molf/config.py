@@ -18,18 +18,38 @@ class MoLFConfig:
     """Configuration of a MoLF model.
 
     Each target ``nn.Linear`` computes ``W x + b + sum_i s_i B_i A_i x`` with an FFT
-    expert (``W``, ``b``; trained when ``train_base``) and one LoRA expert per entry of
-    ``lora_ranks``. The optimizer routes each module's update to its ``top_k`` experts
-    by ``score`` ("epd": expected preconditioned descent, "pfn": preconditioned
-    Frobenius norm).
+    expert (``W``, ``b``) and one LoRA expert per entry of ``lora_ranks``; the optimizer
+    (:class:`~molf.optim.MoLFAdamW`) routes each module's update to its ``top_k``
+    experts by ``score``.
 
-    ``target_modules`` follows PEFT's rules: ``"all-linear"`` (every ``nn.Linear`` but
-    the output layer), a list of name suffixes, or a regex string that must match the
-    whole qualified module name. ``exclude_modules`` uses the same rules.
-    ``lora_grad_path`` picks how LoRA gradients are computed: ``"fused"`` forms
-    ``W + sum_i s_i B_i A_i`` and derives the LoRA gradients from ``dL/dW``; ``"dual"``
-    runs the LoRA branch per token; ``"auto"`` uses fused when the base is trained and
-    dropout is 0.
+    Fields:
+
+    - ``target_modules``: which ``nn.Linear`` layers become MoLF layers, by PEFT's
+      rules: ``"all-linear"`` (every ``nn.Linear`` but the output layer), a list of
+      name suffixes (``["q_proj", "v_proj"]``), or a regex string that must match the
+      whole qualified module name.
+    - ``exclude_modules``: layers left alone, by the same rules (default: ``lm_head``).
+    - ``lora_ranks``: one LoRA expert per entry, ``r_i``. ``A_i`` (``r_i x d_in``)
+      starts kaiming-uniform, ``B_i`` (``d_out x r_i``) at zero, so a fresh model
+      computes exactly what the base model did.
+    - ``lora_alphas``: one ``alpha_i`` per rank; the expert's scale is
+      ``s_i = alpha_i / sqrt(r_i)`` with ``use_rslora``, else ``alpha_i / r_i``.
+    - ``use_rslora``: rank-stabilised scaling (above); default True.
+    - ``lora_dropout``: dropout on the LoRA branch's input (training only); 0 keeps
+      the fused gradient path available.
+    - ``train_base``: whether ``W`` and ``b`` form an FFT expert that is routed and
+      trained (MoLF), or stay frozen (MoLF-Efficient: routing among LoRA experts only).
+    - ``train_non_linear``: whether parameters outside the target layers (embeddings,
+      norms, ``lm_head``) are trained too, with plain AdamW (they are never routed).
+    - ``top_k``: experts updated per module and step (1 = pure routing; the number of
+      experts = plain AdamW on all of them).
+    - ``score``: ``"epd"`` (expected preconditioned descent,
+      ``lr_e / N_e * sum(m^2 / (sqrt(v) + eps))``) or ``"pfn"`` (preconditioned
+      Frobenius norm, ``||m / (sqrt(v) + eps)||_F / sqrt(N_e)``), from raw moments.
+    - ``lora_grad_path``: how LoRA gradients are computed: ``"fused"`` forms
+      ``W + sum_i s_i B_i A_i`` and derives the LoRA gradients from ``dL/dW``;
+      ``"dual"`` runs the LoRA branch per token; ``"auto"`` uses fused when the base
+      is trained and dropout is 0. The gradients agree; only speed differs.
     """
 
     target_modules: str | Sequence[str] = "all-linear"
