@@ -555,3 +555,24 @@ def test_groups_with_different_betas_or_eps_are_refused():
         g["betas"] = (1.0, 0.999)
     with pytest.raises(MolfError, match=r"betas must be"):
         opt.step()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to move to")
+def test_built_before_the_model_moves_to_cuda_it_steps_there_like_one_built_after():
+    """The Trainer pattern: the optimizer is built on the CPU model, then the model moves."""
+    cfg = MoLFConfig(lora_ranks=(4, 8), lora_alphas=(8, 8))
+    early = get_molf_model(tiny_model(), cfg)
+    early_opt = MoLFAdamW(early, lr=1e-2, lora_lr=2e-2)
+    early.cuda()
+    late = get_molf_model(tiny_model(), cfg).cuda()
+    late_opt = MoLFAdamW(late, lr=1e-2, lora_lr=2e-2)
+    for model, opt in ((early, early_opt), (late, late_opt)):
+        for step in range(3):
+            model.zero_grad()
+            x = _batch(step).cuda()
+            model(x, labels=x).loss.backward()
+            opt.step()
+    assert early_opt.last_implementation == late_opt.last_implementation
+    assert early_opt.skipped_steps == 0
+    for (n, p), q in zip(early.named_parameters(), late.parameters()):
+        assert p.device.type == "cuda" and torch.equal(p, q), n

@@ -375,10 +375,27 @@ class MoLFAdamW(torch.optim.Optimizer):
         )
         self._cells = cells
         self._layouts: dict[tuple[int, ...], _Layout] = {}
-        self._device = devices.pop()
+        self.implementation = implementation
+        self._skipped = torch.zeros((), dtype=torch.int64)
+        self._use_device(devices.pop())
+        self._skip_event: torch.cuda.Event | None = None
+        self._skips_reported = 0
+        self.score_sums_hook: Callable[[Tensor], None] | None = None
+        self.last_routing: Routing | None = None
+        self.last_implementation: str | None = None  # which implementation the last step used
+        self.register_load_state_dict_post_hook(MoLFAdamW._steps_to_device)
+
+    def _use_device(self, device: torch.device) -> None:
+        """Put the optimizer's own tensors (skip counter, layouts) on ``device`` and pick
+        the implementation for it. Runs at construction and again when the parameters
+        have moved (e.g. built on the CPU, then the Trainer moves the model to CUDA), as
+        torch's optimizers create their state on the parameters' device."""
+        implementation = self.implementation
+        self._device = device
+        self._layouts = {}
         self._cpu_kernel = None
         self._triton = None
-        if implementation in ("auto", "cpu_kernel") and self._device.type == "cpu":
+        if implementation in ("auto", "cpu_kernel") and device.type == "cpu":
             self._cpu_kernel = _cpu_kernel.load()
         if implementation == "cpu_kernel" and self._cpu_kernel is None:
             raise MolfError(
@@ -394,7 +411,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                     f"MoLFAdamW(implementation='triton') needs Triton ({exc}); use 'auto'"
                 ) from exc
             self._triton = _triton_kernel.load()
-        elif implementation == "auto" and self._device.type == "cuda":
+        elif implementation == "auto" and device.type == "cuda":
             # Checked on an H200 (benchmarks/gpu_check.py): equal to the reference, no
             # sync, 1.37x fused AdamW against foreach's 4.8x at Qwen2.5-1.5B shapes.
             try:
@@ -403,17 +420,8 @@ class MoLFAdamW(torch.optim.Optimizer):
                 self._triton = _triton_kernel.load()
             except ImportError:
                 self._triton = None
-        self.implementation = implementation
-        self._skipped = torch.zeros((), dtype=torch.int64, device=self._device)
-        self._skipped_host = torch.zeros(
-            (), dtype=torch.int64, pin_memory=self._device.type == "cuda"
-        )
-        self._skip_event: torch.cuda.Event | None = None
-        self._skips_reported = 0
-        self.score_sums_hook: Callable[[Tensor], None] | None = None
-        self.last_routing: Routing | None = None
-        self.last_implementation: str | None = None  # which implementation the last step used
-        self.register_load_state_dict_post_hook(MoLFAdamW._steps_to_device)
+        self._skipped = self._skipped.to(device)
+        self._skipped_host = torch.zeros((), dtype=torch.int64, pin_memory=device.type == "cuda")
 
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, refusing a group whose ``betas`` or ``eps`` differ from the
@@ -527,6 +535,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             wds.append(float(group["weight_decay"]))
         if not params:
             return loss
+        if params[0].device != self._device:  # the model moved after construction
+            self._use_device(params[0].device)
         layout = self._layout(tuple(key), params)  # global sizes, also for DTensors
         if _is_dtensor(params[0]):  # FSDP2: work on this rank's shards
             params, grads, exp_avgs, exp_avg_sqs = (
