@@ -514,3 +514,28 @@ def test_chat_data_trains_on_the_reply_through_the_models_template(tmp_path, sto
     assert main(["train", "--output-dir", str(tmp_path / "runs" / "plain"), *QUICK,
                  "--model", str(model), "--task", "jsonl", "--data", str(data),
                  "--chat-template", "none"]) == 2  # fmt: skip
+
+
+def test_amp_bf16_keeps_every_small_update_that_pure_bf16_loses(tmp_path, stories, capsys):
+    """At lr 5e-5 an Adam step moves a weight by about 5e-5, below bf16's resolution for
+    most weights: pure bf16 drops those updates, amp-bf16 (fp32 weights, bf16 compute)
+    keeps every one, and its forward really runs in bf16 (its loss differs from fp32's)."""
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(stories).state_dict()
+    name = "model.layers.0.mlp.up_proj.weight"
+    common = ["--model", str(stories), "--data", "builtin", "--method", "fft", "--lr", "5e-5",
+              "--max-steps", "3", "--no-eval-before", "--max-eval-samples", "2"]  # fmt: skip
+    changed, first_loss = {}, {}
+    for dtype in ("fp32", "bf16", "amp-bf16"):
+        out = _train(tmp_path, dtype, *common, "--dtype", dtype)
+        weight = load_file(out / "final" / "model.safetensors")[name]
+        start = base[name].to(weight.dtype)
+        changed[dtype] = (weight != start).float().mean().item()
+        log = (out / "train_log.jsonl").read_text().splitlines()
+        first_loss[dtype] = json.loads(log[0])["loss"]
+    assert "--dtype amp-bf16" in capsys.readouterr().out  # pure bf16 warns
+    assert changed["fp32"] == 1.0 and changed["amp-bf16"] == 1.0
+    assert changed["bf16"] < 0.5, changed
+    assert first_loss["amp-bf16"] != first_loss["fp32"]
+    assert abs(first_loss["amp-bf16"] - first_loss["fp32"]) < 0.05 * first_loss["fp32"]

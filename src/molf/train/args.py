@@ -19,7 +19,8 @@ from molf.errors import MolfError
 
 METHODS = ("fft", "lora", "dora", "adalora", "molf", "molf-e")
 SCHEDULERS = ("cosine", "linear", "constant")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "amp-bf16")
+SAVE_DTYPES = ("fp32", "bf16")
 EVAL_SPLITS = ("val", "test")
 CHAT_TEMPLATES = ("auto", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
@@ -37,7 +38,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "score": SCORES,
         "scheduler": SCHEDULERS,
         "dtype": DTYPES,
-        "save_dtype": DTYPES,
+        "save_dtype": SAVE_DTYPES,
         "report_to": REPORT_TO,
         "parallel": PARALLEL,
         "eval_split": EVAL_SPLITS,
@@ -143,7 +144,12 @@ class TrainArgs:
     )
     eval_before: bool = _f(True, "also evaluate before training")
     seed: int = _f(0, "seed for initialisation and data order")
-    dtype: str = _f("fp32", "parameter dtype while training and evaluating")
+    dtype: str = _f(
+        "fp32",
+        "fp32; bf16 (bf16 weights: updates below bf16's resolution are lost); amp-bf16 "
+        "(fp32 weights and optimizer state, bf16 autocast compute: the mixed precision "
+        "to use on GPUs)",
+    )
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
     save_steps: int = _f(
         0,

