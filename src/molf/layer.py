@@ -56,8 +56,10 @@ def _workspace(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     largest weight seen. ``W'`` lives only inside one forward or one backward call, and
     a fresh ``d_out x d_in`` allocation there costs page faults on every call (the CPU
     allocator hands big blocks back to the OS), about 8% of a step at hidden 1024. On
-    other devices the caching allocator already reuses memory: ``None``."""
-    if weight.device.type != "cpu":
+    other devices the caching allocator already reuses memory: ``None``. Under
+    ``torch.compile`` the compiler plans the memory itself (and cannot trace a
+    thread-local buffer): ``None``."""
+    if weight.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     bufs = getattr(_scratch, "bufs", None)
     if bufs is None:

@@ -52,7 +52,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "data": ("task", "data", "max_train_samples", "max_length"),
     "training": (
         "method", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
-        "scheduler", "warmup_ratio", "max_grad_norm", "seed", "gradient_checkpointing",
+        "scheduler", "warmup_ratio", "max_grad_norm", "seed", "gradient_checkpointing", "compile",
+        "compile_backend",
     ),
     "LoRA and MoLF": (
         "lora_lr", "lora_weight_decay", "lora_ranks", "lora_alphas", "use_rslora",
@@ -151,6 +152,14 @@ class TrainArgs:
         "to use on GPUs)",
     )
     gradient_checkpointing: bool = _f(False, "recompute activations to save memory")
+    compile: bool = _f(
+        False,
+        "train with torch.compile (forward and backward; the first steps are slower while "
+        "it compiles); evaluation stays eager",
+    )
+    compile_backend: str = _f(
+        "inductor", "torch.compile backend with --compile (e.g. inductor, aot_eager, eager)"
+    )
     save_steps: int = _f(
         0,
         "checkpoint every N optimizer steps (0 = none during training); a checkpoint of the "

@@ -57,6 +57,8 @@ def train_loop(
         disable=not ctx.dist.is_main,
         dynamic_ncols=True,
     )
+    # --compile: a compiled view of the same module (same parameters) for training only
+    forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
     # amp-bf16: fp32 weights and optimizer, the forward (and so the backward) in bf16
     autocast = torch.autocast(
         ctx.device.type, dtype=torch.bfloat16, enabled=args.dtype == "amp-bf16"
@@ -71,7 +73,7 @@ def train_loop(
         for mb in micro:
             mb = {k: v.to(ctx.device) for k, v in mb.items()}
             with autocast:
-                out = model(**mb, num_items_in_batch=num_targets)
+                out = forward(**mb, num_items_in_batch=num_targets)
             (out.loss * world).backward()
             loss += out.loss.detach()
             tokens += mb["attention_mask"].sum()
