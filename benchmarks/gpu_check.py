@@ -182,10 +182,10 @@ def section_optimizer(ctx: Ctx) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     threads = torch.get_num_threads()
     try:
-        from conftest import tiny_model
+        from helpers import tiny_model
         from test_optim import BETAS, EPS, ReferenceMoLF
     finally:
-        torch.set_num_threads(threads)  # conftest pins the CPU threads for the test suite
+        torch.set_num_threads(threads)  # importing test modules must not change it
     cases = {
         "epd-k1": dict(lora_ranks=(4,), lora_alphas=(8,), score="epd"),
         "pfn-k2-three": dict(lora_ranks=(4, 8), lora_alphas=(8, 32), top_k=2, score="pfn"),

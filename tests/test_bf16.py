@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from molf import MoLFAdamW, MoLFConfig, get_molf_model
 

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from molf import MoLFAdamW, MoLFConfig, MolfError, _cpu_kernel, get_molf_model
 

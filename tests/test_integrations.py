@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from torch import nn
 
 from molf import MoLFAdamW, MoLFConfig, MoLFLinear, get_molf_model, molf_modules

@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from molf import MoLFAdamW, MoLFConfig, MolfError, get_molf_model, molf_modules
 

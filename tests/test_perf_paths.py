@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from torch import nn
 
 from molf import MoLFAdamW, MoLFConfig, MoLFLinear, _cpu_kernel, get_molf_model

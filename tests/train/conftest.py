@@ -18,7 +18,7 @@ def tiny_dir(tmp_path, stories):
     """Save a tiny random model of an architecture, with stories260k's tokenizer."""
 
     def make(arch: str) -> Path:
-        from conftest import tiny_model
+        from helpers import tiny_model
 
         out = tmp_path / f"tiny-{arch}"
         model = tiny_model(arch, vocab_size=520)  # room for a pad token some classes add
