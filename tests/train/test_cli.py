@@ -18,7 +18,7 @@ import molf
 import molf.layer
 from molf.cli import main
 from molf.tasks.sql_text import is_valid_sql, parse_trees
-from molf.train import run as run_module
+from molf.train import checkpoint as checkpoint_module
 from molf.train.args import EVAL_FLAGS, FLAG_GROUPS, TrainArgs, choices
 
 QUICK = [
@@ -304,16 +304,16 @@ def test_resume_ends_with_the_uninterrupted_weights(
     ]
     full = _train(tmp_path, "full", *args)
 
-    real_save = run_module.save_checkpoint
+    real_save = checkpoint_module.save_checkpoint
 
     def save_then_crash(*a, **kw):
         real_save(*a, **kw)
         raise Crash  # the process dies right after writing checkpoint-3
 
-    monkeypatch.setattr(run_module, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", save_then_crash)
     with pytest.raises(Crash):
         _train(tmp_path, "cut", *args)
-    monkeypatch.setattr(run_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoint_module, "save_checkpoint", real_save)
     cut = tmp_path / "runs" / "cut"
     assert (cut / "checkpoint-3").is_dir() and not (cut / "final").exists()
     assert main(["train", "--output-dir", str(cut), *QUICK, *args, "--resume"]) == 0

@@ -12,6 +12,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,42 @@ def load_sharded(
     if rng["cuda"]:
         torch.cuda.set_rng_state_all(rng["cuda"])
     return int(extra["step"]), extra.get("extra", {})
+
+
+def write_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    keep: int,
+    extra: dict[str, Any],
+    rank: int | None = None,
+) -> None:
+    """``checkpoint-<step>/``: written by this process alone (``rank`` None), or as
+    shards by every rank of a process group (``rank`` given; all ranks call it)."""
+    if rank is None:
+        save_checkpoint(run_dir, step, model, optimizer, scheduler, keep, extra=extra)
+    else:
+        save_sharded(run_dir, step, model, optimizer, scheduler, keep, rank, extra)
+
+
+def load_latest_checkpoint(
+    run_dir: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    rank: int | None = None,
+    warn: Callable[[str], None] = print,
+) -> tuple[int, dict[str, Any]]:
+    """Restore the newest readable checkpoint (single-process, or sharded when ``rank``
+    is given); an unreadable one is reported through ``warn`` and the one before it
+    tried. Returns its step and ``extra`` state."""
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            if rank is None:
+                return load_checkpoint(path, model, optimizer, scheduler)
+            return load_sharded(path, model, optimizer, scheduler, rank)
+        except CorruptCheckpoint as e:
+            warn(f"warning: skipping {path.name}: {e}")
+    raise MolfError(f"--resume: no readable checkpoint in {run_dir}")

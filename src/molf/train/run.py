@@ -28,15 +28,7 @@ from molf.errors import MolfError
 from molf.tasks import TaskData, get_task
 from molf.tasks.encoding import ensure_pad_token, use_chat_template
 from molf.train.args import EVAL_SETTINGS, TrainArgs
-from molf.train.checkpoint import (
-    CorruptCheckpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_sharded,
-    prune_checkpoints,
-    save_checkpoint,
-    save_sharded,
-)
+from molf.train.checkpoint import load_latest_checkpoint, prune_checkpoints, write_checkpoint
 from molf.train.data import Batches
 from molf.train.distributed import (
     DistContext,
@@ -303,22 +295,20 @@ def _train_in_run_dir(
     # Training seconds over every attempt: checkpoints carry the total so far, so a
     # resumed run counts the killed attempt's time up to the checkpoint it resumed.
     clock = {"before": 0.0, "started": time.perf_counter()}
+    rank = ctx.rank if ctx.active else None  # sharded checkpoints under a process group
 
     def checkpoint(step: int) -> None:
         seconds = clock["before"] + time.perf_counter() - clock["started"]
         extra = {**method_state(model, args), "train_seconds": seconds}
-        if ctx.active:
-            save_sharded(
-                run_dir, step, model, optimizer, scheduler, args.save_total_limit, ctx.rank, extra
-            )
-        else:
-            save_checkpoint(
-                run_dir, step, model, optimizer, scheduler, args.save_total_limit, extra=extra
-            )
+        write_checkpoint(
+            run_dir, step, model, optimizer, scheduler, args.save_total_limit, extra, rank
+        )
 
     start = 0
     if args.resume:
-        start, extra = _resume(run_dir, model, optimizer, scheduler, ctx)
+        start, extra = load_latest_checkpoint(
+            run_dir, model, optimizer, scheduler, rank, lambda msg: _say(msg, main)
+        )
         load_method_state(model, args, extra)
         clock["before"] = float(extra.get("train_seconds", 0.0))
         _say(f"resumed from checkpoint-{start} (step {start} of {total})", main)
@@ -441,21 +431,6 @@ def sigterm_requested() -> Iterator[Callable[[], bool]]:
         yield lambda: bool(received)
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _resume(
-    run_dir: Path, model: nn.Module, optimizer, scheduler, ctx: DistContext
-) -> tuple[int, dict[str, Any]]:
-    """Load the newest readable checkpoint (an unreadable one is reported and skipped);
-    returns its step and the method's extra state."""
-    for path in reversed(list_checkpoints(run_dir)):
-        try:
-            if ctx.active:
-                return load_sharded(path, model, optimizer, scheduler, ctx.rank)
-            return load_checkpoint(path, model, optimizer, scheduler)
-        except CorruptCheckpoint as e:
-            _say(f"warning: skipping {path.name}: {e}", ctx.is_main)
-    raise MolfError(f"--resume: no readable checkpoint in {run_dir}")
 
 
 def gather_for_saving(model: nn.Module, args: TrainArgs, ctx: DistContext, total: int) -> nn.Module:
