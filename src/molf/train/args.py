@@ -17,7 +17,6 @@ import yaml
 
 from molf.errors import MolfError
 
-METHODS = ("fft", "lora", "dora", "adalora", "molf", "molf-e")
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16", "amp-bf16")
 SAVE_DTYPES = ("fp32", "bf16")
@@ -31,10 +30,11 @@ SCORES = ("epd", "pfn")
 def choices() -> dict[str, tuple[str, ...]]:
     """The settings that take one of a few values, and those values."""
     from molf.tasks import TASK_NAMES
+    from molf.train.methods import METHODS
 
     return {
         "task": TASK_NAMES,
-        "method": METHODS,
+        "method": tuple(METHODS),
         "score": SCORES,
         "scheduler": SCHEDULERS,
         "dtype": DTYPES,

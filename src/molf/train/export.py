@@ -18,7 +18,7 @@ from molf.atomic import atomic_directory
 from molf.errors import MolfError
 from molf.model import export_peft_adapter, merge_and_unload
 from molf.train.args import TrainArgs
-from molf.train.methods import PEFT_METHODS
+from molf.train.methods import method_of
 from molf.train.model_card import point_adapter_at
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -36,16 +36,17 @@ def save_final(
     final = run_dir / "final"
     with atomic_directory(final) as tmp:
         merged = None
-        if args.method in PEFT_METHODS:
+        method = method_of(args)
+        if method.peft:
             model.save_pretrained(tmp)
             if args.save_merged:
                 merged = model.merge_and_unload()
-        elif args.method == "molf-e":
+        elif method.adapter:  # molf-e: its experts exported as one LoRA adapter
             export_peft_adapter(model, tmp)  # replaces the still-empty tmp directory
             if args.save_merged:
                 merged = merge_and_unload(model)
         else:  # fft, molf: the final artifact is itself a plain HF model
-            (merge_and_unload(model) if args.method == "molf" else model).save_pretrained(tmp)
+            (merge_and_unload(model) if method.routed else model).save_pretrained(tmp)
         if merged is not None:
             merged.save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,8 +22,57 @@ from molf.model import get_molf_model
 from molf.optim import MoLFAdamW
 from molf.train.args import TrainArgs
 
-MOLF_METHODS = ("molf", "molf-e")
-PEFT_METHODS = ("lora", "dora", "adalora")
+
+@dataclass(frozen=True)
+class Method:
+    """What sets one training method apart; the loop, data and schedule are shared.
+
+    ``routed``: MoLF experts, updated by MoLFAdamW's routing. ``peft``: a PEFT adapter
+    wraps the model. ``trains_base``: the dense weights are trained. ``adapter``: the
+    final artifact is a PEFT adapter (else a full model, merged for molf).
+    ``describe(args)`` is the model card's sentence for it."""
+
+    name: str
+    routed: bool
+    peft: bool
+    trains_base: bool
+    adapter: bool
+    describe: Callable[[TrainArgs], str]
+
+
+def _rank(args: TrainArgs) -> int:
+    return sum(args.lora_ranks)
+
+
+def _ranks(args: TrainArgs) -> str:
+    return "+".join(map(str, args.lora_ranks))
+
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("fft", False, False, True, False,
+               lambda a: "full fine-tuning (AdamW on every parameter)"),
+        Method("lora", False, True, False, True,
+               lambda a: f"a LoRA adapter of rank {_rank(a)} (PEFT)"),
+        Method("dora", False, True, False, True,
+               lambda a: f"a DoRA adapter of rank {_rank(a)} (PEFT)"),
+        Method("adalora", False, True, False, True,
+               lambda a: f"an AdaLoRA adapter of target rank {_rank(a)} (PEFT)"),
+        Method("molf", True, False, True, False,
+               lambda a: f"MoLF: the dense weights (FFT expert) and LoRA experts of rank "
+               f"{_ranks(a)}, each layer's update routed to its top-{a.top_k} by "
+               f"{a.score.upper()} scores; merged into the weights, so this is a plain model"),
+        Method("molf-e", True, False, False, True,
+               lambda a: f"MoLF-Efficient: frozen weights, LoRA experts of rank {_ranks(a)} "
+               f"routed top-{a.top_k} by {a.score.upper()}; exported as one LoRA adapter of "
+               f"rank {_rank(a)}"),
+    )
+}  # fmt: skip
+
+
+def method_of(args: TrainArgs) -> Method:
+    return METHODS[args.method]
 
 
 def target_modules(args: TrainArgs) -> str | list[str]:
@@ -39,7 +90,7 @@ def molf_config(args: TrainArgs) -> MoLFConfig:
         lora_alphas=args.lora_alphas,
         use_rslora=args.use_rslora,
         lora_dropout=args.lora_dropout,
-        train_base=args.method == "molf",
+        train_base=method_of(args).trains_base,
         train_non_linear=args.effective_train_non_linear,
         top_k=args.top_k,
         score=args.score,
@@ -50,9 +101,9 @@ def check_method_settings(args: TrainArgs) -> None:
     """Build the method's config (cheap: no model) so that bad ranks, alphas, top-k or
     target modules fail before a model loads, in the CLI's words (``--top-k``)."""
     try:
-        if args.method in MOLF_METHODS:
+        if method_of(args).routed:
             molf_config(args)
-        elif args.method in PEFT_METHODS:
+        elif method_of(args).peft:
             _peft_config(args, total_steps=100)
     except (MolfError, ValueError, TypeError) as e:
         raise MolfError(_flag_names(str(e))) from None
@@ -109,9 +160,10 @@ def _adamw(params: list[tuple[str, nn.Parameter]], lr: float, wd: float) -> torc
 
 def wrap(model: nn.Module, args: TrainArgs, total_steps: int) -> nn.Module:
     """Add the method's adapters or experts to ``model`` and set what is trainable."""
-    if args.method == "fft":
+    method = method_of(args)
+    if not (method.routed or method.peft):  # fft
         return model.requires_grad_(True)
-    if args.method in MOLF_METHODS:
+    if method.routed:
         try:
             return get_molf_model(model, molf_config(args))
         except MolfError as e:  # e.g. a rank larger than a layer: name the flags
@@ -129,7 +181,7 @@ def build_optimizer(model: nn.Module, args: TrainArgs) -> torch.optim.Optimizer:
     lora_wd = args.weight_decay if args.lora_weight_decay is None else args.lora_weight_decay
     if args.method == "fft":
         return _adamw(list(model.named_parameters()), args.lr, args.weight_decay)
-    if args.method in MOLF_METHODS:
+    if method_of(args).routed:
         return MoLFAdamW(
             model,
             lr=args.lr,

@@ -17,8 +17,7 @@ import numpy as np
 import yaml
 
 from molf.train.args import TrainArgs
-
-ADAPTER_METHODS = ("lora", "dora", "adalora", "molf-e")
+from molf.train.methods import method_of
 
 
 def routing_summary(run_dir: Path) -> str | None:
@@ -58,26 +57,15 @@ def _metrics_table(results: dict[str, Any]) -> list[str]:
 
 def model_card(args: TrainArgs, base_model: str, results: dict[str, Any], run_dir: Path) -> str:
     """The card's text (markdown with YAML front matter)."""
-    adapter = args.method in ADAPTER_METHODS
+    method = method_of(args)
+    adapter = method.adapter
     front = {
         "base_model": base_model,
         "library_name": "peft" if adapter else "transformers",
         "pipeline_tag": "text-generation",
         "tags": ["molf", args.method, args.task],
     }
-    ranks = "+".join(map(str, args.lora_ranks))
-    what = {
-        "fft": "full fine-tuning (AdamW on every parameter)",
-        "lora": f"a LoRA adapter of rank {sum(args.lora_ranks)} (PEFT)",
-        "dora": f"a DoRA adapter of rank {sum(args.lora_ranks)} (PEFT)",
-        "adalora": f"an AdaLoRA adapter of target rank {sum(args.lora_ranks)} (PEFT)",
-        "molf": f"MoLF: the dense weights (FFT expert) and LoRA experts of rank {ranks}, "
-        f"each layer's update routed to its top-{args.top_k} by {args.score.upper()} "
-        "scores; merged into the weights, so this is a plain model",
-        "molf-e": f"MoLF-Efficient: frozen weights, LoRA experts of rank {ranks} routed "
-        f"top-{args.top_k} by {args.score.upper()}; exported as one LoRA adapter of rank "
-        f"{sum(args.lora_ranks)}",
-    }[args.method]
+    what = method.describe(args)
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),

@@ -43,10 +43,10 @@ from molf.train.export import check_hub_token, push_final, save_final
 from molf.train.logs import RunLogger, append_result, peak_memory_mb
 from molf.train.loop import LoopContext, train_loop
 from molf.train.methods import (
-    MOLF_METHODS,
     build_optimizer,
     check_method_settings,
     load_method_state,
+    method_of,
     method_state,
     wrap,
 )
@@ -345,7 +345,7 @@ def _train_in_run_dir(
         # Always resumable before the final evaluation and save: a failure there (full
         # disk, a crash) is redone with --resume instead of costing the training.
         checkpoint(total)
-    skipped = optimizer.skipped_steps if args.method in MOLF_METHODS else None
+    skipped = optimizer.skipped_steps if method_of(args).routed else None
     model = gather_for_saving(model, args, ctx, total)
     if not main:
         logger.close()
