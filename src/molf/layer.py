@@ -17,6 +17,7 @@ Two ways to get the same gradients:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Any
@@ -24,13 +25,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
 
 
 def _effective_weight(
@@ -49,6 +43,7 @@ def _effective_weight(
 
 
 _scratch = threading.local()
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: entering it does nothing
 
 
 def _workspace(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
@@ -75,8 +70,10 @@ class _FusedLoRALinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x, weight, bias, scalings, *loras):  # type: ignore[override]
-        dtype = _compute_dtype(x)
-        with torch.autocast(x.device.type, enabled=False):
+        device_type = x.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
+        with torch.autocast(device_type, enabled=False) if autocast_on else _NO_CONTEXT:
             w = _effective_weight(weight, loras, scalings, dtype, _workspace(weight, dtype))
             y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
             del w  # not saved: recomputed in backward (saving it would cost a weight's memory)
@@ -91,7 +88,9 @@ class _FusedLoRALinear(torch.autograd.Function):
         needs = ctx.needs_input_grad
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(dtype)
         grad_x = grad_w = grad_b = None
-        with torch.autocast(x.device.type, enabled=False):
+        device_type = x.device.type
+        autocast_on = torch.is_autocast_enabled(device_type)
+        with torch.autocast(device_type, enabled=False) if autocast_on else _NO_CONTEXT:
             if needs[0]:
                 ws = _workspace(weight, dtype)
                 w = _effective_weight(weight, tuple(loras), scalings, dtype, ws)
@@ -174,7 +173,10 @@ class MoLFLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Without autograd (generation) the per-token path is the cheap one.
         if torch.is_grad_enabled() and self.uses_fused_path():
-            loras = [t for ab in zip(self.lora_A, self.lora_B) for t in ab]
+            # the registered tensors themselves (what ParameterList indexing returns,
+            # without its per-item Python): current also when FSDP2 swaps them
+            a_list, b_list = self.lora_A._parameters.values(), self.lora_B._parameters.values()
+            loras = [t for ab in zip(a_list, b_list) for t in ab]
             return _FusedLoRALinear.apply(
                 x, self.base_layer.weight, self.base_layer.bias, self.scalings, *loras
             )
