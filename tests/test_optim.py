@@ -576,3 +576,36 @@ def test_built_before_the_model_moves_to_cuda_it_steps_there_like_one_built_afte
     assert early_opt.skipped_steps == 0
     for (n, p), q in zip(early.named_parameters(), late.parameters()):
         assert p.device.type == "cuda" and torch.equal(p, q), n
+
+
+def test_state_loaded_into_a_used_optimizer_and_changing_gradient_sets_are_picked_up():
+    """The step keeps its gathered tensors between steps: a state loaded into an
+    optimizer that already stepped, and an expert whose gradient comes and goes, must
+    give what a fresh optimizer gives."""
+    cfg = MoLFConfig(lora_ranks=(4, 8), lora_alphas=(8, 8), top_k=1)
+    model = get_molf_model(tiny_model(), cfg)
+    opt = MoLFAdamW(model, lr=1e-2, lora_lr=2e-2)
+    _train(model, opt, 2)
+    snapshot = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    _train(model, opt, 3, start=2)  # moves on with the gathered state
+    model.load_state_dict(snapshot[0])
+    opt.load_state_dict(copy.deepcopy(snapshot[1]))  # (loading keeps the tensors given)
+    fresh = get_molf_model(tiny_model(seed=5), cfg)
+    fresh.load_state_dict(snapshot[0])
+    fresh_opt = MoLFAdamW(fresh, lr=1e-2, lora_lr=2e-2)
+    fresh_opt.load_state_dict(copy.deepcopy(snapshot[1]))
+    dropped = {id(layer.lora_B[1]) for _, layer in molf_modules(model)}
+    dropped |= {id(layer.lora_B[1]) for _, layer in molf_modules(fresh)}
+    for step in range(2, 6):
+        for m, o in ((model, opt), (fresh, fresh_opt)):
+            m.zero_grad()
+            x = _batch(step)
+            m(x, labels=x).loss.backward()
+            if step == 3:  # one expert's B has no gradient for one step
+                for p in m.parameters():
+                    if id(p) in dropped:
+                        p.grad = None
+            o.step()
+        assert torch.equal(opt.last_routing.selected, fresh_opt.last_routing.selected)
+    for (n, p), q in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(p, q), n

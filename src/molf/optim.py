@@ -262,6 +262,22 @@ class _Layout:
     module_starts: Tensor  # long [M + 1], on the CPU: module m owns params[starts[m]:starts[m+1]]
 
 
+@dataclass
+class _Gathered:
+    """The tensors a step works on, in kernel order, for one set of parameters with
+    gradients (``signature``); kept between steps, since moments and steps are updated
+    in place, and rebuilt when that set changes or the state is replaced."""
+
+    signature: tuple[bool, ...]
+    params: list[Tensor]
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    steps: list[Tensor]
+    group_of: list[int]  # each param's group index (lr and weight decay are read per step)
+    layout: _Layout
+    state_fits: dict[str, bool]  # per fast implementation: does the state (ours) suit it?
+
+
 class MoLFAdamW(torch.optim.Optimizer):
     """AdamW over a MoLF model with per-layer Top-K routing of the update.
 
@@ -393,6 +409,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         implementation = self.implementation
         self._device = device
         self._layouts = {}
+        self._gathered: _Gathered | None = None
         self._cpu_kernel = None
         self._triton = None
         if implementation in ("auto", "cpu_kernel") and device.type == "cpu":
@@ -427,6 +444,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         """As torch's, refusing a group whose ``betas`` or ``eps`` differ from the
         others' (MoLFAdamW has one of each for all groups)."""
         super().add_param_group(param_group)
+        self._gathered = None
         try:
             self._betas_eps()
         except MolfError:
@@ -463,6 +481,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
         super().load_state_dict(state_dict)
+        self._gathered = None  # new state tensors: gather them again
         self._skipped.fill_(skipped)
         self._skips_reported = skipped
 
@@ -506,45 +525,31 @@ class MoLFAdamW(torch.optim.Optimizer):
                 loss = closure()
         beta1, beta2, eps = self._betas_eps()
         self._poll_skips()
-        key: list[int] = []
-        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-        lrs, wds = [], []
-        flat = 0
-        routed, plain = [], []  # routed MoLF experts first, then the others
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    (routed if id(p) in self._cells else plain).append((p, group, flat))
-                flat += 1
-        routed.sort(key=lambda item: self._cells[id(item[0])])  # module by module (stable)
-        for p, group, i in routed + plain:
-            st = self.state[p]
-            if not st:
-                if p.dtype == _F16:
-                    raise MolfError(_F16_MESSAGE.format(f"a parameter of shape {tuple(p.shape)}"))
-                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            key.append(i)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(st["exp_avg"])
-            exp_avg_sqs.append(st["exp_avg_sq"])
-            steps.append(st["step"])
-            lrs.append(float(group["lr"]))
-            wds.append(float(group["weight_decay"]))
-        if not params:
+        signature = tuple(p.grad is not None for g in self.param_groups for p in g["params"])
+        if not any(signature):
             return loss
+        gathered = self._gathered
+        if gathered is None or gathered.signature != signature:
+            gathered = self._gathered = self._gather(signature)
+        params = gathered.params
         if params[0].device != self._device:  # the model moved after construction
             self._use_device(params[0].device)
-        layout = self._layout(tuple(key), params)  # global sizes, also for DTensors
+            gathered = self._gathered = self._gather(signature)
+            params = gathered.params
+        grads = [p.grad for p in params]
+        exp_avgs, exp_avg_sqs, steps = gathered.exp_avgs, gathered.exp_avg_sqs, gathered.steps
+        group_lr = [float(g["lr"]) for g in self.param_groups]
+        group_wd = [float(g["weight_decay"]) for g in self.param_groups]
+        lrs = [group_lr[i] for i in gathered.group_of]
+        wds = [group_wd[i] for i in gathered.group_of]
+        layout = gathered.layout
         if _is_dtensor(params[0]):  # FSDP2: work on this rank's shards
             params, grads, exp_avgs, exp_avg_sqs = (
                 [_local(t) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)
             )
         r = layout.num_routed
         hyper = dict(beta1=beta1, beta2=beta2, eps=eps)
-        impl = self._pick(params, grads, exp_avgs, exp_avg_sqs, steps)
+        impl = self._pick(gathered, grads)
         self.last_implementation = impl
         rp, rg, rm, rv, rs = params[:r], grads[:r], exp_avgs[:r], exp_avg_sqs[:r], steps[:r]
         passes = {"cpu_kernel": self._cpu_kernel, "triton": self._triton}.get(impl, _ForeachPasses)
@@ -619,21 +624,66 @@ class MoLFAdamW(torch.optim.Optimizer):
         self.last_routing = Routing(self._modules, self._experts, scores, selected)
         return loss
 
-    def _pick(self, *lists: list[Tensor]) -> str:
-        """The implementation for this step's tensors (checked every step: cheap, and a
-        kernel must never be handed a tensor it cannot write in place)."""
+    def _pick(self, gathered: _Gathered, grads: list[Tensor]) -> str:
+        """The implementation for this step's tensors. A kernel must never be handed a
+        tensor it cannot work on in place: the optimizer's own state was checked when
+        gathered (only it creates or replaces those tensors); parameters (whose data a
+        user may swap, e.g. ``model.to(dtype)``) and gradients are checked every step."""
         if (
             self._cpu_kernel is not None
             and self.score_sums_hook is None  # the hook sits between passes 2 and 3
-            and _cpu_kernel.supports(*lists)
+            and gathered.state_fits["cpu_kernel"]
+            and _cpu_kernel.supports(gathered.params, grads)
         ):
             return "cpu_kernel"
+        if self._triton is not None and gathered.state_fits["triton"]:
+            from molf import _triton_kernel
+
+            if _triton_kernel.supports(gathered.params, grads):
+                return "triton"
+        return "foreach"
+
+    def _gather(self, signature: tuple[bool, ...]) -> _Gathered:
+        """Order the parameters with gradients for the kernels (routed experts module by
+        module, then the others), creating their state on first use."""
+        routed, plain = [], []  # (param, group index, flat index)
+        flat = 0
+        for g, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if signature[flat]:
+                    (routed if id(p) in self._cells else plain).append((p, g, flat))
+                flat += 1
+        routed.sort(key=lambda item: self._cells[id(item[0])])  # module by module (stable)
+        order = routed + plain
+        for p, _, _ in order:
+            st = self.state[p]
+            if not st:
+                if p.dtype == _F16:
+                    raise MolfError(_F16_MESSAGE.format(f"a parameter of shape {tuple(p.shape)}"))
+                st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        params = [p for p, _, _ in order]
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        steps = [self.state[p]["step"] for p in params]
+        state = (exp_avgs, exp_avg_sqs, steps)
+        fits = {"cpu_kernel": self._cpu_kernel is not None and _cpu_kernel.supports(*state)}
+        fits["triton"] = False
         if self._triton is not None:
             from molf import _triton_kernel
 
-            if _triton_kernel.supports(*lists):
-                return "triton"
-        return "foreach"
+            fits["triton"] = _triton_kernel.supports(*state)
+        return _Gathered(
+            signature=signature,
+            params=params,
+            exp_avgs=exp_avgs,
+            exp_avg_sqs=exp_avg_sqs,
+            steps=steps,
+            group_of=[g for _, g, _ in order],
+            layout=self._layout(tuple(i for _, _, i in order), params),
+            state_fits=fits,
+        )
 
     @staticmethod
     def _plain_adamw(
