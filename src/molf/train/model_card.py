@@ -37,6 +37,8 @@ def routing_summary(run_dir: Path) -> str | None:
     shares = type_shares(matrix.selected.sum(axis=1), matrix.modules, matrix.steps.size)
     where = []
     for e in order[1:]:
+        if wins[e] == 0:  # never won: nowhere to name
+            continue
         top = sorted(((t, float(v[e])) for t, v in shares.items()), key=lambda kv: -kv[1])[:3]
         where.append(f"{matrix.experts[e]} mostly in " + ", ".join(f"{t} {v:.0%}" for t, v in top))
     return f"share of layer-steps won over {matrix.steps.size} steps: {', '.join(parts)}" + (
