@@ -18,7 +18,7 @@ from molf.report.modules import TYPE_ORDER, group_modules, layer_index, module_t
 from molf.report.plots import _rolling
 from molf.report.routing import NONE, SEVERAL, bin_columns
 from molf.report.tables import comparison_table, single_run_table, to_markdown
-from molf.train import run as run_module
+from molf.train import checkpoint as checkpoint_module
 
 METHODS = ("fft", "lora", "molf", "molf-e")
 STEPS = 6
@@ -56,18 +56,18 @@ def runs(tmp_path_factory, shared_data) -> dict[str, Path]:
     # a run killed right after its checkpoint at step 3: logs up to 3, no "after"
     out["killed"] = root / "runs" / "killed"
     argv = [*base, *QUICK, "--method", "molf", "--output-dir", str(out["killed"])]
-    real_save = run_module.save_checkpoint
+    real_save = checkpoint_module.save_checkpoint
 
     def save_then_crash(*a, **kw):
         real_save(*a, **kw)
         raise Crash
 
-    run_module.save_checkpoint = save_then_crash
+    checkpoint_module.save_checkpoint = save_then_crash
     try:
         with pytest.raises(Crash):
             main([*argv, "--save-steps", "3"])
     finally:
-        run_module.save_checkpoint = real_save
+        checkpoint_module.save_checkpoint = real_save
     return out
 
 
