@@ -54,7 +54,8 @@ def runs_table(runs: Sequence[Run]) -> Table:
     rows = []
     for run in runs:
         c = run.config
-        model = c.get("resolved_model") or c.get("model")
+        # what the user named (a short name, a hub id) over the local path it resolved to
+        model = c.get("model") or c.get("hub_id") or c.get("resolved_model")
         total = c.get("max_steps")
         last = run.last_step
         progress = f"{last or 0}" + (f" / {total}" if isinstance(total, int) and total > 0 else "")
