@@ -390,7 +390,6 @@ class MoLFAdamW(torch.optim.Optimizer):
             groups, {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
         )
         self._cells = cells
-        self._layouts: dict[tuple[int, ...], _Layout] = {}
         self.implementation = implementation
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._use_device(devices.pop())
@@ -408,7 +407,6 @@ class MoLFAdamW(torch.optim.Optimizer):
         torch's optimizers create their state on the parameters' device."""
         implementation = self.implementation
         self._device = device
-        self._layouts = {}
         self._gathered: _Gathered | None = None
         self._cpu_kernel = None
         self._triton = None
@@ -491,26 +489,24 @@ class MoLFAdamW(torch.optim.Optimizer):
             if "step" in st:
                 st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
-    def _layout(self, key: tuple[int, ...], params: list[Tensor]) -> _Layout:
-        layout = self._layouts.get(key)
-        if layout is None:
-            num_cells = len(self._modules) * len(self._experts)
-            idx = [self._cells.get(id(p), num_cells) for p in params]
-            sizes = torch.zeros(num_cells + 1, dtype=torch.float32)
-            for i, p in zip(idx, params):
-                sizes[i] += p.numel()
-            num_routed = sum(i < num_cells for i in idx)
-            shape = (len(self._modules), len(self._experts))
-            firsts = torch.arange(len(self._modules) + 1) * len(self._experts)
-            layout = _Layout(
-                cell_index=torch.tensor(idx, device=self._device),
-                num_routed=num_routed,
-                cell_sizes=sizes[:num_cells].clamp_min(1.0).to(self._device),
-                participating=(sizes[:num_cells] > 0).view(shape).to(self._device),
-                module_starts=torch.searchsorted(torch.tensor(idx[:num_routed]), firsts),
-            )
-            self._layouts[key] = layout
-        return layout
+    def _layout(self, params: list[Tensor]) -> _Layout:
+        """Where each of ``params`` (in kernel order) sits in the [modules x experts]
+        table; built when the parameters are gathered."""
+        num_cells = len(self._modules) * len(self._experts)
+        idx = [self._cells.get(id(p), num_cells) for p in params]
+        sizes = torch.zeros(num_cells + 1, dtype=torch.float32)
+        for i, p in zip(idx, params):
+            sizes[i] += p.numel()
+        num_routed = sum(i < num_cells for i in idx)
+        shape = (len(self._modules), len(self._experts))
+        firsts = torch.arange(len(self._modules) + 1) * len(self._experts)
+        return _Layout(
+            cell_index=torch.tensor(idx, device=self._device),
+            num_routed=num_routed,
+            cell_sizes=sizes[:num_cells].clamp_min(1.0).to(self._device),
+            participating=(sizes[:num_cells] > 0).view(shape).to(self._device),
+            module_starts=torch.searchsorted(torch.tensor(idx[:num_routed]), firsts),
+        )
 
     @torch.no_grad()
     def step(  # type: ignore[override]
@@ -646,16 +642,16 @@ class MoLFAdamW(torch.optim.Optimizer):
     def _gather(self, signature: tuple[bool, ...]) -> _Gathered:
         """Order the parameters with gradients for the kernels (routed experts module by
         module, then the others), creating their state on first use."""
-        routed, plain = [], []  # (param, group index, flat index)
+        routed, plain = [], []  # (param, group index)
         flat = 0
         for g, group in enumerate(self.param_groups):
             for p in group["params"]:
                 if signature[flat]:
-                    (routed if id(p) in self._cells else plain).append((p, g, flat))
+                    (routed if id(p) in self._cells else plain).append((p, g))
                 flat += 1
         routed.sort(key=lambda item: self._cells[id(item[0])])  # module by module (stable)
         order = routed + plain
-        for p, _, _ in order:
+        for p, _ in order:
             st = self.state[p]
             if not st:
                 if p.dtype == _F16:
@@ -663,7 +659,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        params = [p for p, _, _ in order]
+        params = [p for p, _ in order]
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         steps = [self.state[p]["step"] for p in params]
@@ -680,8 +676,8 @@ class MoLFAdamW(torch.optim.Optimizer):
             exp_avgs=exp_avgs,
             exp_avg_sqs=exp_avg_sqs,
             steps=steps,
-            group_of=[g for _, g, _ in order],
-            layout=self._layout(tuple(i for _, _, i in order), params),
+            group_of=[g for _, g in order],
+            layout=self._layout(params),
             state_fits=fits,
         )
 
