@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from molf import MoLFConfig, MoLFLinear, _cpu_kernel, get_molf_model
+from molf import MoLFConfig, MoLFLinear, get_molf_model
+from molf.optim import cpu_kernel
 
 needs_kernel = pytest.mark.skipif(
-    _cpu_kernel.load() is None, reason="no C compiler: the CPU kernel cannot be built"
+    cpu_kernel.load() is None, reason="no C compiler: the CPU kernel cannot be built"
 )
 
 

@@ -175,33 +175,37 @@ def _against_reference(
 
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("scheduled", [False, True])
-@pytest.mark.parametrize("implementation", ["auto", "foreach"])  # auto: the CPU kernel if built
+# auto: the CPU kernel if built; reference: molf.optim.reference, the library's own spec
+@pytest.mark.parametrize("implementation", ["auto", "foreach", "reference"])
 def test_matches_reference(case, scheduled, implementation):
     arch = "qwen2" if "three" in case else "llama"  # qwen2: FFT experts with biases
     model = get_molf_model(tiny_model(arch), MoLFConfig(**CASES[case]))
     opt, winners_seen = _against_reference(model, implementation, scheduled)
-    from molf import _cpu_kernel
+    from molf.optim import cpu_kernel
 
     # "auto" is the CPU kernel wherever it can be built: load() raises when a compiler
     # fails, and CI (MOLF_REQUIRE_CPU_KERNEL=1) also fails without one, so a broken
     # kernel cannot pass here as a silent foreach run.
-    built = implementation == "auto" and _cpu_kernel.load() is not None
-    assert opt.last_implementation == ("cpu_kernel" if built else "foreach")
+    built = implementation == "auto" and cpu_kernel.load() is not None
+    expected = "cpu_kernel" if built else "foreach" if implementation == "auto" else implementation
+    assert opt.last_implementation == expected
     if case != "pfn-k1-molf":  # PFN is scale-free and always picks FFT on this model
         assert len(winners_seen) > 1, "routing never changed: the test would not catch a mix-up"
 
 
 @pytest.mark.parametrize("case", ["epd-k2-three", "pfn-k2-three", "epd-molf-e"])
-def test_float64_model_matches_reference(case):
+@pytest.mark.parametrize("implementation", ["auto", "reference"])
+def test_float64_model_matches_reference(case, implementation):
     """float64 models (what numerics are checked in) train with float64 moments,
     updates and scores: the reference's weights to ~1e-12, not float32's 1e-6."""
     arch = "qwen2" if "three" in case else "llama"
     model = get_molf_model(tiny_model(arch).double(), MoLFConfig(**CASES[case]))
     assert all(p.dtype == torch.float64 for p in model.parameters())
     opt, winners_seen = _against_reference(
-        model, "auto", scheduled=True, steps=12, tol=(1e-10, 1e-12), score_rtol=1e-9
+        model, implementation, scheduled=True, steps=12, tol=(1e-10, 1e-12), score_rtol=1e-9
     )
-    assert opt.last_implementation == "foreach"  # the CPU kernel takes float32 only
+    # auto: foreach, since the CPU kernel takes float32 only
+    assert opt.last_implementation == ("foreach" if implementation == "auto" else implementation)
     assert opt.last_routing.scores.dtype == torch.float64
     assert all(st["exp_avg_sq"].dtype == torch.float64 for st in opt.state.values())
     if case != "pfn-k2-three":
@@ -430,9 +434,9 @@ def test_select_top_k_never_picks_a_non_finite_score():
 
 
 def _implementations():
-    from molf import _cpu_kernel
+    from molf.optim import cpu_kernel
 
-    kernel = _cpu_kernel.load() is not None
+    kernel = cpu_kernel.load() is not None
     return [
         "foreach",
         pytest.param("cpu_kernel", marks=pytest.mark.skipif(not kernel, reason="no C compiler")),

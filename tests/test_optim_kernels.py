@@ -14,10 +14,11 @@ import torch
 from helpers import tiny_model
 from torch import nn
 
-from molf import MoLFAdamW, MoLFConfig, MoLFLinear, _cpu_kernel, get_molf_model
+from molf import MoLFAdamW, MoLFConfig, MoLFLinear, get_molf_model
+from molf.optim import cpu_kernel
 
 needs_kernel = pytest.mark.skipif(
-    _cpu_kernel.load() is None, reason="no C compiler: the CPU kernel cannot be built"
+    cpu_kernel.load() is None, reason="no C compiler: the CPU kernel cannot be built"
 )
 
 
@@ -192,7 +193,7 @@ def test_kernel_does_not_depend_on_the_thread_count():
 
 @needs_kernel
 def test_kernel_finds_every_non_finite_value():
-    kernel = _cpu_kernel.load()
+    kernel = cpu_kernel.load()
     size = 3 * 16384 + 5  # several chunks and a ragged tail
     for bad in (float("nan"), float("inf"), -float("inf")):
         for where in (0, 16383, 16384, size - 1):
@@ -223,7 +224,7 @@ def test_kernel_falls_back_where_it_cannot_work_in_place():
     opt.step()
     assert opt.last_implementation == "foreach"
 
-    opt.score_sums_hook = lambda sums: None  # the hook sits between passes 2 and 3
+    opt.all_reduce_hook = lambda sums: None  # the hook sits between passes 2 and 3
     _step_twins([model], [opt], _lm_grads(2))
     assert opt.last_implementation == "foreach"
 

@@ -97,7 +97,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def install_routing_reduce(optimizer: torch.optim.Optimizer, ctx: DistContext) -> None:
     """FSDP2: every rank holds a shard of each expert, so sum the score partial sums."""
     if ctx.mode == "fsdp2" and isinstance(optimizer, MoLFAdamW):
-        optimizer.score_sums_hook = dist.all_reduce
+        optimizer.all_reduce_hook = dist.all_reduce
 
 
 def check_routing_agrees(optimizer: torch.optim.Optimizer, ctx: DistContext) -> None:

@@ -1,4 +1,4 @@
-"""A fused CPU kernel for :class:`molf.optim.MoLFAdamW`, compiled on first use.
+"""The routed step as a fused CPU kernel (``implementation="cpu_kernel"``), compiled on first use.
 
 torch's foreach ops each make a full pass over memory (and allocate a full-size
 temporary) on the CPU, so an eager MoLF step moves about four times the bytes of
@@ -13,7 +13,7 @@ temporary) on the CPU, so an eager MoLF step moves about four times the bytes of
 
 Per parameter that is 4 + 20 + 16 bytes for a winner and 4 + 20 for a loser, against
 AdamW's 28. Nothing in Python looks at a tensor's value. The C source
-(``_cpu_kernel.c``, shipped with the package) is compiled with
+(``cpu_kernel.c``, shipped with the package) is compiled with
 the system C compiler into a cache directory (``$MOLF_CACHE_DIR``, else
 ``~/.cache/molf``) the first time it is needed (about a second). Without a compiler,
 or with ``MOLF_CPU_KERNEL=0``, :func:`load` returns ``None`` (:data:`unavailable_reason`
@@ -42,13 +42,14 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from molf.optim.functional import AllReduce, Layout, adamw_coefficients, plain_float32
+
 logger = logging.getLogger("molf")
 
 # The C source ships beside this module (package data); its hash names the cached build.
-_SOURCE = (Path(__file__).with_name("_cpu_kernel.c")).read_text(encoding="utf-8")
+_SOURCE = (Path(__file__).with_name("cpu_kernel.c")).read_text(encoding="utf-8")
 
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"]
-_PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
 def _cache_dir() -> Path:
@@ -113,39 +114,63 @@ def _compile(cc: list[str], out: Path, openmp: bool) -> None:
         os.replace(so, out)  # atomic: concurrent processes never see half a file
 
 
+# The C functions' parameters (cpu_kernel.c), in order; declared once, here.
+_PTR, _F64, _I32 = ctypes.c_void_p, ctypes.c_double, ctypes.c_int
+_SIGNATURES = {
+    "molf_nonfinite": [_I32, _PTR, _PTR, _PTR, _I32],  # n, g, numel, out, nthreads
+    "molf_step": [
+        *[_I32, _PTR, _I32, _I32],  # n_mod, mod_start, E, k
+        *[_PTR] * 5,  # p, g, m, v, step: arrays of data pointers
+        *[_PTR] * 7,  # numel, cell, lr, coef, cell_size, participating, found_inf
+        *[_F64, _F64, _F64, _I32],  # beta1, beta2, eps, pfn
+        *[_PTR, _PTR, _I32],  # scores, selected, nthreads
+    ],
+}
+
+
+def _ptrs(tensors: list[Tensor]) -> Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def _numel(tensors: list[Tensor]) -> Tensor:
+    return torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+
+
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("molf CPU kernel: out of memory for its chunk tables")
+
+
 class Kernel:
-    """The compiled loops, called on lists of contiguous float32 CPU tensors."""
+    """The routed step in compiled C loops (see the module docstring), on contiguous
+    float32 CPU tensors; passes 2 and 3 are fused, so it takes no ``all_reduce``."""
+
+    name = "cpu_kernel"
+    fuses_routing = True
 
     def __init__(self, lib: ctypes.CDLL, openmp: bool) -> None:
-        ptr, f64, i32 = ctypes.c_void_p, ctypes.c_double, ctypes.c_int
-        lib.molf_nonfinite.argtypes = [i32, ptr, ptr, ptr, i32]
-        lib.molf_step.argtypes = [i32, ptr, i32, i32, *[ptr] * 12, f64, f64, f64, i32, ptr, ptr]
-        lib.molf_step.argtypes.append(i32)
-        for fn in (lib.molf_nonfinite, lib.molf_step):
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes = argtypes
             fn.restype = ctypes.c_int
         self._lib = lib
         self.openmp = openmp
 
-    @staticmethod
-    def _ptrs(tensors: list[Tensor]) -> Tensor:
-        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
-
-    @staticmethod
-    def _numel(tensors: list[Tensor]) -> Tensor:
-        return torch.tensor([t.numel() for t in tensors], dtype=torch.int64)
+    def supports(self, *tensor_lists: list[Tensor]) -> bool:
+        return plain_float32(tensor_lists, lambda device: device == "cpu")
 
     def nonfinite(self, grads: list[Tensor]) -> Tensor:
-        """A 0-d float32 tensor: 1 if any gradient holds a NaN or an infinity, else 0."""
         out = torch.empty((), dtype=torch.float32)
-        g, n = self._ptrs(grads), self._numel(grads)
+        g, n = _ptrs(grads), _numel(grads)
+        threads = torch.get_num_threads()
         _check(
             self._lib.molf_nonfinite(
-                len(grads), g.data_ptr(), n.data_ptr(), out.data_ptr(), torch.get_num_threads()
+                len(grads), g.data_ptr(), n.data_ptr(), out.data_ptr(), threads
             )
         )
         return out
 
-    def step(
+    def routed_step(
         self,
         params: list[Tensor],
         grads: list[Tensor],
@@ -154,69 +179,59 @@ class Kernel:
         state_steps: list[Tensor],
         lrs: list[float],
         weight_decays: list[float],
+        layout: Layout,
         found_inf: Tensor,
         *,
-        cells: Tensor,
-        module_starts: Tensor,
-        cell_sizes: Tensor,
-        participating: Tensor,
-        top_k: int,
-        pfn: bool,
         beta1: float,
         beta2: float,
         eps: float,
+        score: str,
+        top_k: int,
+        all_reduce: AllReduce | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Moments, scores, Top-K and update of the routed tensors, given module by
-        module (``cells``: int64 per tensor, non-decreasing; ``module_starts``: int64
-        ``[M + 1]`` offsets). Returns the scores and the selection, ``[M * E]`` each."""
-        num_cells = cell_sizes.numel()
-        num_modules = module_starts.numel() - 1
+        if all_reduce is not None:
+            raise ValueError("the CPU kernel routes inside its loop: it cannot take all_reduce")
+        num_cells = layout.num_cells
+        num_modules = layout.module_starts.numel() - 1
         scores = torch.empty(num_cells, dtype=torch.float32)
         selected = torch.empty(num_cells, dtype=torch.uint8)
-        part = participating.to(torch.uint8).contiguous()
-        ptrs = [self._ptrs(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
-        n = self._numel(params)
+        part = layout.participating.to(torch.uint8).contiguous()
+        ptrs = [_ptrs(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
+        n = _numel(params)
         lr = torch.tensor(lrs, dtype=torch.float64)
-        wd = torch.tensor(weight_decays, dtype=torch.float64)
+        # The update's coefficients at the step being taken (used only if it is).
+        steps = torch.stack(state_steps) if state_steps else torch.zeros(0)
+        coef = adamw_coefficients(
+            steps + 1.0,
+            lr,
+            torch.tensor(weight_decays, dtype=torch.float64),
+            beta1=beta1,
+            beta2=beta2,
+        )
         status = self._lib.molf_step(
             num_modules,
-            module_starts.data_ptr(),
+            layout.module_starts.data_ptr(),
             num_cells // max(num_modules, 1),
             top_k,
             *[p.data_ptr() for p in ptrs],
             n.data_ptr(),
-            cells.data_ptr(),
+            layout.cell_index.data_ptr(),
             lr.data_ptr(),
-            wd.data_ptr(),
-            cell_sizes.data_ptr(),
+            coef.data_ptr(),
+            layout.cell_sizes.data_ptr(),
             part.data_ptr(),
             found_inf.data_ptr(),
             beta1,
             beta2,
             eps,
-            int(pfn),
+            int(score == "pfn"),
             scores.data_ptr(),
             selected.data_ptr(),
             torch.get_num_threads(),
         )
         _check(status)
-        return scores, selected.bool()
-
-
-def _check(status: int) -> None:
-    if status != 0:
-        raise MemoryError("molf CPU kernel: out of memory for its chunk tables")
-
-
-def supports(*lists: list[Tensor]) -> bool:
-    """Whether the kernel can work on these tensors in place: plain (no subclass such
-    as DTensor), contiguous float32 tensors on the CPU."""
-    f32 = torch.float32
-    return all(
-        type(t) in _PLAIN_TYPES and t.is_cpu and t.dtype is f32 and t.is_contiguous()
-        for ts in lists
-        for t in ts
-    )
+        shape = layout.participating.shape
+        return scores.view(shape), selected.bool().view(shape)
 
 
 _kernel: Kernel | None = None

@@ -1,4 +1,4 @@
-"""Triton kernels for :class:`molf.optim.MoLFAdamW` on a GPU (``implementation="triton"``).
+"""The routed step in Triton kernels on a GPU (``implementation="triton"``).
 
 The same passes as the foreach path, each one kernel launch over every tensor at once
 (a table of chunks, each naming its tensor and first element; the tensors' addresses
@@ -11,8 +11,8 @@ are uploaded each step from pinned memory without waiting):
 * ``_update``: AdamW on the chunks of tensors whose mask is non-zero; the others'
   loads and stores are masked off, so losers' weights are not read.
 
-Routing between the last two is the foreach path's tensor code (``select_top_k``: a
-NaN or infinite score never wins), and a loser's weights are never loaded, so a NaN
+Routing between the last two is :func:`molf.optim.functional.route` (a NaN or
+infinite score never wins), and a loser's weights are never loaded, so a NaN
 or infinite learning rate on a loser cannot reach them. float32 tensors only;
 square roots and divisions are IEEE-rounded (``sqrt_rn``, ``div_rn``) so results match
 the other paths to float32 rounding. Nothing here reads a device value on the host.
@@ -26,6 +26,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from molf.optim.foreach import ThreePassStep
+from molf.optim.functional import adamw_coefficients, plain_float32, to_device
 
 BLOCK = 2048
 
@@ -128,31 +131,15 @@ class _Chunks:
         return cs[self.last] - cs[self.first]
 
 
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A host list on the device without waiting (pinned staging, asynchronous copy)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+def _device_ok(device: str) -> bool:
+    """A GPU, or the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests)."""
+    return device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def supports(*lists: list[Tensor]) -> bool:
-    """Plain (no subclass such as DTensor) contiguous float32 tensors on a GPU (or on
-    the CPU under ``TRITON_INTERPRET=1``, Triton's interpreter, for tests)."""
-    f32 = torch.float32
-    cpu_ok = os.environ.get("TRITON_INTERPRET") == "1"
-    return all(
-        type(t) in (Tensor, torch.nn.Parameter)
-        and t.dtype is f32
-        and t.is_contiguous()
-        and (cpu_ok or t.device.type != "cpu")
-        for ts in lists
-        for t in ts
-    )
+class TritonKernel(ThreePassStep):
+    """The three passes as one kernel launch each."""
 
-
-class TritonKernel:
-    """Drop-in for the foreach path's three passes."""
+    name = "triton"
 
     def __init__(self) -> None:
         self._chunks: dict[tuple[int, ...], _Chunks] = {}
@@ -164,10 +151,13 @@ class TritonKernel:
             table = self._chunks[key] = _Chunks(list(key), tensors[0].device)
         return table
 
+    def supports(self, *tensor_lists: list[Tensor]) -> bool:
+        return plain_float32(tensor_lists, _device_ok)
+
     def nonfinite(self, grads: list[Tensor]) -> Tensor:
         table = self._table(grads)
         found = torch.zeros((), dtype=torch.float32, device=grads[0].device)
-        ptrs = _upload([g.data_ptr() for g in grads], torch.int64, found.device)
+        ptrs = to_device([g.data_ptr() for g in grads], torch.int64, found.device)
         _nonfinite[(table.count,)](ptrs, table.numel, table.tensor, table.start, found, BLOCK=BLOCK)
         return found
 
@@ -186,13 +176,13 @@ class TritonKernel:
         eps: float,
         score: str,
     ) -> Tensor:
-        """As ``foreach_moments_and_scores`` (``params`` unused): fp32 per-tensor score
-        sums, times lr for EPD; the step counts move unless ``found_inf``."""
+        """As :func:`molf.optim.foreach.moments_and_scores` (``params`` unused): fp32
+        per-tensor score sums, times lr for EPD; the step counts move unless ``found_inf``."""
         device = found_inf.device
         if not grads:
             return torch.zeros(0, dtype=torch.float32, device=device)
         table = self._table(grads)
-        ptrs = _upload(
+        ptrs = to_device(
             [t.data_ptr() for ts in (grads, exp_avgs, exp_avg_sqs) for t in ts],
             torch.int64,
             device,
@@ -219,7 +209,7 @@ class TritonKernel:
         torch._foreach_add_(state_steps, [keep] * len(state_steps))
         sums = table.per_tensor(partial)
         if score == "epd":
-            sums = sums * _upload(lrs, torch.float64, device)
+            sums = sums * to_device(lrs, torch.float64, device)
         return sums.float()
 
     def masked_update(
@@ -236,18 +226,16 @@ class TritonKernel:
         beta2: float,
         eps: float,
     ) -> None:
-        """As ``foreach_masked_update``: AdamW where ``mask`` is non-zero."""
+        """As :func:`molf.optim.foreach.masked_update`: AdamW where ``mask`` is non-zero."""
         device = mask.device
         if not params:
             return
         table = self._table(params)
-        hyper = _upload([*lrs, *weight_decays], torch.float64, device).view(2, -1)
-        lr, wd = hyper[0], hyper[1]
-        t = torch.stack(state_steps).double().clamp_min(1.0)
-        coef = torch.stack(
-            [1.0 - lr * wd, lr / (1.0 - beta1**t), (1.0 - beta2**t).rsqrt()], dim=1
+        hyper = to_device([*lrs, *weight_decays], torch.float64, device).view(2, -1)
+        coef = adamw_coefficients(
+            torch.stack(state_steps), hyper[0], hyper[1], beta1=beta1, beta2=beta2
         ).float()
-        ptrs = _upload(
+        ptrs = to_device(
             [t.data_ptr() for ts in (params, exp_avgs, exp_avg_sqs) for t in ts],
             torch.int64,
             device,
