@@ -62,13 +62,14 @@ int molf_nonfinite(int n, float **g, const int64_t *numel, float *out, int nthre
       experts and those with a NaN or infinite score scoring -inf and never selected,
       nothing selected on a skipped step;
    3. the AdamW update of the selected experts' tensors, while their moments are still
-      in the cache: p = p * coef[3t] - coef[3t+1] * m / (sqrt(v) * coef[3t+2] + eps),
-      the coefficients (decay, step size, 1/sqrt(1 - beta2^t)) of molf.optim.functional's
-      adamw_coefficients at this step. The others' weights are not read.
+      in the cache: p = p * decay - size * m / (sqrt(v) * rbc2 + eps) with the
+      coefficients of molf.optim.functional.adamw_coefficients (computed here, from the
+      step counts this loop has just moved, so the host never reads them). The others'
+      weights are not read.
    Returns -1 when out of memory (before touching any tensor), else 0. */
 int molf_step(int n_mod, const int64_t *mod_start, int E, int k, float **p, float **g,
                float **m, float **v, float **step, const int64_t *numel, const int64_t *cell,
-               const double *lr, const double *coef, const float *cell_size,
+               const double *lr, const double *wd, const float *cell_size,
                const uint8_t *participating, const float *found_inf, double beta1,
                double beta2, double eps, int pfn, float *scores, uint8_t *selected,
                int nthreads) {
@@ -85,13 +86,15 @@ int molf_step(int n_mod, const int64_t *mod_start, int E, int k, float **p, floa
     double *part = (double *)malloc(sizeof(double) * most);
     double *tsum = (double *)malloc(sizeof(double) * (n + 1));
     uint8_t *win = (uint8_t *)malloc(n + 1);
+    float *coef = (float *)malloc(sizeof(float) * 3 * (n + 1));
     float *sums = (float *)malloc(sizeof(float) * (E + 1));
     uint8_t *elig = (uint8_t *)malloc(E + 1);
-    if (!ch || !part || !tsum || !win || !sums || !elig) {
+    if (!ch || !part || !tsum || !win || !coef || !sums || !elig) {
         free(ch);
         free(part);
         free(tsum);
         free(win);
+        free(coef);
         free(sums);
         free(elig);
         return -1;
@@ -160,6 +163,10 @@ int molf_step(int n_mod, const int64_t *mod_start, int E, int k, float **p, floa
         for (int t = lo; t < hi; t++) {
             step[t][0] += 1.0f;
             win[t] = sel[cell[t] - (int64_t)i * E];
+            const double tt = (double)step[t][0];
+            coef[3 * t] = (float)(1.0 - lr[t] * wd[t]);                  /* decay */
+            coef[3 * t + 1] = (float)(lr[t] / (1.0 - pow(beta1, tt)));  /* step size */
+            coef[3 * t + 2] = (float)(1.0 / sqrt(1.0 - pow(beta2, tt))); /* 1/sqrt(bc2) */
         }
         nc = make_chunks(lo, hi, numel, win, ch);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nc > 2)
@@ -168,8 +175,7 @@ int molf_step(int n_mod, const int64_t *mod_start, int E, int k, float **p, floa
             const int64_t len = ch[c].len;
             float *pt = p[t] + ch[c].s;
             const float *mt = m[t] + ch[c].s, *vt = v[t] + ch[c].s;
-            const float decay = (float)coef[3 * t], size = (float)coef[3 * t + 1];
-            const float rbc2 = (float)coef[3 * t + 2];
+            const float decay = coef[3 * t], size = coef[3 * t + 1], rbc2 = coef[3 * t + 2];
 #pragma omp simd
             for (int64_t j = 0; j < len; j++)
                 pt[j] = pt[j] * decay - size * (mt[j] / (sqrtf(vt[j]) * rbc2 + e));
@@ -179,6 +185,7 @@ int molf_step(int n_mod, const int64_t *mod_start, int E, int k, float **p, floa
     free(part);
     free(tsum);
     free(win);
+    free(coef);
     free(sums);
     free(elig);
     return 0;

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from molf.optim.functional import AllReduce, Layout, adamw_coefficients, plain_float32
+from molf.optim.functional import AllReduce, Layout, plain_float32
 
 logger = logging.getLogger("molf")
 
@@ -121,7 +121,7 @@ _SIGNATURES = {
     "molf_step": [
         *[_I32, _PTR, _I32, _I32],  # n_mod, mod_start, E, k
         *[_PTR] * 5,  # p, g, m, v, step: arrays of data pointers
-        *[_PTR] * 7,  # numel, cell, lr, coef, cell_size, participating, found_inf
+        *[_PTR] * 7,  # numel, cell, lr, wd, cell_size, participating, found_inf
         *[_F64, _F64, _F64, _I32],  # beta1, beta2, eps, pfn
         *[_PTR, _PTR, _I32],  # scores, selected, nthreads
     ],
@@ -157,7 +157,7 @@ class Kernel:
         self.openmp = openmp
 
     def supports(self, *tensor_lists: list[Tensor]) -> bool:
-        return plain_float32(tensor_lists, lambda device: device == "cpu")
+        return plain_float32(tensor_lists, on_cpu=True)
 
     def nonfinite(self, grads: list[Tensor]) -> Tensor:
         out = torch.empty((), dtype=torch.float32)
@@ -199,15 +199,7 @@ class Kernel:
         ptrs = [_ptrs(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
         n = _numel(params)
         lr = torch.tensor(lrs, dtype=torch.float64)
-        # The update's coefficients at the step being taken (used only if it is).
-        steps = torch.stack(state_steps) if state_steps else torch.zeros(0)
-        coef = adamw_coefficients(
-            steps + 1.0,
-            lr,
-            torch.tensor(weight_decays, dtype=torch.float64),
-            beta1=beta1,
-            beta2=beta2,
-        )
+        wd = torch.tensor(weight_decays, dtype=torch.float64)
         status = self._lib.molf_step(
             num_modules,
             layout.module_starts.data_ptr(),
@@ -217,7 +209,7 @@ class Kernel:
             n.data_ptr(),
             layout.cell_index.data_ptr(),
             lr.data_ptr(),
-            coef.data_ptr(),
+            wd.data_ptr(),
             layout.cell_sizes.data_ptr(),
             part.data_ptr(),
             found_inf.data_ptr(),

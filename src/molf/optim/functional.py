@@ -157,15 +157,16 @@ def to_device(values: list[float] | list[int], dtype: torch.dtype, device: torch
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
-def plain_float32(tensor_lists: tuple[list[Tensor], ...], device_ok: Callable[[str], bool]) -> bool:
+def plain_float32(tensor_lists: tuple[list[Tensor], ...], on_cpu: bool | None) -> bool:
     """Whether a kernel may work on these tensors in place: plain tensors (no subclass
-    such as DTensor), contiguous, float32, on a device type ``device_ok`` accepts."""
+    such as DTensor), contiguous, float32, on the CPU (``on_cpu``), off it (``False``)
+    or anywhere (``None``). Called every step: one cheap pass, no device objects."""
     f32 = torch.float32
     return all(
         type(t) in _PLAIN_TYPES
         and t.dtype is f32
         and t.is_contiguous()
-        and device_ok(t.device.type)
+        and (on_cpu is None or t.is_cpu == on_cpu)
         for ts in tensor_lists
         for t in ts
     )

@@ -131,11 +131,6 @@ class _Chunks:
         return cs[self.last] - cs[self.first]
 
 
-def _device_ok(device: str) -> bool:
-    """A GPU, or the CPU under ``TRITON_INTERPRET=1`` (Triton's interpreter, for tests)."""
-    return device != "cpu" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
 class TritonKernel(ThreePassStep):
     """The three passes as one kernel launch each."""
 
@@ -152,7 +147,9 @@ class TritonKernel(ThreePassStep):
         return table
 
     def supports(self, *tensor_lists: list[Tensor]) -> bool:
-        return plain_float32(tensor_lists, _device_ok)
+        # A GPU, or anywhere under TRITON_INTERPRET=1 (Triton's interpreter, for tests).
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        return plain_float32(tensor_lists, on_cpu=None if interpreted else False)
 
     def nonfinite(self, grads: list[Tensor]) -> Tensor:
         table = self._table(grads)
