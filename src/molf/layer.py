@@ -35,10 +35,18 @@ def _effective_weight(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``W + sum_i s_i B_i A_i`` in ``dtype``, in a new tensor or in ``out``; ``loras``
-    is ``(A_0, B_0, A_1, B_1, ...)``. Never writes to ``weight``."""
-    w = weight.to(dtype, copy=True) if out is None else out.copy_(weight)
-    for i, s in enumerate(scalings):
-        w.addmm_(loras[2 * i + 1].to(dtype), loras[2 * i].to(dtype), alpha=s)
+    is ``(A_0, B_0, A_1, B_1, ...)``. Never writes to ``weight``; the first expert's
+    product and the sum are one ``addmm`` (this runs twice per layer and step)."""
+    w = weight if weight.dtype == dtype else weight.to(dtype)
+    if not scalings:
+        return w.clone() if w is weight else w
+    a, b = loras[0].to(dtype), loras[1].to(dtype)
+    if out is None:
+        w = torch.addmm(w, b, a, alpha=scalings[0])
+    else:
+        w = torch.addmm(w, b, a, alpha=scalings[0], out=out)
+    for i in range(1, len(scalings)):
+        w.addmm_(loras[2 * i + 1].to(dtype), loras[2 * i].to(dtype), alpha=scalings[i])
     return w
 
 
@@ -53,16 +61,24 @@ def _workspace(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     allocator hands big blocks back to the OS), about 8% of a step at hidden 1024. On
     other devices the caching allocator already reuses memory: ``None``. Under
     ``torch.compile`` the compiler plans the memory itself (and cannot trace a
-    thread-local buffer): ``None``."""
-    if weight.device.type != "cpu" or torch.compiler.is_compiling():
+    thread-local buffer): ``None``. The view for each shape is kept too (two calls per
+    layer and step: slicing anew costs more than the lookup)."""
+    if not weight.is_cpu or torch.compiler.is_compiling():
         return None
-    bufs = getattr(_scratch, "bufs", None)
-    if bufs is None:
-        bufs = _scratch.bufs = {}
-    buf = bufs.get(dtype)
-    if buf is None or buf.numel() < weight.numel():
-        buf = bufs[dtype] = torch.empty(weight.numel(), dtype=dtype)
-    return buf[: weight.numel()].view(weight.shape)
+    views = getattr(_scratch, "views", None)
+    if views is None:
+        views = _scratch.views = {}
+        _scratch.bufs = {}
+    key = (dtype, weight.shape)
+    view = views.get(key)
+    if view is None:
+        buf = _scratch.bufs.get(dtype)
+        if buf is None or buf.numel() < weight.numel():
+            buf = _scratch.bufs[dtype] = torch.empty(weight.numel(), dtype=dtype)
+            for old in [k for k in views if k[0] == dtype]:  # views of the old buffer
+                del views[old]
+        view = views[key] = buf[: weight.numel()].view(weight.shape)
+    return view
 
 
 class _FusedLoRALinear(torch.autograd.Function):
@@ -105,10 +121,14 @@ class _FusedLoRALinear(torch.autograd.Function):
                     grad_w = big_g.to(weight.dtype)
                 for i, s in enumerate(scalings):
                     a, b = loras[2 * i], loras[2 * i + 1]
+                    # s B^T G and s G A^T, each one addmm (beta=0: its input is ignored)
+                    ad, bd = a.to(dtype), b.to(dtype)
                     if needs[4 + 2 * i]:
-                        lora_grads[2 * i] = (b.to(dtype).t() @ big_g).mul_(s).to(a.dtype)
+                        da = torch.addmm(ad, bd.t(), big_g, beta=0, alpha=s)
+                        lora_grads[2 * i] = da.to(a.dtype)
                     if needs[5 + 2 * i]:
-                        lora_grads[2 * i + 1] = (big_g @ a.to(dtype).t()).mul_(s).to(b.dtype)
+                        db = torch.addmm(bd, big_g, ad.t(), beta=0, alpha=s)
+                        lora_grads[2 * i + 1] = db.to(b.dtype)
         return (grad_x, grad_w, grad_b, None, *lora_grads)
 
 
