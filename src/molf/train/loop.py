@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from molf.errors import Interrupted
 from molf.optim import MoLFAdamW
+from molf.tasks.encoding import IGNORE_INDEX
 from molf.train.args import TrainArgs
 from molf.train.data import Batches
 from molf.train.distributed import DistContext, all_reduce_sum, check_routing_agrees
 from molf.train.logs import RunLogger
-from molf.train.methods import after_optimizer_step
+from molf.train.methods import after_optimizer_step, method_of
 
 
 @dataclass
@@ -30,6 +33,55 @@ class LoopContext:
     dist: DistContext
     checkpoint: Callable[[int], None]  # saves a checkpoint after the given step
     stop_requested: Callable[[], bool] = lambda: False  # e.g. SIGTERM: checkpoint and stop
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model under DDP's and PEFT's wrappers."""
+    model = getattr(model, "module", model)  # DDP
+    get_base = getattr(model, "get_base_model", None)  # PEFT
+    return get_base() if callable(get_base) else model
+
+
+def keeps_target_logits(model: nn.Module, args: TrainArgs) -> bool:
+    """Whether the loop computes logits only where a label is read (see
+    :func:`target_loss`): the model's forward takes ``logits_to_keep`` (transformers'
+    causal LMs do), the method leaves the loss to the loop, and nothing is compiled
+    (the number of kept positions changes every step)."""
+    if args.compile or method_of(args).adds_to_loss:
+        return False
+    return "logits_to_keep" in inspect.signature(_hf_model(model).forward).parameters
+
+
+def target_positions(labels: Tensor) -> Tensor:
+    """The sequence positions whose logits some row's loss reads: position ``t``
+    predicts ``labels[:, t + 1]``."""
+    return (labels[:, 1:] != IGNORE_INDEX).any(0).nonzero().squeeze(1)
+
+
+def target_loss(
+    forward: Callable, batch: dict[str, Tensor], positions: Tensor, num_targets: int
+) -> Tensor:
+    """The causal-LM loss of ``batch`` summed over its target tokens and divided by
+    ``num_targets`` (the global batch's), as transformers computes it from ``labels``,
+    with logits only at ``positions`` (:func:`target_positions` of the labels, taken
+    before the batch moved to its device: reading them there would wait for it).
+    Prompts without a loss (a task's question, a SQL schema) then cost no
+    ``hidden x vocab`` projection: with Gemma-3's 262k-token vocabulary that projection
+    and its float32 logits are most of a step's time and memory."""
+    positions = positions.to(batch["labels"].device, non_blocking=True)
+    out = forward(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        logits_to_keep=positions,
+    )
+    logits = out.logits.float()  # transformers' loss upcasts too
+    loss = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]),
+        batch["labels"][:, positions + 1].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss / num_targets
 
 
 def train_loop(
@@ -63,6 +115,7 @@ def train_loop(
     autocast = torch.autocast(
         ctx.device.type, dtype=torch.bfloat16, enabled=args.dtype == "amp-bf16"
     )
+    target_logits = keeps_target_logits(model, args)
     summary_every = max(1, total_steps // 10)  # a routing line at most ~10 times a run
     next_summary = start_step + summary_every
     for step in range(start_step, total_steps):
@@ -71,11 +124,15 @@ def train_loop(
         loss = torch.zeros((), device=ctx.device)
         tokens = torch.zeros((), device=ctx.device)
         for mb in micro:
+            positions = target_positions(mb["labels"]) if target_logits else None
             mb = {k: v.to(ctx.device) for k, v in mb.items()}
             with autocast:
-                out = forward(**mb, num_items_in_batch=num_targets)
-            (out.loss * world).backward()
-            loss += out.loss.detach()
+                if positions is None:
+                    micro_loss = forward(**mb, num_items_in_batch=num_targets).loss
+                else:
+                    micro_loss = target_loss(forward, mb, positions, num_targets)
+            (micro_loss * world).backward()
+            loss += micro_loss.detach()
             tokens += mb["attention_mask"].sum()
         grad_norm = None
         if args.max_grad_norm > 0:

@@ -30,7 +30,9 @@ class Method:
     ``routed``: MoLF experts, updated by MoLFAdamW's routing. ``peft``: a PEFT adapter
     wraps the model. ``trains_base``: the dense weights are trained. ``adapter``: the
     final artifact is a PEFT adapter (else a full model, merged for molf).
-    ``describe(args)`` is the model card's sentence for it."""
+    ``describe(args)`` is the model card's sentence for it. ``adds_to_loss``: the
+    wrapped model adds a term to the loss it computes from labels (AdaLoRA's orthogonal
+    regularizer), so the loop must let it compute the loss."""
 
     name: str
     routed: bool
@@ -38,6 +40,7 @@ class Method:
     trains_base: bool
     adapter: bool
     describe: Callable[[TrainArgs], str]
+    adds_to_loss: bool = False
 
 
 def _rank(args: TrainArgs) -> int:
@@ -58,7 +61,8 @@ METHODS: dict[str, Method] = {
         Method("dora", False, True, False, True,
                lambda a: f"a DoRA adapter of rank {_rank(a)} (PEFT)"),
         Method("adalora", False, True, False, True,
-               lambda a: f"an AdaLoRA adapter of target rank {_rank(a)} (PEFT)"),
+               lambda a: f"an AdaLoRA adapter of target rank {_rank(a)} (PEFT)",
+               adds_to_loss=True),
         Method("molf", True, False, True, False,
                lambda a: f"MoLF: the dense weights (FFT expert) and LoRA experts of rank "
                f"{_ranks(a)}, each layer's update routed to its top-{a.top_k} by "
