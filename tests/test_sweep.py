@@ -322,6 +322,8 @@ def _bad(case: str, tmp: Path, facts: Path) -> dict:
         cfg["tasks"]["fact"]["data"] = "${MOLF_SWEEP_TEST_UNSET}/facts.json"
     elif case == "missing data":
         cfg["tasks"]["fact"]["data"] = str(tmp / "nothing.json")
+    elif case == "missing data with a mode":
+        cfg["tasks"] = {"sql": {"data": str(tmp / "nothing") + "#by-question"}}
     elif case == "name with a slash":
         cfg["models"] = {"org/model": {}}
     return cfg
@@ -344,6 +346,7 @@ BAD = [
     "bad TrainArgs value",
     "unset env var",
     "missing data",
+    "missing data with a mode",
     "name with a slash",
 ]
 
@@ -357,6 +360,14 @@ def test_bad_config_exits_2_and_runs_nothing(tmp_path, facts, capsys, monkeypatc
     err = capsys.readouterr().err
     assert err.startswith("molf: error: ") and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_data_with_a_split_mode_is_checked_by_its_directory(tmp_path, facts, capsys):
+    """Spider's ``DIR#by-question`` names a split of DIR: the sweep accepts it."""
+    tasks = {"sql-q": {"task": "sql", "data": "${MOLF_DATA_DIR}/spider#by-question"}}
+    path = _config(tmp_path, tmp_path / "mode", facts, tasks=tasks)
+    assert main([str(path), "--dry-run"]) == 0
+    assert "stories/sql-q/molf/" in capsys.readouterr().out
 
 
 def test_only_runs_nothing_when_nothing_matches(tmp_path, facts, capsys):

@@ -264,9 +264,13 @@ def _train_args(values: dict[str, Any], where: str) -> Any:
 
 
 def _check_data(settings: dict[str, Any], where: str) -> None:
+    """A local ``data`` must exist (``DIR#MODE``, e.g. Spider's ``#by-question``: DIR)."""
     data = settings.get("data")
-    if data is not None and str(data) != "builtin" and not Path(str(data)).exists():
-        raise MolfError(f"{where}: data {data} does not exist")
+    if data is None or str(data) == "builtin":
+        return
+    path = str(data).split("#", 1)[0]
+    if not Path(path).exists():
+        raise MolfError(f"{where}: data {path} does not exist")
 
 
 def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
