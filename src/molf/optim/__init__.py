@@ -28,7 +28,8 @@ groups that disagree are refused. float16 parameters are refused (their moments
 underflow; use bfloat16, float32 or float32 weights under autocast); float64 ones
 train with float64 moments, updates and scores.
 
-A step makes three passes over the experts, and no host-device synchronisation:
+A step makes three passes over the experts, and (but for ``"reference"``) no host-device
+synchronisation:
 
 1. is any gradient non-finite (a 0-d ``found_inf`` tensor, never read on the host);
 2. the moments of every expert (left alone when ``found_inf``), and per-tensor score
