@@ -347,14 +347,50 @@ def _train_in_run_dir(
         checkpoint(total)
     skipped = optimizer.skipped_steps if method_of(args).routed else None
     model = gather_for_saving(model, args, ctx, total)
-    if not main:
+    if main:
+        _finish(
+            args,
+            run_dir,
+            task,
+            data,
+            model,
+            tokenizer,
+            results,
+            logger=logger,
+            seconds=seconds,
+            skipped=skipped,
+            total=total,
+            device=ctx.device,
+        )
+    else:
         logger.close()
-        barrier(ctx)
-        return results
+    barrier(ctx)
+    return results
+
+
+def _finish(
+    args: TrainArgs,
+    run_dir: Path,
+    task: Any,
+    data: TaskData,
+    model: nn.Module,
+    tokenizer: Any,
+    results: dict[str, Any],
+    *,
+    logger: RunLogger,
+    seconds: float,
+    skipped: int | None,
+    total: int,
+    device: torch.device,
+) -> None:
+    """The main process after training: evaluate, save ``final/``, record the run in
+    ``eval.json``, the logs and ``results.csv``, and upload it if asked."""
+    name, gguf = resolve_model(args.model, args.gguf_file)
+    eval_path = run_dir / "eval.json"
     results["after"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "after")
     results["baselines"] = task.baselines(data.eval)
     results["train_seconds"] = seconds
-    results["peak_memory_mb"] = peak_memory_mb(ctx.device)
+    results["peak_memory_mb"] = peak_memory_mb(device)
     if skipped is not None:
         results["skipped_steps"] = skipped
     write_text_atomic(eval_path, json.dumps(results, indent=2))
@@ -390,8 +426,6 @@ def _train_in_run_dir(
         prune_checkpoints(run_dir, keep=0)  # kept only until final/ was safe
     if args.push_to_hub:
         _say(f"uploaded to the Hub: {push_final(final, args.push_to_hub)}")
-    barrier(ctx)
-    return results
 
 
 def _write_config(
