@@ -324,6 +324,8 @@ def _bad(case: str, tmp: Path, facts: Path) -> dict:
         cfg["tasks"]["fact"]["data"] = str(tmp / "nothing.json")
     elif case == "missing data with a mode":
         cfg["tasks"] = {"sql": {"data": str(tmp / "nothing") + "#by-question"}}
+    elif case == "unknown data mode":
+        cfg["tasks"] = {"sql": {"data": str(tmp) + "#by-table"}}
     elif case == "name with a slash":
         cfg["models"] = {"org/model": {}}
     return cfg
@@ -347,6 +349,7 @@ BAD = [
     "unset env var",
     "missing data",
     "missing data with a mode",
+    "unknown data mode",
     "name with a slash",
 ]
 

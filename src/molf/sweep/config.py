@@ -265,10 +265,15 @@ def _train_args(values: dict[str, Any], where: str) -> Any:
 
 def _check_data(settings: dict[str, Any], where: str) -> None:
     """A local ``data`` must exist (``DIR#MODE``, e.g. Spider's ``#by-question``: DIR)."""
+    from molf.tasks.sql_split import data_and_mode
+
     data = settings.get("data")
     if data is None or str(data) == "builtin":
         return
-    path = str(data).split("#", 1)[0]
+    try:
+        path, _ = data_and_mode(str(data))
+    except MolfError as e:
+        raise MolfError(f"{where}: {e}") from None
     if not Path(path).exists():
         raise MolfError(f"{where}: data {path} does not exist")
 
