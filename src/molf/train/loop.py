@@ -18,7 +18,7 @@ from molf.optim import MoLFAdamW
 from molf.tasks.encoding import IGNORE_INDEX
 from molf.train.args import TrainArgs
 from molf.train.data import Batches
-from molf.train.distributed import DistContext, all_reduce_sum, check_routing_agrees
+from molf.train.distributed import DistContext, all_reduce_sum, check_routing_agrees, unwrap
 from molf.train.logs import RunLogger
 from molf.train.methods import after_optimizer_step, method_of
 
@@ -37,7 +37,7 @@ class LoopContext:
 
 def _hf_model(model: nn.Module) -> nn.Module:
     """The transformers model under DDP's and PEFT's wrappers."""
-    model = getattr(model, "module", model)  # DDP
+    model = unwrap(model)  # DDP
     get_base = getattr(model, "get_base_model", None)  # PEFT
     return get_base() if callable(get_base) else model
 
