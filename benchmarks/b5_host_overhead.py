@@ -7,6 +7,8 @@ per-layer host work (Python in the layer and the autograd Function, per-paramete
 in the optimizer) — what makes a GPU step host-bound. Each phase is timed on its own,
 side by side in one process (forward, backward, optimizer step; variants interleaved),
 and optionally under ``torch.compile`` (``--compile``: compiled MoLF / compiled FFT).
+MoLF runs both ways of its fused path: ``recompute`` (the default on the CPU in fp32)
+and ``keep`` (the default on accelerators and under autocast; see molf.layer).
 
     python -m benchmarks.b5_host_overhead [--reps 20] [--compile]
 """
@@ -26,6 +28,7 @@ from molf import MoLFAdamW, MoLFConfig, get_molf_model
 
 GOAL_EAGER, GOAL_COMPILED = 1.10, 1.05
 SHAPE = dict(layers=28, hidden=64, intermediate=128, batch=4, seq=128, rank=8)
+KEPT = ("recompute", "keep")  # the fused path's two ways (MoLFConfig.fused_weight)
 
 
 def _config() -> Qwen2Config:
@@ -47,8 +50,9 @@ def _variant(kind: str, base: torch.nn.Module, compiled: bool):
         model.requires_grad_(True)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     else:
-        r = SHAPE["rank"]
-        model = get_molf_model(model, MoLFConfig(lora_ranks=(r,), lora_alphas=(2 * r,)))
+        r, kept = SHAPE["rank"], kind.removeprefix("molf-")
+        cfg = MoLFConfig(lora_ranks=(r,), lora_alphas=(2 * r,), fused_weight=kept)
+        model = get_molf_model(model, cfg)
         opt = MoLFAdamW(model, lr=1e-5, lora_lr=1e-4)
     forward = torch.compile(model) if compiled else model
     return model, forward, opt
@@ -70,30 +74,26 @@ def measure(compiled: bool, reps: int, warmup: int) -> dict:
     ids = torch.randint(
         0, 1024, (SHAPE["batch"], SHAPE["seq"]), generator=torch.Generator().manual_seed(0)
     )
-    variants = {k: _variant(k, base, compiled) for k in ("fft", "molf")}
+    kinds = ["fft", *(f"molf-{k}" for k in KEPT)]
+    variants = {k: _variant(k, base, compiled) for k in kinds}
     samples = {k: [] for k in variants}
     for rep in range(warmup + reps):
-        for kind in ("fft", "molf") if rep % 2 else ("molf", "fft"):
+        for kind in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:  # rotating order
             _, forward, opt = variants[kind]
             phases = _phases(forward, opt, ids)
             if rep >= warmup:
-                samples[kind].append(phases)
+                samples[kind].append([*phases, sum(phases)])
     out = {}
-    for i, phase in enumerate(("forward", "backward", "optimizer")):
-        molf = [s[i] for s in samples["molf"]]
-        fft = [s[i] for s in samples["fft"]]
-        out[phase] = {
-            "molf_s": statistics.median(molf),
-            "fft_s": statistics.median(fft),
-            "ratio": statistics.median(a / b for a, b in zip(molf, fft)),
+    for kept in KEPT:
+        molf, fft = samples[f"molf-{kept}"], samples["fft"]
+        out[kept] = {
+            phase: {
+                "molf_s": statistics.median(s[i] for s in molf),
+                "fft_s": statistics.median(s[i] for s in fft),
+                "ratio": statistics.median(a[i] / b[i] for a, b in zip(molf, fft)),
+            }
+            for i, phase in enumerate(("forward", "backward", "optimizer", "step"))
         }
-    total_m = [sum(s) for s in samples["molf"]]
-    total_f = [sum(s) for s in samples["fft"]]
-    out["step"] = {
-        "molf_s": statistics.median(total_m),
-        "fft_s": statistics.median(total_f),
-        "ratio": statistics.median(a / b for a, b in zip(total_m, total_f)),
-    }
     return out
 
 
@@ -104,17 +104,19 @@ def markdown(result: dict) -> str:
         "",
     ]
     rows = []
-    for mode, phases in result["modes"].items():
-        for phase, s in phases.items():
-            rows.append([mode, phase, f"{s['ratio']:.3f}", ms(s["molf_s"]), ms(s["fft_s"])])
-    lines.append(table(["mode", "phase", "MoLF / FFT", "MoLF ms", "FFT ms"], rows))
+    for mode, by_kept in result["modes"].items():
+        for kept, phases in by_kept.items():
+            for phase, s in phases.items():
+                rows.append(
+                    [mode, kept, phase, f"{s['ratio']:.3f}", ms(s["molf_s"]), ms(s["fft_s"])]
+                )
+    lines.append(table(["mode", "W'", "phase", "MoLF / FFT", "MoLF ms", "FFT ms"], rows))
     verdicts = []
     for mode, goal in (("eager", GOAL_EAGER), ("compiled", GOAL_COMPILED)):
-        if mode in result["modes"]:
-            ratio = result["modes"][mode]["step"]["ratio"]
-            verdicts.append(
-                f"{mode} {ratio:.3f} (goal <= {goal}: {'met' if ratio <= goal else 'not met'})"
-            )
+        for kept, phases in result["modes"].get(mode, {}).items():
+            ratio = phases["step"]["ratio"]
+            met = "met" if ratio <= goal else "not met"
+            verdicts.append(f"{mode} {kept} {ratio:.3f} (goal <= {goal}: {met})")
     lines += ["", "Step MoLF / FFT: " + "; ".join(verdicts) + "."]
     return "\n".join(lines)
 

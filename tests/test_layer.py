@@ -13,11 +13,13 @@ from torch import nn
 from molf import MoLFAdamW, MoLFConfig, MoLFLinear, get_molf_model, molf_modules
 
 
-def _layer(bias=True, ranks=(3, 5), alphas=(6.0, 2.0), rslora=True, path="auto", dtype=None):
+def _layer(
+    bias=True, ranks=(3, 5), alphas=(6.0, 2.0), rslora=True, path="auto", dtype=None, kept="auto"
+):
     torch.manual_seed(0)
     base = nn.Linear(12, 10, bias=bias, dtype=dtype)
     cfg = MoLFConfig(lora_ranks=ranks, lora_alphas=alphas, use_rslora=rslora)
-    layer = MoLFLinear(base, ranks, tuple(cfg.scalings()), grad_path=path)
+    layer = MoLFLinear(base, ranks, tuple(cfg.scalings()), grad_path=path, fused_weight=kept)
     with torch.no_grad():
         for b in layer.lora_B:
             b.normal_()
@@ -31,8 +33,8 @@ def test_forward_is_the_equation():
     expected = x @ w.T + b
     for a, bb, r, alpha in zip(layer.lora_A, layer.lora_B, (3, 5), (6.0, 2.0)):
         expected = expected + (alpha / math.sqrt(r)) * (x @ a.T @ bb.T)
-    for path in ("dual", "fused"):
-        layer.grad_path = path
+    for path, kept in (("dual", "auto"), ("fused", "keep"), ("fused", "recompute")):
+        layer.grad_path, layer.fused_weight = path, kept
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -58,10 +60,11 @@ def test_fresh_wrap_is_identity_and_init_follows_kaiming():
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("frozen_base", [False, True])
-def test_fused_and_dual_paths_give_the_same_gradients(bias, frozen_base):
+@pytest.mark.parametrize("kept", ["keep", "recompute"])
+def test_fused_and_dual_paths_give_the_same_gradients(bias, frozen_base, kept):
     grads = {}
     for path in ("dual", "fused"):
-        layer = _layer(bias=bias, path=path)
+        layer = _layer(bias=bias, path=path, kept=kept)
         layer.base_layer.requires_grad_(not frozen_base)
         x = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(1), requires_grad=True)
         y = layer(x)
@@ -83,11 +86,12 @@ def test_fused_and_dual_paths_give_the_same_gradients(bias, frozen_base):
         )
 
 
-def test_fused_path_in_bfloat16_and_under_autocast():
+@pytest.mark.parametrize("kept", ["keep", "recompute"])
+def test_fused_path_in_bfloat16_and_under_autocast(kept):
     for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True)):
         outs = {}
         for path in ("dual", "fused"):
-            layer = _layer(path=path, dtype=dtype)
+            layer = _layer(path=path, dtype=dtype, kept=kept)
             x = torch.randn(2, 9, 12, dtype=dtype)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 y = layer(x)
@@ -114,6 +118,45 @@ def test_auto_path_choice():
     assert not any(layer.uses_fused_path() for _, layer in molf_modules(d))
     f = get_molf_model(tiny_model(), MoLFConfig(**cfg, train_base=False, lora_grad_path="fused"))
     assert all(layer.uses_fused_path() for _, layer in molf_modules(f))
+
+
+def test_kept_weight_choice_and_what_it_keeps_for_backward():
+    """``auto`` keeps ``W'`` under autocast, where it takes the place of the bf16 weight
+    copy FFT keeps (so it costs nothing extra), and rebuilds it on the CPU otherwise."""
+    layer, x = _layer(), torch.randn(6, 12)
+    assert not layer.keeps_fused_weight(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer.keeps_fused_weight(x)
+    layer.fused_weight = "keep"
+    assert layer.keeps_fused_weight(x)
+
+    def new_saved_bytes(module, autocast):
+        """Bytes autograd keeps for backward beyond the input and the parameters."""
+        known = {t.untyped_storage().data_ptr() for t in (x, *module.parameters())}
+        sizes = {}  # by storage: a tensor saved by two nodes counts once
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in known:
+                sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                module(x)
+        return sum(sizes.values())
+
+    x.requires_grad_()
+    lora = sum(p.numel() for n, p in layer.named_parameters() if "lora" in n)
+    fft = nn.Linear(12, 10)
+    layer.fused_weight = "keep"
+    # under autocast: FFT keeps bf16 x and W, MoLF bf16 x, W' and the LoRA factors
+    assert new_saved_bytes(fft, True) == 2 * (6 * 12 + 10 * 12)
+    assert new_saved_bytes(layer, True) == new_saved_bytes(fft, True) + 2 * lora
+    # in fp32: FFT keeps nothing new, the kept path W'
+    assert new_saved_bytes(fft, False) == 0
+    assert new_saved_bytes(layer, False) == 4 * 10 * 12
+    layer.fused_weight = "recompute"
+    assert new_saved_bytes(layer, False) == 0
 
 
 def test_dual_and_fused_training_trajectories_agree():
@@ -151,3 +194,19 @@ def test_generation_without_grad_matches_training_forward():
     with torch.no_grad():
         without = model(x).logits
     torch.testing.assert_close(with_grad, without, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kept", ["keep", "recompute"])
+def test_fused_path_compiles_in_one_graph(kept):
+    """``torch.compile(fullgraph=True)`` fails on any graph break in either way of the
+    fused path; the compiled gradients are the eager ones."""
+    torch._dynamo.reset()
+    grads = []
+    for compiled in (False, True):
+        layer = _layer(path="fused", kept=kept)
+        forward = torch.compile(layer, fullgraph=True, backend="eager") if compiled else layer
+        x = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(1))
+        forward(x).square().sum().backward()
+        grads.append([p.grad for p in layer.parameters()])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager)

@@ -11,6 +11,7 @@ from molf.errors import MolfError
 
 SCORES = ("epd", "pfn")
 LORA_GRAD_PATHS = ("auto", "fused", "dual")
+FUSED_WEIGHTS = ("auto", "keep", "recompute")
 
 
 @dataclass
@@ -50,6 +51,14 @@ class MoLFConfig:
       ``W + sum_i s_i B_i A_i`` and derives the LoRA gradients from ``dL/dW``;
       ``"dual"`` runs the LoRA branch per token; ``"auto"`` uses fused when the base
       is trained and dropout is 0. The gradients agree; only speed differs.
+    - ``fused_weight``: on the fused path, ``"keep"`` keeps ``W'`` for backward
+      (built-in autograd ops, no Python per layer in backward; a weight-sized
+      activation per layer, which under autocast replaces the low-precision weight copy
+      FFT keeps anyway); ``"recompute"`` rebuilds it in backward (a custom autograd
+      Function, no weight-sized activation); ``"auto"`` keeps it off the CPU and under
+      autocast (``molf train --parallel fsdp2`` rebuilds it: kept, it would be a whole
+      unsharded weight per layer; do the same under your own FSDP). Results agree;
+      speed and memory differ.
     """
 
     target_modules: str | Sequence[str] = "all-linear"
@@ -63,6 +72,7 @@ class MoLFConfig:
     top_k: int = 1
     score: str = "epd"
     lora_grad_path: str = "auto"
+    fused_weight: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.target_modules, str):
@@ -94,6 +104,10 @@ class MoLFConfig:
         if self.lora_grad_path not in LORA_GRAD_PATHS:
             raise MolfError(
                 f"lora_grad_path must be one of {LORA_GRAD_PATHS}, got {self.lora_grad_path!r}"
+            )
+        if self.fused_weight not in FUSED_WEIGHTS:
+            raise MolfError(
+                f"fused_weight must be one of {FUSED_WEIGHTS}, got {self.fused_weight!r}"
             )
         if self.lora_grad_path == "fused" and self.lora_dropout > 0:
             raise MolfError(

@@ -11,8 +11,16 @@ Two ways to get the same gradients:
 * **fused path**: forms ``W' = W + sum_i s_i B_i A_i`` on the fly and runs one matmul.
   With ``G = dL/dW'`` (which FFT computes anyway), the LoRA gradients are
   ``dL/dB_i = s_i G A_i^T`` and ``dL/dA_i = s_i B_i^T G``: ``O(d_out d_in r)`` per step,
-  independent of the number of tokens, and no activation is saved beyond ``x``.
-  ``W'`` is recomputed in backward instead of being kept.
+  independent of the number of tokens. Two ways to run it (``fused_weight``):
+
+  - **keep**: ``W'`` is built by ``addmm`` and kept for backward by autograd's own
+    nodes, so a layer costs two built-in ops and no Python in backward. Under autocast
+    this is free: FFT keeps a bf16 copy of every weight for backward as well, and
+    ``W'`` takes its place. The default off the CPU and under autocast.
+  - **recompute**: a custom autograd Function saves only ``x`` and rebuilds ``W'`` in
+    backward (in a reused CPU workspace), so no weight-sized activation is kept. The
+    default on the CPU without autocast, where a step's time is arithmetic, not
+    Python, and a fresh ``W'`` per layer would cost page faults and memory.
 """
 
 from __future__ import annotations
@@ -81,6 +89,26 @@ def _workspace(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     return view
 
 
+def _linear_with_kept_weight(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scalings: tuple[float, ...],
+    loras: list[torch.Tensor],
+) -> torch.Tensor:
+    """``x W'^T + b`` with ``W'`` built by ``addmm`` and kept by autograd for backward,
+    whose built-in nodes then give ``dL/dW = G``, ``dL/dB_i = s_i G A_i^T`` and
+    ``dL/dA_i = s_i B_i^T G``. Under autocast the operands are cast explicitly: autocast
+    would keep its own cached copy of ``W`` in the low dtype until the forward ends."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        weight, loras = weight.to(dtype), [t.to(dtype) for t in loras]
+    for i, s in enumerate(scalings):
+        weight = torch.addmm(weight, loras[2 * i + 1], loras[2 * i], alpha=s)
+    return F.linear(x, weight, bias)
+
+
 class _FusedLoRALinear(torch.autograd.Function):
     """``y = x (W + sum_i s_i B_i A_i)^T + b`` with LoRA gradients derived from ``dL/dW``."""
 
@@ -147,6 +175,7 @@ class MoLFLinear(nn.Module):
         scalings: tuple[float, ...],
         lora_dropout: float = 0.0,
         grad_path: str = "auto",
+        fused_weight: str = "auto",
     ) -> None:
         super().__init__()
         self.base_layer = base_layer
@@ -163,7 +192,9 @@ class MoLFLinear(nn.Module):
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.has_dropout = lora_dropout > 0
         self.grad_path = grad_path
+        self.fused_weight = fused_weight
 
     # nn.Linear's attributes, so model code that reads them keeps working.
     @property
@@ -184,22 +215,32 @@ class MoLFLinear(nn.Module):
 
     def uses_fused_path(self) -> bool:
         """Whether gradients come from ``dL/dW`` (see the module docstring)."""
+        return self._fused(self.base_layer.weight)
+
+    def _fused(self, weight: torch.Tensor) -> bool:
         if self.grad_path == "auto":
-            return self.base_layer.weight.requires_grad and isinstance(
-                self.lora_dropout, nn.Identity
-            )
+            return not self.has_dropout and weight.requires_grad
         return self.grad_path == "fused"
+
+    def keeps_fused_weight(self, x: torch.Tensor) -> bool:
+        """Whether the fused path keeps ``W'`` for backward (see the module docstring)."""
+        if self.fused_weight == "auto":
+            return not x.is_cpu or torch.is_autocast_enabled("cpu")
+        return self.fused_weight == "keep"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Without autograd (generation) the per-token path is the cheap one.
-        if torch.is_grad_enabled() and self.uses_fused_path():
-            # the registered tensors themselves (what ParameterList indexing returns,
-            # without its per-item Python): current also when FSDP2 swaps them
+        # the registered tensors themselves, read from the modules' parameter dicts
+        # (each nn.Module attribute lookup is a Python call): current also when FSDP2
+        # swaps them
+        base = self.base_layer._parameters
+        weight, bias = base["weight"], base["bias"]
+        if torch.is_grad_enabled() and self._fused(weight):
             a_list, b_list = self.lora_A._parameters.values(), self.lora_B._parameters.values()
             loras = [t for ab in zip(a_list, b_list) for t in ab]
-            return _FusedLoRALinear.apply(
-                x, self.base_layer.weight, self.base_layer.bias, self.scalings, *loras
-            )
+            if self.keeps_fused_weight(x):
+                return _linear_with_kept_weight(x, weight, bias, self.scalings, loras)
+            return _FusedLoRALinear.apply(x, weight, bias, self.scalings, *loras)
         y = self.base_layer(x)
         # All experts as one LoRA of rank sum(r_i): A = [A_0; A_1; ...], B = [s_0 B_0, ...];
         # the branch's output is accumulated into y by one addmm (no T x d_out temporaries).

@@ -92,7 +92,12 @@ def get_molf_model(model: nn.Module, config: MoLFConfig) -> nn.Module:
         for p in base.parameters():
             p.requires_grad_(config.train_base)
         layer = MoLFLinear(
-            base, config.lora_ranks, scalings, config.lora_dropout, config.lora_grad_path
+            base,
+            config.lora_ranks,
+            scalings,
+            config.lora_dropout,
+            config.lora_grad_path,
+            config.fused_weight,
         )
         setattr(parent, child, layer)
     model.molf_config = config

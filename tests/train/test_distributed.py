@@ -275,3 +275,24 @@ def test_a_dead_rank_ends_the_run_with_an_error(tmp_path, shared_data):
 
 def _text(lines: list[tuple[float, str]]) -> str:
     return "".join(line for _, line in lines)[-4000:]
+
+
+def test_fsdp2_rebuilds_the_fused_weight_instead_of_keeping_it():
+    """A kept W' would be a whole unsharded weight per layer, alive from forward to
+    backward: under FSDP2 the MoLF layers left on ``auto`` rebuild it instead."""
+    import torch.distributed as dist
+    from helpers import tiny_model
+
+    from molf import MoLFConfig, get_molf_model, molf_modules
+    from molf.train.distributed import DistContext, wrap_model
+
+    model = get_molf_model(tiny_model("qwen2"), MoLFConfig(lora_ranks=(4,), lora_alphas=(8,)))
+    layers = [layer for _, layer in molf_modules(model)]
+    layers[0].fused_weight = "keep"  # a choice the user made stays
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        wrap_model(model, DistContext("fsdp2"))
+    finally:
+        dist.destroy_process_group()
+    assert layers[0].fused_weight == "keep"
+    assert {layer.fused_weight for layer in layers[1:]} == {"recompute"}

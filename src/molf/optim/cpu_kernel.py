@@ -195,9 +195,15 @@ class Kernel:
         num_modules = layout.module_starts.numel() - 1
         scores = torch.empty(num_cells, dtype=torch.float32)
         selected = torch.empty(num_cells, dtype=torch.uint8)
-        part = layout.participating.to(torch.uint8).contiguous()
-        ptrs = [_ptrs(ts) for ts in (params, grads, exp_avgs, exp_avg_sqs, state_steps)]
-        n = _numel(params)
+        tables = layout.state_tables.get(self.name)
+        if tables is None:  # the state's pointers and sizes: fixed while the layout is
+            tables = layout.state_tables[self.name] = (
+                *(_ptrs(ts) for ts in (exp_avgs, exp_avg_sqs, state_steps)),
+                _numel(exp_avgs),
+                layout.participating.to(torch.uint8).contiguous(),
+            )
+        *state_ptrs, n, part = tables
+        ptrs = [_ptrs(params), _ptrs(grads), *state_ptrs]  # a user may swap a param's data
         lr = torch.tensor(lrs, dtype=torch.float64)
         wd = torch.tensor(weight_decays, dtype=torch.float64)
         status = self._lib.molf_step(

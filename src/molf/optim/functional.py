@@ -18,8 +18,8 @@ that interface; ``reference``, ``foreach``, ``cpu_kernel`` and ``triton`` implem
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -40,12 +40,18 @@ class Routing:
 @dataclass
 class Layout:
     """Where each routed tensor sits in the ``[modules x experts]`` table; built once
-    per set of parameters with gradients."""
+    per set of parameters with gradients.
+
+    ``state_tables`` is where an implementation may keep what it derives from the
+    optimizer's state tensors (e.g. the C kernel's pointer tables): the optimizer
+    creates and replaces those tensors only when it gathers anew, which also builds a
+    new Layout, so such tables stay valid as long as their Layout."""
 
     cell_index: Tensor  # long [R]: m * E + e per routed tensor, non-decreasing
     module_starts: Tensor  # long [M + 1], on the CPU: module m owns tensors[starts[m]:starts[m+1]]
     cell_sizes: Tensor  # float [M * E]: N_e over the tensors with a gradient (at least 1)
     participating: Tensor  # bool [M, E]: the cell has a tensor with a gradient
+    state_tables: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_cells(self) -> int:

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from molf.errors import MolfError
+from molf.model import molf_modules
 from molf.optim import MoLFAdamW
 
 
@@ -84,6 +85,9 @@ def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
     if ctx.mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
 
+        for _, layer in molf_modules(model):  # a kept W' would be a whole unsharded weight
+            if layer.fused_weight == "auto":
+                layer.fused_weight = "recompute"
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
