@@ -39,6 +39,9 @@ ADVERSARIAL = [
     "",
     ";;;",
     "]]]]'\"`",
+    # a degenerate generation: sqlglot's parse time doubles with each JOIN without ON
+    "SELECT name FROM singer " + "JOIN concert " * 30,
+    "SELECT a FROM t " + "JOIN u JOIN v USING (x) " * 12 + "\n" + "JOIN w\n" * 30,
 ]
 
 
@@ -144,6 +147,17 @@ def test_sqlglot_failures_are_unparsable_not_errors() -> None:
     assert len(long) > sql_text.MAX_PARSE_CHARS and parse_trees(long) is None
     assert parse_trees("SELECT 1; SELECT 2") is not None and not is_valid_sql("SELECT 1; SELECT 2")
     assert parse_trees("") is None and parse_trees(";") is None
+
+
+def test_joins_without_on_are_counted_and_bounded() -> None:
+    assert sql_text.bare_joins("SELECT * FROM a JOIN b ON x JOIN c USING (y) JOIN d") == 1
+    assert sql_text.bare_joins("SELECT 'join join' FROM a JOIN b ON a.x = b.x") == 0
+    assert sql_text.bare_joins("SELECT * FROM a JOIN b JOIN c ON x = y") == 1
+    bare = "SELECT * FROM a " + " ".join(f"JOIN t{i}" for i in range(sql_text.MAX_BARE_JOINS))
+    assert is_valid_sql(bare)  # up to the limit sqlglot still reads them
+    assert parse_trees(bare + " JOIN one_more") is None
+    with_on = "SELECT * FROM a " + " ".join(f"JOIN t{i} ON a.x = t{i}.x" for i in range(40))
+    assert is_valid_sql(with_on)  # joins with ON cost sqlglot linear time: no limit
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,10 @@ such failure makes the text "unparsable" instead of ending an evaluation.
 Definitions used by the metrics:
 
 - *parses*: sqlglot (SQLite dialect) reads the text into at least one tree without
-  raising; text longer than ``MAX_PARSE_CHARS`` is not tried and does not parse;
+  raising; text longer than ``MAX_PARSE_CHARS``, or with more than
+  ``MAX_BARE_JOINS`` JOINs that lack an ON or USING, is not tried and does not parse
+  (sqlglot's parse time doubles with each such JOIN: a generation that repeats
+  "JOIN t" 30 times would take hours);
 - *valid*: it parses into exactly one tree, and that tree is a query, DML or DDL
   statement (not a bare expression, PRAGMA or unparsed command);
 - *canonical form* (exact match compares these): sqlglot's rendering of the tree with
@@ -31,12 +34,14 @@ from sqlglot import exp
 
 DIALECT = "sqlite"
 MAX_PARSE_CHARS = 20_000  # longer text is not handed to sqlglot (its parse time grows with it)
+MAX_BARE_JOINS = 12  # nor text with more JOINs lacking ON/USING (each doubles its parse time)
 MAX_PREFIX_LINES = 40  # first_statement tries at most this many leading lines
 MAX_FENCE_PIECES = 16  # postprocess_sql looks at most at this many ```-separated pieces
 # parse trees that are whole statements; sqlglot also parses bare words as expressions
 _STATEMENTS = (exp.Query, exp.DML, exp.DDL, exp.Drop, exp.Alter)
 _TAG = re.compile(r"^[ \t]*(?:sqlite|sql)?[ \t]*\n", re.I)  # a code fence's language line
 _LEAD = re.compile(r"^\s*SQL\s*:", re.I)
+_JOIN_WORDS = re.compile(r"\b(join|on|using)\b", re.I)
 _BARE = re.compile(r"[a-z_][a-z0-9_]*")
 _QUOTED = re.compile(r"'[^']*'?|\"[^\"]*\"?")  # quoted spans, an unclosed one to the end
 
@@ -101,7 +106,7 @@ def _statement_end(text: str) -> int | None:
 def parse_trees(sql: str) -> list[exp.Expression] | None:
     """sqlglot's trees for ``sql`` (empty statements dropped), or None when it does not
     parse: sqlglot raised (any exception), found nothing, or the text is too long."""
-    if len(sql) > MAX_PARSE_CHARS:
+    if len(sql) > MAX_PARSE_CHARS or bare_joins(sql) > MAX_BARE_JOINS:
         return None
     try:
         with _quiet_sqlglot():
@@ -109,6 +114,15 @@ def parse_trees(sql: str) -> list[exp.Expression] | None:
     except Exception:  # sqlglot raises more than ParseError on odd text (KeyError, RecursionError)
         return None
     return trees or None
+
+
+def bare_joins(sql: str) -> int:
+    """How many JOINs (outside quotes) are followed by another JOIN or the end before
+    any ON or USING."""
+    words = [w.lower() for w in _JOIN_WORDS.findall(_QUOTED.sub("''", sql))]
+    return sum(
+        w == "join" and (i + 1 == len(words) or words[i + 1] == "join") for i, w in enumerate(words)
+    )
 
 
 def single_statement(sql: str) -> exp.Expression | None:
