@@ -94,8 +94,11 @@ def batch_for(config, batch: int, seq: int, device="cpu"):
     return torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)
 
 
-def compare(pairs, hidden, layers, batch, seq, reps, warmup, device="cpu", dtype=None):
-    """Time each (name, kind, baseline kind) pair in ``pairs`` on one base model."""
+def compare(
+    pairs, hidden, layers, batch, seq, reps, warmup, device="cpu", dtype=None, compiled=False
+):
+    """Time each (name, kind, baseline kind) pair in ``pairs`` on one base model
+    (``compiled``: every variant under ``torch.compile``)."""
     config = qwen2_config(hidden, layers, seq=seq)
     base = qwen2_model(config, device=device).train()
     ids = batch_for(config, batch, seq, device)
@@ -103,7 +106,7 @@ def compare(pairs, hidden, layers, batch, seq, reps, warmup, device="cpu", dtype
     for kind in dict.fromkeys(k for pair in pairs for k in pair):
         model, opt = build_variant(kind, base)
         model.train()
-        variants[kind] = train_step(model, opt, ids, dtype)
+        variants[kind] = train_step(torch.compile(model) if compiled else model, opt, ids, dtype)
         info[kind] = {
             "trainable_params": numel(p for p in model.parameters() if p.requires_grad),
             "optimizer": type(opt).__name__,
@@ -128,26 +131,35 @@ def compare(pairs, hidden, layers, batch, seq, reps, warmup, device="cpu", dtype
     }
 
 
-def run(hiddens=(512, 1024), batch=2, seq=512, reps=5, warmup=2, more_tokens=4) -> dict:
+def run(
+    hiddens=(512, 1024), batch=2, seq=512, reps=5, warmup=2, more_tokens=4, compiled=False
+) -> dict:
     """MoLF / FFT at each hidden size and MoLF-E / LoRA at the first; with
     ``more_tokens``, MoLF / FFT again at the first size with that many times the batch
     (MoLF's extra matmuls cost O(r d^2) per step, FFT's O(tokens d^2): the ratio falls)."""
     result = {"benchmark": "b2_train_step", "machine": machine(), "reps": reps, "runs": []}
+    result["compiled"] = compiled
     for hidden in hiddens:
         pairs = [("molf", "fft")] + ([("molf-e", "lora")] if hidden == hiddens[0] else [])
         layers = LAYERS.get(hidden, 4)
-        result["runs"].append(compare(pairs, hidden, layers, batch, seq, reps, warmup))
+        result["runs"].append(
+            compare(pairs, hidden, layers, batch, seq, reps, warmup, compiled=compiled)
+        )
     if more_tokens > 1:
         hidden = hiddens[0]
         layers = LAYERS.get(hidden, 4)
-        run_ = compare([("molf", "fft")], hidden, layers, batch * more_tokens, seq, reps, warmup)
+        tokens = batch * more_tokens
+        run_ = compare(
+            [("molf", "fft")], hidden, layers, tokens, seq, reps, warmup, compiled=compiled
+        )
         run_["extra"] = True
         result["runs"].append(run_)
     return result
 
 
 def markdown(result: dict) -> str:
-    lines = ["### B2 training step (forward + backward + optimizer)", ""]
+    mode = ", every variant under torch.compile" if result.get("compiled") else ""
+    lines = [f"### B2 training step (forward + backward + optimizer{mode})", ""]
     rows, verdicts = [], []
     for run_ in result["runs"]:
         for pair, s in run_["stats"].items():
@@ -183,9 +195,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--more-tokens", type=int, default=4, help="extra MoLF/FFT row: batch x N")
+    ap.add_argument("--compile", action="store_true", help="every variant under torch.compile")
     args = ap.parse_args(argv)
     result = run(
-        tuple(args.hiddens), args.batch, args.seq, args.reps, args.warmup, args.more_tokens
+        tuple(args.hiddens),
+        args.batch,
+        args.seq,
+        args.reps,
+        args.warmup,
+        args.more_tokens,
+        args.compile,
     )
     write("b2_train_step", result, markdown(result))
     return result
