@@ -197,7 +197,8 @@ def test_generation_without_grad_matches_training_forward():
 
 
 @pytest.mark.parametrize("kept", ["keep", "recompute"])
-def test_fused_path_compiles_in_one_graph(kept):
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_path_compiles_in_one_graph(kept, autocast):
     """``torch.compile(fullgraph=True)`` fails on any graph break in either way of the
     fused path; the compiled gradients are the eager ones."""
     torch._dynamo.reset()
@@ -206,7 +207,9 @@ def test_fused_path_compiles_in_one_graph(kept):
         layer = _layer(path="fused", kept=kept)
         forward = torch.compile(layer, fullgraph=True, backend="eager") if compiled else layer
         x = torch.randn(2, 9, 12, generator=torch.Generator().manual_seed(1))
-        forward(x).square().sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward(x)
+        y.float().square().sum().backward()
         grads.append([p.grad for p in layer.parameters()])
     for eager, compiled in zip(*grads):
         torch.testing.assert_close(compiled, eager)
