@@ -371,6 +371,23 @@ def _step_fn(ctx: Ctx, model, opt, ids):
     return step
 
 
+def _with_fused_weight(model, mode: str, step):
+    """``step`` with every MoLF layer's ``fused_weight`` set to ``mode`` for its duration."""
+    layers = [m for m in model.modules() if isinstance(m, MoLFLinear)]
+
+    def run():
+        before = [layer.fused_weight for layer in layers]
+        for layer in layers:
+            layer.fused_weight = mode
+        try:
+            step()
+        finally:
+            for layer, value in zip(layers, before):
+                layer.fused_weight = value
+
+    return run
+
+
 def _ids(ctx: Ctx):
     b, t = ctx.shape["tokens"]
     g = torch.Generator().manual_seed(0)
@@ -392,6 +409,9 @@ def section_b2(ctx: Ctx) -> dict:
             if impl != ctx.impls[0]:
                 opt = MoLFAdamW(model, lr=opt.defaults["lr"], implementation=impl)
             variants[f"{kind}-{impl}"] = _step_fn(ctx, model, opt, ids)
+        if kind == "molf":  # the default keeps W' under autocast; the other way beside it
+            step = _step_fn(ctx, model, opt, ids)
+            variants[f"{kind}-{impl}-recompute"] = _with_fused_weight(model, "recompute", step)
         stats = interleaved(variants, reps=ctx.reps, warmup=2, device=ctx.device, baseline=baseline)
         for v in stats.values():
             v.pop("samples_s")
