@@ -57,7 +57,7 @@ class MoLFConfig:
       FFT keeps anyway); ``"recompute"`` rebuilds it in backward (a custom autograd
       Function, no weight-sized activation); ``"auto"`` keeps it off the CPU and under
       autocast (``molf train --parallel fsdp2`` rebuilds it: kept, it would be a whole
-      unsharded weight per layer; do the same under your own FSDP). Results agree;
+      unsharded weight per layer; do the same under your own FSDP or ZeRO-3). Results agree;
       speed and memory differ.
     """
 
