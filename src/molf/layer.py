@@ -192,7 +192,6 @@ class MoLFLinear(nn.Module):
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.has_dropout = lora_dropout > 0
         self.grad_path = grad_path
         self.fused_weight = fused_weight
 
@@ -219,7 +218,7 @@ class MoLFLinear(nn.Module):
 
     def _fused(self, weight: torch.Tensor) -> bool:
         if self.grad_path == "auto":
-            return not self.has_dropout and weight.requires_grad
+            return weight.requires_grad and isinstance(self.lora_dropout, nn.Identity)
         return self.grad_path == "fused"
 
     def keeps_fused_weight(self, x: torch.Tensor) -> bool:
@@ -230,12 +229,11 @@ class MoLFLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Without autograd (generation) the per-token path is the cheap one.
-        # the registered tensors themselves, read from the modules' parameter dicts
-        # (each nn.Module attribute lookup is a Python call): current also when FSDP2
-        # swaps them
-        base = self.base_layer._parameters
-        weight, bias = base["weight"], base["bias"]
+        base = self.base_layer
+        weight, bias = base.weight, base.bias
         if torch.is_grad_enabled() and self._fused(weight):
+            # the registered tensors themselves (what ParameterList indexing returns,
+            # without its per-item Python): current also when FSDP2 swaps them
             a_list, b_list = self.lora_A._parameters.values(), self.lora_B._parameters.values()
             loras = [t for ab in zip(a_list, b_list) for t in ab]
             if self.keeps_fused_weight(x):
