@@ -42,12 +42,9 @@ def child(kind: str, hidden: int, layers: int, batch: int, seq: int, steps: int)
     before = _rss_mib()
     config = qwen2_config(hidden, layers, seq=seq)
     base = qwen2_model(config).train()
-    model, opt = build_variant(kind.replace("-foreach", "").replace("-keep", ""), base)
-    if kind == "molf-keep":  # W' kept for backward (the default under autocast, off the CPU)
-        from molf import molf_modules
-
-        for _, layer in molf_modules(model):
-            layer.fused_weight = "keep"
+    # molf-keep: W' kept for backward (the default under autocast and off the CPU)
+    kept = {"fused_weight": "keep"} if kind == "molf-keep" else {}
+    model, opt = build_variant(kind.replace("-foreach", "").replace("-keep", ""), base, **kept)
     if kind == "molf-foreach":
         from molf import MoLFAdamW
 
