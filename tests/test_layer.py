@@ -10,6 +10,7 @@ import torch
 from helpers import tiny_model
 from torch import nn
 
+import molf.layer
 from molf import MoLFAdamW, MoLFConfig, MoLFLinear, get_molf_model, molf_modules
 
 
@@ -87,7 +88,10 @@ def test_fused_and_dual_paths_give_the_same_gradients(bias, frozen_base, kept):
 
 
 @pytest.mark.parametrize("kept", ["keep", "recompute"])
-def test_fused_path_in_bfloat16_and_under_autocast(kept):
+@pytest.mark.parametrize("low_precision_build", [False, True])
+def test_fused_path_in_bfloat16_and_under_autocast(kept, low_precision_build, monkeypatch):
+    # the CPU builds autocast's W' in float32; accelerators from bf16 operands
+    monkeypatch.setattr(molf.layer, "_builds_in_low_precision", lambda _: low_precision_build)
     for dtype, autocast in ((torch.bfloat16, False), (torch.float32, True)):
         outs = {}
         for path in ("dual", "fused"):
@@ -149,9 +153,13 @@ def test_kept_weight_choice_and_what_it_keeps_for_backward():
     lora = sum(p.numel() for n, p in layer.named_parameters() if "lora" in n)
     fft = nn.Linear(12, 10)
     layer.fused_weight = "keep"
-    # under autocast: FFT keeps bf16 x and W, MoLF bf16 x, W' and the LoRA factors
+    # under autocast FFT keeps bf16 x and W; MoLF bf16 x and W' (built in fp32 on the
+    # CPU), plus the bf16 LoRA factors where W' is built from low-precision operands
     assert new_saved_bytes(fft, True) == 2 * (6 * 12 + 10 * 12)
-    assert new_saved_bytes(layer, True) == new_saved_bytes(fft, True) + 2 * lora
+    assert new_saved_bytes(layer, True) == new_saved_bytes(fft, True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(molf.layer, "_builds_in_low_precision", lambda _: True)
+        assert new_saved_bytes(layer, True) == new_saved_bytes(fft, True) + 2 * lora
     # in fp32: FFT keeps nothing new, the kept path W'
     assert new_saved_bytes(fft, False) == 0
     assert new_saved_bytes(layer, False) == 4 * 10 * 12
