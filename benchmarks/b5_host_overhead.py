@@ -6,11 +6,12 @@ extra arithmetic is about 4r/3T of the layer's (2%), so any larger MoLF / FFT ra
 per-layer host work (Python in the layer and the autograd Function, per-parameter work
 in the optimizer) — what makes a GPU step host-bound. Each phase is timed on its own,
 side by side in one process (forward, backward, optimizer step; variants interleaved),
-and optionally under ``torch.compile`` (``--compile``: compiled MoLF / compiled FFT).
-MoLF runs both ways of its fused path: ``recompute`` (the default on the CPU in fp32)
-and ``keep`` (the default on accelerators and under autocast; see molf.layer).
+optionally under ``torch.compile`` (``--compile``: compiled MoLF / compiled FFT) and
+under bf16 autocast (``--autocast``: how ``--dtype amp-bf16`` trains, the default on
+CUDA). MoLF runs both ways of its fused path: ``recompute`` (the default on the CPU in
+fp32) and ``keep`` (the default on accelerators and under autocast; see molf.layer).
 
-    python -m benchmarks.b5_host_overhead [--reps 20] [--compile]
+    python -m benchmarks.b5_host_overhead [--reps 20] [--compile] [--autocast]
 """
 
 from __future__ import annotations
@@ -58,9 +59,10 @@ def _variant(kind: str, base: torch.nn.Module, compiled: bool):
     return model, forward, opt
 
 
-def _phases(forward, opt, ids) -> tuple[float, float, float]:
+def _phases(forward, opt, ids, autocast: bool = False) -> tuple[float, float, float]:
     t0 = time.perf_counter()
-    loss = forward(input_ids=ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = forward(input_ids=ids, labels=ids).loss
     t1 = time.perf_counter()
     loss.backward()
     t2 = time.perf_counter()
@@ -69,7 +71,7 @@ def _phases(forward, opt, ids) -> tuple[float, float, float]:
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
-def measure(compiled: bool, reps: int, warmup: int) -> dict:
+def measure(compiled: bool, reps: int, warmup: int, autocast: bool = False) -> dict:
     base = qwen2_model(_config())
     ids = torch.randint(
         0, 1024, (SHAPE["batch"], SHAPE["seq"]), generator=torch.Generator().manual_seed(0)
@@ -80,7 +82,7 @@ def measure(compiled: bool, reps: int, warmup: int) -> dict:
     for rep in range(warmup + reps):
         for kind in kinds[rep % len(kinds) :] + kinds[: rep % len(kinds)]:  # rotating order
             _, forward, opt = variants[kind]
-            phases = _phases(forward, opt, ids)
+            phases = _phases(forward, opt, ids, autocast)
             if rep >= warmup:
                 samples[kind].append([*phases, sum(phases)])
     out = {}
@@ -127,6 +129,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    ap.add_argument("--autocast", action="store_true", help="also time eager under bf16 autocast")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = {
@@ -138,6 +141,8 @@ def main(argv=None) -> dict:
     }
     if args.compile:
         result["modes"]["compiled"] = measure(True, args.reps, args.warmup)
+    if args.autocast:
+        result["modes"]["eager bf16 autocast"] = measure(False, args.reps, args.warmup, True)
     write("b5_host_overhead", result, markdown(result))
     return result
 
