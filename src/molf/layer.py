@@ -257,24 +257,27 @@ class MoLFLinear(nn.Module):
         # The dicts are the live registries (current also when FSDP2 swaps tensors).
         base = self._modules["base_layer"]
         weight, bias = base.weight, base.bias  # attributes: a parametrized W works too
+        lora_a = self._modules["lora_A"]._parameters
+        lora_b = self._modules["lora_B"]._parameters
         # Without autograd (generation) the per-token path is the cheap one.
         if torch.is_grad_enabled() and self._fused(weight):
-            lora_a = self._modules["lora_A"]._parameters
-            lora_b = self._modules["lora_B"]._parameters
             if self.keeps_fused_weight(x):
                 return _linear_with_kept_weight(x, weight, bias, self.scalings, lora_a, lora_b)
             loras = [t for ab in zip(lora_a.values(), lora_b.values()) for t in ab]
             return _FusedLoRALinear.apply(x, weight, bias, self.scalings, *loras)
-        y = self.base_layer(x)
+        y = base(x)
+        dropout = self._modules["lora_dropout"]
+        if not isinstance(dropout, nn.Identity):
+            x = dropout(x)
         # All experts as one LoRA of rank sum(r_i): A = [A_0; A_1; ...], B = [s_0 B_0, ...];
         # the branch's output is accumulated into y by one addmm (no T x d_out temporaries).
         if len(self.scalings) == 1:
-            a, b, alpha = self.lora_A[0], self.lora_B[0], self.scalings[0]
+            (a,), (b,), alpha = lora_a.values(), lora_b.values(), self.scalings[0]
         else:
-            a = torch.cat(list(self.lora_A))
-            b = torch.cat([bi * s for bi, s in zip(self.lora_B, self.scalings)], dim=1)
+            a = torch.cat(tuple(lora_a.values()))
+            b = torch.cat([bi * s for bi, s in zip(lora_b.values(), self.scalings)], dim=1)
             alpha = 1.0
-        h = F.linear(self.lora_dropout(x), a)
+        h = F.linear(x, a)
         y2 = y.reshape(-1, y.shape[-1])
         return torch.addmm(y2, h.reshape(-1, h.shape[-1]), b.t(), alpha=alpha).view(y.shape)
 
