@@ -144,6 +144,9 @@ def test_sweep_chooses_lr_on_val_and_writes_summary(finished):
         cell_dir = out / test["cell"]
         assert (cell_dir / "final").is_dir() and (cell_dir / "config.yaml").is_file()
         assert yaml.safe_load((cell_dir / "config.yaml").read_text())["eval_split"] == "test"
+        for lr in lrs:  # val cells keep their metrics, not their model (disk)
+            val_dir = out / f"stories/fact/{method}/lr{format_lr(lr)}/val-s0"
+            assert (val_dir / "eval.json").is_file() and not (val_dir / "final").exists()
     md = (out / "results.md").read_text()
     assert "| molf |" in md and "| lora |" in md and "test_efficacy" in md
     assert not (out / "failed.json").exists()

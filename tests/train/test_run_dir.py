@@ -20,6 +20,7 @@ from molf.atomic import atomic_directory, recover_dir, write_text_atomic
 from molf.cli import main
 from molf.errors import MolfError
 from molf.train import run as run_module
+from molf.train.args import resolve_args
 from molf.train.rundir import LOCK_FILE, start_run_dir
 
 QUICK = [
@@ -173,6 +174,35 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, stories, shared_data)
     assert main(_args(out, stories, shared_data, "--save-steps", "1", "--resume")) == 0
     assert _tree(out) == before
     assert (out.parent / "results.csv").read_text() == csv_before
+
+
+def test_a_run_without_its_model_keeps_metrics_logs_and_routing(
+    tmp_path, stories, shared_data, capsys
+):
+    """--no-save-model (what a sweep's val cells get): eval.json, logs and routing, no
+    final/ and no checkpoint left. It counts as finished: a new run there needs
+    --overwrite (which trains it again, here with its model), --resume says why not."""
+    from molf.sweep.runner import is_complete
+
+    out = tmp_path / "runs" / "run"
+    assert main(_args(out, stories, shared_data, "--method", "molf", "--no-save-model")) == 0
+    assert "after" in json.loads((out / "eval.json").read_text())
+    assert (out / "routing.jsonl").is_file() and (out / "train_log.jsonl").is_file()
+    assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
+    assert yaml.safe_load((out / "config.yaml").read_text())["save_model"] is False
+    assert is_complete(out)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(out)]) == 2
+    assert "save_model off" in capsys.readouterr().err
+    before = _tree(out)
+    for extra in ((), ("--resume",)):
+        assert main(_args(out, stories, shared_data, "--method", "molf", *extra)) == 2
+        assert _tree(out) == before
+    assert "finished without saving its model" in capsys.readouterr().err
+    assert main(_args(out, stories, shared_data, "--method", "molf", "--overwrite")) == 0
+    assert (out / "final" / "model.safetensors").is_file()
+    with pytest.raises(MolfError, match="--push-to-hub"):
+        resolve_args(None, {"save_model": False, "push_to_hub": "me/model"})
 
 
 @pytest.mark.slow

@@ -108,9 +108,11 @@ class Cell:
         return f"{self.group.key}/{self.point.label}/{self.split}-s{self.seed}"
 
     def values(self, sweep_dir: Path) -> dict[str, Any]:
-        """Every setting of this cell, as given to TrainArgs (None: the field's default)."""
+        """Every setting of this cell, as given to TrainArgs (None: the field's default).
+        Val cells do not save their model: only their metric is needed."""
         return {
             **self.group.settings,
+            **({"save_model": False} if self.split == "val" else {}),
             "lr": self.point.lr,
             "lora_lr": self.point.lora_lr,
             "seed": self.seed,

@@ -54,6 +54,7 @@ NOT_FINGERPRINTED = frozenset(
         "data",
         "save_steps",
         "save_total_limit",
+        "save_model",
         "save_merged",
         "logging_steps",
         "report_to",

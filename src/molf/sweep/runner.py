@@ -39,12 +39,16 @@ from molf.sweep.results import (
 
 
 def is_complete(run_dir: Path) -> bool:
-    """A run is complete when eval.json has "after" and final/ exists."""
+    """A run is complete when eval.json has "after" and final/ exists (or the run was
+    told not to save its model, as val cells are)."""
     try:
         done = "after" in json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
+        saves_model = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get(
+            "save_model", True
+        )
+    except (OSError, ValueError, yaml.YAMLError):
         return False
-    return done and (run_dir / "final").is_dir()
+    return done and ((run_dir / "final").is_dir() or saves_model is False)
 
 
 def _sidecar(run_dir: Path, suffix: str) -> Path:

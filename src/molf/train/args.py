@@ -63,8 +63,8 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
         "max_eval_samples", "eval_batch_size", "max_new_tokens", "eval_split", "eval_before",
     ),
     "saving and resuming": (
-        "output_dir", "save_steps", "save_total_limit", "save_merged", "save_dtype",
-        "push_to_hub", "resume", "overwrite", "allow_changed_settings",
+        "output_dir", "save_steps", "save_total_limit", "save_model", "save_merged",
+        "save_dtype", "push_to_hub", "resume", "overwrite", "allow_changed_settings",
     ),
     "distributed": ("parallel", "dist_timeout", "check_routing"),
     "logging": ("logging_steps", "report_to", "wandb_project", "wandb_run_name"),
@@ -166,6 +166,11 @@ class TrainArgs:
         "last step is always written before final/ and, with 0, removed once final/ is saved",
     )
     save_total_limit: int = _f(2, "checkpoints kept")
+    save_model: bool = _f(
+        True,
+        "write final/ (the trained model); without it a run keeps its evaluation, logs and "
+        "routing only (what a sweep's val cells need)",
+    )
     save_merged: bool = _f(False, "also save a merged model for adapter methods")
     save_dtype: str | None = _f(
         None,
@@ -258,6 +263,8 @@ class TrainArgs:
             raise MolfError("--allow-changed-settings applies only with --resume")
         if self.save_steps < 0:
             raise MolfError("--save-steps must be >= 0")
+        if self.push_to_hub and not self.save_model:
+            raise MolfError("--push-to-hub uploads final/: drop --no-save-model")
 
     @property
     def effective_lora_lr(self) -> float:

@@ -71,7 +71,7 @@ def check_tracker(report_to: str) -> None:
 RESUME_FREE = {
     "resume", "overwrite", "allow_changed_settings", "output_dir", "report_to",
     "wandb_project", "wandb_run_name", "logging_steps", "save_steps", "save_total_limit",
-    "save_merged", "save_dtype", "push_to_hub", "eval_batch_size", "dist_timeout",
+    "save_model", "save_merged", "save_dtype", "push_to_hub", "eval_batch_size", "dist_timeout",
     "check_routing", "parallel",
 }  # fmt: skip
 
@@ -312,7 +312,7 @@ def _train_in_run_dir(
         load_method_state(model, args, extra)
         clock["before"] = float(extra.get("train_seconds", 0.0))
         _say(f"resumed from checkpoint-{start} (step {start} of {total})", main)
-        if start == total and "after" in results and (run_dir / "final").is_dir():
+        if start == total and "after" in results and _model_saved(run_dir, args):
             _say(f"{run_dir} is already finished: nothing to do", main)
             return results
         if changes and main:
@@ -397,15 +397,18 @@ def _finish(
     logger.log_results(results)
     logger.close()
     _say(f"after training:  {_fmt(results['after'])}")
-    final = save_final(
-        model,
-        tokenizer,
-        args,
-        run_dir,
-        {"base_model": name, "gguf_file": gguf, "hub_id": hub_id(args.model)},
-        model_card(args, hub_id(args.model) or name, {**results, "steps": total}, run_dir),
-    )
-    _say(f"saved {final}")
+    if args.save_model:
+        final = save_final(
+            model,
+            tokenizer,
+            args,
+            run_dir,
+            {"base_model": name, "gguf_file": gguf, "hub_id": hub_id(args.model)},
+            model_card(args, hub_id(args.model) or name, {**results, "steps": total}, run_dir),
+        )
+        _say(f"saved {final}")
+    else:
+        _say("the trained model is not saved (save_model is off)")
     append_result(
         run_dir.parent / "results.csv",
         {
@@ -423,9 +426,15 @@ def _finish(
         },
     )
     if not args.save_steps:
-        prune_checkpoints(run_dir, keep=0)  # kept only until final/ was safe
+        prune_checkpoints(run_dir, keep=0)  # kept only until final/ (or eval.json) was safe
     if args.push_to_hub:
         _say(f"uploaded to the Hub: {push_final(final, args.push_to_hub)}")
+
+
+def _model_saved(run_dir: Path, args: TrainArgs) -> bool:
+    """Whether a finished run has what it was asked to save: ``final/``, unless the run
+    was told not to save its model."""
+    return (run_dir / "final").is_dir() or not args.save_model
 
 
 def _write_config(
@@ -517,9 +526,14 @@ def run_settings(run_dir: Path) -> dict[str, Any]:
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise MolfError(f"--run: {run_dir} is not a run directory (no config.yaml)")
-    if not (run_dir / "final").is_dir():
-        raise MolfError(f"--run: {run_dir} has no final/ model yet (finish it with --resume)")
     saved = yaml.safe_load(config.read_text()) or {}
+    if not (run_dir / "final").is_dir():
+        if saved.get("save_model", True) is False:
+            raise MolfError(
+                f"--run: {run_dir} was trained with save_model off, so it has no final/ "
+                "model (its metrics are in eval.json)"
+            )
+        raise MolfError(f"--run: {run_dir} has no final/ model yet (finish it with --resume)")
     return {
         **{k: saved[k] for k in EVAL_SETTINGS if saved.get(k) is not None},
         "model": str(run_dir / "final"),

@@ -10,6 +10,7 @@ else is refused, untouched. A run holds an exclusive lock on its directory
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -48,8 +49,23 @@ def foreign_entries(run_dir: Path) -> list[str]:
 
 
 def holds_finished_or_resumable_run(run_dir: Path) -> bool:
-    """A run worth protecting: it has a final model or a checkpoint to resume from."""
-    return run_dir.is_dir() and ((run_dir / "final").exists() or bool(list_checkpoints(run_dir)))
+    """A run worth protecting: it has a final model, a checkpoint to resume from, or the
+    results of a run that finished without saving its model."""
+    return run_dir.is_dir() and (
+        (run_dir / "final").exists()
+        or bool(list_checkpoints(run_dir))
+        or finished_without_model(run_dir)
+    )
+
+
+def finished_without_model(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that finished (its eval.json has the metrics after
+    training) without a final model (``save_model`` off)."""
+    try:
+        finished = "after" in json.loads((run_dir / "eval.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return finished and not (run_dir / "final").exists()
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -64,6 +80,12 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         raise MolfError(f"--output-dir: {run_dir} is a file, not a directory")
     _check_writable(run_dir)
     if resume:
+        if not list_checkpoints(run_dir) and finished_without_model(run_dir):
+            raise MolfError(
+                f"--resume: {run_dir} finished without saving its model (save_model off) "
+                "and keeps no checkpoint, so there is nothing to resume; --overwrite trains "
+                "it again"
+            )
         if not list_checkpoints(run_dir):
             raise MolfError(
                 f"--resume: no checkpoint in {run_dir} (a run writes one every --save-steps "
