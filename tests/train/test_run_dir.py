@@ -205,6 +205,41 @@ def test_a_run_without_its_model_keeps_metrics_logs_and_routing(
         resolve_args(None, {"save_model": False, "push_to_hub": "me/model"})
 
 
+def test_resume_adds_or_drops_only_the_missing_model(tmp_path, stories, shared_data, monkeypatch):
+    """A finished record is never redone: resuming a run that kept checkpoints but not
+    its model saves final/ (one results.csv row, config.yaml says so); a run whose final
+    save failed, resumed with --no-save-model, is finished as such (and complete for a
+    sweep)."""
+    from molf.sweep.runner import is_complete
+
+    def rows(run: Path) -> list[str]:
+        lines = (run.parent / "results.csv").read_text().splitlines()[1:]
+        return [line for line in lines if str(run) in line]
+
+    kept = tmp_path / "kept" / "run"
+    common = ("--method", "molf", "--save-steps", "1")
+    assert main(_args(kept, stories, shared_data, *common, "--no-save-model")) == 0
+    record = (kept / "eval.json").read_text()
+    assert main(_args(kept, stories, shared_data, *common, "--resume")) == 0
+    assert (kept / "final" / "model.safetensors").is_file()
+    assert (kept / "eval.json").read_text() == record and len(rows(kept)) == 1
+    assert yaml.safe_load((kept / "config.yaml").read_text())["save_model"] is True
+
+    failed = tmp_path / "failed" / "run"
+
+    def disk_full(*_, **__):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run_module, "save_final", disk_full)
+    assert main(_args(failed, stories, shared_data, "--method", "molf")) == 1
+    monkeypatch.undo()
+    assert not is_complete(failed) and len(rows(failed)) == 1
+    resume = ("--method", "molf", "--resume", "--no-save-model")
+    assert main(_args(failed, stories, shared_data, *resume)) == 0
+    assert is_complete(failed) and not (failed / "final").exists()
+    assert not list(failed.glob("checkpoint-*")) and len(rows(failed)) == 1
+
+
 @pytest.mark.slow
 def test_resume_refuses_changed_settings_unless_asked_and_records_them(
     tmp_path, stories, shared_data, monkeypatch, capsys

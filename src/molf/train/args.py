@@ -163,7 +163,8 @@ class TrainArgs:
     save_steps: int = _f(
         0,
         "checkpoint every N optimizer steps (0 = none during training); a checkpoint of the "
-        "last step is always written before final/ and, with 0, removed once final/ is saved",
+        "last step is always written before the final evaluation and save and, with 0, "
+        "removed once the run's record and final/ are saved",
     )
     save_total_limit: int = _f(2, "checkpoints kept")
     save_model: bool = _f(

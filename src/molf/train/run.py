@@ -99,10 +99,13 @@ def _same_setting(key: str, saved: dict[str, Any], now: Any) -> bool:
         return False
 
 
-def _resume_changes(run_dir: Path, args: TrainArgs, world_size: int) -> list[str]:
+def _resume_changes(
+    run_dir: Path, args: TrainArgs, world_size: int
+) -> tuple[list[str], dict[str, Any]]:
     """Every setting that changes the run's result and differs from the run's own, as
-    ``--flag NEW (the run used OLD)``; refused (MolfError) unless
-    ``--allow-changed-settings``."""
+    ``--flag NEW (the run used OLD)``, refused (MolfError) unless
+    ``--allow-changed-settings``; and the run's own settings (its config.yaml, read here
+    by every rank before rank 0 may rewrite it)."""
     path = run_dir / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text())
@@ -120,7 +123,7 @@ def _resume_changes(run_dir: Path, args: TrainArgs, world_size: int) -> list[str
             "Resume with the run's own settings (they are in its config.yaml), start a new "
             "run, or continue with the new ones on purpose with --allow-changed-settings"
         )
-    return changed
+    return changed, saved or {}
 
 
 def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
@@ -181,7 +184,7 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     run_dir = Path(args.output_dir)
     # Every check that can fail runs before the run directory is touched.
     check_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite)
-    changes = _resume_changes(run_dir, args, ctx.world_size) if args.resume else []
+    changes, own = _resume_changes(run_dir, args, ctx.world_size) if args.resume else ([], {})
     check_tracker(args.report_to)
     check_hub_token(args.push_to_hub)
     check_method_settings(args)
@@ -246,7 +249,7 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     lock = start_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite) if main else None
     try:
         return _train_in_run_dir(
-            args, ctx, run_dir, task, data, model, tokenizer, batches, total, changes
+            args, ctx, run_dir, task, data, model, tokenizer, batches, total, changes, own
         )
     finally:
         if lock is not None:
@@ -264,6 +267,7 @@ def _train_in_run_dir(
     batches: Batches,
     total: int,
     changes: list[str],
+    own: dict[str, Any],
 ) -> dict[str, Any]:
     from transformers import get_scheduler
 
@@ -304,7 +308,7 @@ def _train_in_run_dir(
             run_dir, step, model, optimizer, scheduler, args.save_total_limit, extra, rank
         )
 
-    start = 0
+    start, recorded = 0, False
     if args.resume:
         start, extra = load_latest_checkpoint(
             run_dir, model, optimizer, scheduler, rank, lambda msg: _say(msg, main)
@@ -312,14 +316,17 @@ def _train_in_run_dir(
         load_method_state(model, args, extra)
         clock["before"] = float(extra.get("train_seconds", 0.0))
         _say(f"resumed from checkpoint-{start} (step {start} of {total})", main)
-        if start == total and "after" in results and _model_saved(run_dir, args):
+        recorded = start == total and "after" in results  # only the model may be missing
+        model_was_saved = own.get("save_model", True) is not False
+        if recorded and ((run_dir / "final").is_dir() or not (model_was_saved or args.save_model)):
             _say(f"{run_dir} is already finished: nothing to do", main)
             return results
-        if changes and main:
-            _say(f"warning: continuing with changed settings: {'; '.join(changes)}")
-            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-            history = [*saved.get("resume_changes", []), {"step": start, "changes": changes}]
-            _write_config(run_dir, args, ctx, name, gguf, history)
+        if main and (changes or model_was_saved != args.save_model):
+            history = own.get("resume_changes", [])
+            if changes:
+                _say(f"warning: continuing with changed settings: {'; '.join(changes)}")
+                history = [*history, {"step": start, "changes": changes}]
+            _write_config(run_dir, args, ctx, name, gguf, history)  # save_model too
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _say(
         f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
@@ -356,6 +363,7 @@ def _train_in_run_dir(
             model,
             tokenizer,
             results,
+            record=not recorded,
             logger=logger,
             seconds=seconds,
             skipped=skipped,
@@ -377,26 +385,45 @@ def _finish(
     tokenizer: Any,
     results: dict[str, Any],
     *,
+    record: bool,
     logger: RunLogger,
     seconds: float,
     skipped: int | None,
     total: int,
     device: torch.device,
 ) -> None:
-    """The main process after training: evaluate, save ``final/``, record the run in
-    ``eval.json``, the logs and ``results.csv``, and upload it if asked."""
+    """The main process after training: evaluate and record the run (``eval.json``, the
+    logs, ``results.csv``), save ``final/`` unless ``save_model`` is off, and upload it
+    if asked. ``record`` False: a resumed run whose record is complete and only the model
+    is missing (a failed save, or one run without its model): it is saved, not redone."""
     name, gguf = resolve_model(args.model, args.gguf_file)
-    eval_path = run_dir / "eval.json"
-    results["after"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "after")
-    results["baselines"] = task.baselines(data.eval)
-    results["train_seconds"] = seconds
-    results["peak_memory_mb"] = peak_memory_mb(device)
-    if skipped is not None:
-        results["skipped_steps"] = skipped
-    write_text_atomic(eval_path, json.dumps(results, indent=2))
-    logger.log_results(results)
+    if record:
+        results["after"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "after")
+        results["baselines"] = task.baselines(data.eval)
+        results["train_seconds"] = seconds
+        results["peak_memory_mb"] = peak_memory_mb(device)
+        if skipped is not None:
+            results["skipped_steps"] = skipped
+        write_text_atomic(run_dir / "eval.json", json.dumps(results, indent=2))
+        logger.log_results(results)
+        _say(f"after training:  {_fmt(results['after'])}")
+        append_result(
+            run_dir.parent / "results.csv",
+            {
+                **args.to_dict(),
+                "output_dir": str(run_dir),
+                "model": name,
+                "steps": total,
+                "lora_lr": args.effective_lora_lr,
+                "primary_metric": task.primary_metric,
+                "before": results.get("before", {}).get(task.primary_metric),
+                "after": results["after"].get(task.primary_metric),
+                "metrics_after": json.dumps(results["after"]),
+                "train_seconds": round(results["train_seconds"], 2),
+                "peak_memory_mb": round(results["peak_memory_mb"], 1),
+            },
+        )
     logger.close()
-    _say(f"after training:  {_fmt(results['after'])}")
     if args.save_model:
         final = save_final(
             model,
@@ -409,32 +436,10 @@ def _finish(
         _say(f"saved {final}")
     else:
         _say("the trained model is not saved (save_model is off)")
-    append_result(
-        run_dir.parent / "results.csv",
-        {
-            **args.to_dict(),
-            "output_dir": str(run_dir),
-            "model": name,
-            "steps": total,
-            "lora_lr": args.effective_lora_lr,
-            "primary_metric": task.primary_metric,
-            "before": results.get("before", {}).get(task.primary_metric),
-            "after": results["after"].get(task.primary_metric),
-            "metrics_after": json.dumps(results["after"]),
-            "train_seconds": round(results["train_seconds"], 2),
-            "peak_memory_mb": round(results["peak_memory_mb"], 1),
-        },
-    )
     if not args.save_steps:
-        prune_checkpoints(run_dir, keep=0)  # kept only until final/ (or eval.json) was safe
+        prune_checkpoints(run_dir, keep=0)  # kept only until the record and final/ were safe
     if args.push_to_hub:
         _say(f"uploaded to the Hub: {push_final(final, args.push_to_hub)}")
-
-
-def _model_saved(run_dir: Path, args: TrainArgs) -> bool:
-    """Whether a finished run has what it was asked to save: ``final/``, unless the run
-    was told not to save its model."""
-    return (run_dir / "final").is_dir() or not args.save_model
 
 
 def _write_config(
