@@ -41,14 +41,17 @@ from molf.sweep.results import (
 def is_complete(run_dir: Path) -> bool:
     """A run is complete when eval.json has "after" and final/ exists (or the run was
     told not to save its model, as val cells are)."""
-    try:
-        done = "after" in json.loads((run_dir / "eval.json").read_text())
-        saves_model = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get(
-            "save_model", True
-        )
-    except (OSError, ValueError, yaml.YAMLError):
+    from molf.train.rundir import is_recorded
+
+    if not is_recorded(run_dir):
         return False
-    return done and ((run_dir / "final").is_dir() or saves_model is False)
+    if (run_dir / "final").is_dir():
+        return True
+    try:
+        settings = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    return settings.get("save_model", True) is False
 
 
 def _sidecar(run_dir: Path, suffix: str) -> Path:

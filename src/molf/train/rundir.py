@@ -58,14 +58,19 @@ def holds_finished_or_resumable_run(run_dir: Path) -> bool:
     )
 
 
-def finished_without_model(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run that finished (its eval.json has the metrics after
-    training) without a final model (``save_model`` off)."""
+def is_recorded(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` recorded its result: eval.json has the metrics
+    after training."""
     try:
-        finished = "after" in json.loads((run_dir / "eval.json").read_text())
+        return "after" in json.loads((run_dir / "eval.json").read_text())
     except (OSError, ValueError):
         return False
-    return finished and not (run_dir / "final").exists()
+
+
+def finished_without_model(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that recorded its result without a final model
+    (``save_model`` off)."""
+    return is_recorded(run_dir) and not (run_dir / "final").exists()
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -80,13 +85,13 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
         raise MolfError(f"--output-dir: {run_dir} is a file, not a directory")
     _check_writable(run_dir)
     if resume:
-        if not list_checkpoints(run_dir) and finished_without_model(run_dir):
-            raise MolfError(
-                f"--resume: {run_dir} finished without saving its model (save_model off) "
-                "and keeps no checkpoint, so there is nothing to resume; --overwrite trains "
-                "it again"
-            )
         if not list_checkpoints(run_dir):
+            if finished_without_model(run_dir):
+                raise MolfError(
+                    f"--resume: {run_dir} finished without saving its model (save_model "
+                    "off) and keeps no checkpoint, so there is nothing to resume; "
+                    "--overwrite trains it again"
+                )
             raise MolfError(
                 f"--resume: no checkpoint in {run_dir} (a run writes one every --save-steps "
                 "steps and one after its last step)"
