@@ -1,10 +1,14 @@
 """Crash-safe writes: a file or directory appears complete under its name, or not at all.
 
-Everything is written under a temporary name beside its destination (``.<name>-*``),
-flushed to disk (``fsync`` of every file and of the directory), then renamed into place.
-A directory that already exists is replaced keep-old-until-new-is-in-place: the old one
-is renamed aside (``.<name>-old-*``), the new one renamed in, and only then the old one
+Everything is written under a temporary name beside its destination
+(``.molf-tmp-<name>-*``), flushed to disk (``fsync`` of every file and of the
+directory), then renamed into place. A directory that already exists is replaced
+keep-old-until-new-is-in-place: the old one is renamed aside
+(``.molf-tmp-<name>-old-*``), the new one renamed in, and only then the old one
 deleted; :func:`recover_dir` puts the old one back if a crash hit between the renames.
+
+Each destination is claimed first (:func:`molf.ownership.claim`): molf replaces only
+what it wrote itself, and refuses to write over anything else.
 
 Permissions follow the umask like any other tool's output (``mkstemp``/``mkdtemp``
 would otherwise leave 0600 files and 0700 directories).
@@ -18,6 +22,8 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from molf.ownership import TEMP_PREFIX, claim
 
 OLD_TAG = "-old-"
 
@@ -64,7 +70,8 @@ def _chmod_tree(root: Path) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a flushed temporary file and a rename."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    claim(path)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -78,12 +85,34 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """``with atomic_file(p) as tmp:`` write the file ``tmp`` (e.g. a figure); on success it
+    becomes ``p`` (flushed, umask permissions); on any error it is removed."""
+    path = Path(path)
+    claim(path)
+    fd, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete directory ``tmp`` to ``final``; an existing ``final`` is kept
     until the new one is in place, then deleted."""
+    claim(final)
     old = None
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{final.name}{OLD_TAG}", dir=final.parent))
+        old = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}{OLD_TAG}", dir=final.parent))
         os.replace(final, old)  # onto the fresh empty directory: allowed by rename(2)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
@@ -96,8 +125,8 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     """``with atomic_directory(d) as tmp:`` write into ``tmp``; on success it becomes ``d``
     (flushed, umask permissions, any old ``d`` replaced); on any error it is removed."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+    claim(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}-", dir=final.parent))
     try:
         yield tmp
         _chmod_tree(tmp)
@@ -110,10 +139,14 @@ def atomic_directory(final: Path) -> Iterator[Path]:
 
 def recover_dir(final: Path) -> None:
     """After a crash: bring back ``final`` from its renamed-aside old copy if the new one
-    never arrived, and delete temporary leftovers of ``final`` (``.<name>-*``)."""
+    never arrived, and delete temporary leftovers of ``final`` (``.molf-tmp-<name>-*``)."""
     final = Path(final)
-    leftovers = sorted(final.parent.glob(f".{final.name}-*"))
-    olds = [p for p in leftovers if p.name.startswith(f".{final.name}{OLD_TAG}") and p.is_dir()]
+    leftovers = sorted(final.parent.glob(f"{TEMP_PREFIX}{final.name}-*"))
+    olds = [
+        p
+        for p in leftovers
+        if p.name.startswith(f"{TEMP_PREFIX}{final.name}{OLD_TAG}") and p.is_dir()
+    ]
     if not final.exists() and olds:
         os.replace(olds[-1], final)
     for p in leftovers:

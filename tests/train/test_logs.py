@@ -14,6 +14,7 @@ import torch
 
 from molf.cli import main
 from molf.optim import Routing
+from molf.ownership import claim
 from molf.train.logs import RoutingTally, RunLogger
 
 MODULES = [
@@ -124,6 +125,7 @@ def test_concurrent_result_appends_lose_no_row(tmp_path):
 
 def test_a_torn_last_log_line_does_not_block_truncation(tmp_path):
     log = tmp_path / "train_log.jsonl"
+    claim(log)  # a log molf wrote
     log.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
     RunLogger(tmp_path, "none", {}).truncate(2)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from molf.atomic import atomic_directory, recover_dir, write_text_atomic
 from molf.cli import main
 from molf.errors import MolfError
+from molf.ownership import MANIFEST, TEMP_PREFIX, claim
 from molf.train import run as run_module
 from molf.train.args import resolve_args
 from molf.train.rundir import LOCK_FILE, start_run_dir
@@ -78,6 +79,7 @@ def test_a_run_never_replaces_a_users_file_named_like_its_own(tmp_path, monkeypa
 
 @pytest.mark.slow
 def test_overwrite_replaces_only_the_old_run(finished, stories, shared_data):
+    claim(finished / "checkpoint-9")  # as molf's writers do before writing
     (finished / "checkpoint-9").mkdir()
     (finished / "checkpoint-9" / "meta.json").write_text('{"step": 9}')
     assert main(_args(finished, stories, shared_data, "--overwrite", "--method", "lora")) == 0
@@ -281,15 +283,17 @@ def test_replacing_a_directory_keeps_the_old_one_until_the_new_one_is_in_place(t
             (tmp / "weights").write_text("half")
             raise RuntimeError("killed while writing")
     assert (final / "weights").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["final"]  # no temporary left
+    assert [p.name for p in tmp_path.iterdir() if p.name != MANIFEST] == ["final"]  # no temp
 
     # A crash between "old renamed aside" and "new renamed in": recovery restores the old.
-    aside = tmp_path / ".final-old-abc123"
+    aside = tmp_path / f"{TEMP_PREFIX}final-old-abc123"
     os.replace(final, aside)
-    (tmp_path / ".final-xyz").mkdir()  # the new one, never renamed in
+    (tmp_path / f"{TEMP_PREFIX}final-xyz").mkdir()  # the new one, never renamed in
+    (tmp_path / ".final-mine").mkdir()  # a user's dot-directory is not a temporary
     recover_dir(final)
     assert (final / "weights").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name != MANIFEST)
+    assert names == [".final-mine", "final"]
 
 
 def test_outputs_respect_the_umask(tmp_path):
@@ -316,15 +320,15 @@ def test_resume_cleans_crash_leftovers_and_skips_a_corrupt_checkpoint(
         main(_args(reference, stories, shared_data, "--save-steps", "1", "--max-steps", "3")) == 0
     )
     assert main(args) == 0
-    (out / ".checkpoint-7-abcd1234").mkdir()
-    (out / ".final-zz9").mkdir()
-    (out / ".eval.json-q1").write_text("{")
-    (out / "final").rename(out / ".final-old-k2")  # crash between the renames of final/
+    (out / f"{TEMP_PREFIX}checkpoint-7-abcd1234").mkdir()
+    (out / f"{TEMP_PREFIX}final-zz9").mkdir()
+    (out / f"{TEMP_PREFIX}eval.json-q1").write_text("{")
+    (out / "final").rename(out / f"{TEMP_PREFIX}final-old-k2")  # crash between final/'s renames
     newest = out / "checkpoint-3" / "state.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # truncated by a crash or a full disk
     assert main([*args, "--resume"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert not [n for n in names if n.startswith(".") and n != LOCK_FILE], names
+    assert not [n for n in names if n.startswith(".") and n not in (LOCK_FILE, MANIFEST)], names
     got = load_file(out / "final" / "model.safetensors")
     want = load_file(reference / "final" / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)

@@ -8,9 +8,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from molf.atomic import write_text_atomic
 from molf.errors import MolfError
+from molf.ownership import refuse_foreign
 from molf.report.plots import plot_routing_heatmap, plot_routing_shares, plot_training
-from molf.report.routing import routing_matrix
+from molf.report.routing import RoutingMatrix, routing_matrix
 from molf.report.runs import Run, load_run
 from molf.report.tables import metrics_tables, to_html, to_markdown
 
@@ -55,15 +57,31 @@ def _slugs(labels: Sequence[str]) -> list[str]:
     return out
 
 
-def draw_figures(runs: Sequence[Run], out: Path) -> list[Figure]:
+def _routed(runs: Sequence[Run]) -> list[tuple[Run, str, RoutingMatrix]]:
+    """The runs with logged routing steps, each with its file-name slug and matrix."""
+    out = []
+    for run, slug in zip(runs, _slugs([r.label for r in runs])):
+        if run.has_routing:
+            matrix = routing_matrix(run.path)
+            if len(matrix.steps):
+                out.append((run, slug, matrix))
+    return out
+
+
+def report_files(routed: Sequence[tuple[Run, str, RoutingMatrix]]) -> list[str]:
+    """The names the report writes into its output directory."""
+    names = ["index.html", "summary.md", "training.png"]
+    for _, slug, _ in routed:
+        names += [f"routing-{slug}.png", f"shares-{slug}.png"]
+    return names
+
+
+def draw_figures(
+    runs: Sequence[Run], routed: Sequence[tuple[Run, str, RoutingMatrix]], out: Path
+) -> list[Figure]:
     """Every figure of the report, written into ``out``."""
     figures = [Figure(plot_training(runs, out / "training.png").name, "Training loss and lr")]
-    for run, slug in zip(runs, _slugs([r.label for r in runs])):
-        if not run.has_routing:
-            continue
-        matrix = routing_matrix(run.path)
-        if len(matrix.steps) == 0:
-            continue
+    for run, slug, matrix in routed:
         heat = plot_routing_heatmap(matrix, run.label, out / f"routing-{slug}.png")
         shares = plot_routing_shares(matrix, run.label, out / f"shares-{slug}.png")
         figures.append(Figure(heat.name, f"{run.label} ({run.method}): winning expert"))
@@ -105,11 +123,18 @@ def write_report(run_dirs: list[Path], out: Path, labels: list[str] | None = Non
         raise MolfError(f"molf report: {len(labels)} labels for {len(run_dirs)} runs")
     labels = labels or default_labels(run_dirs)
     runs = [load_run(Path(d), label) for d, label in zip(run_dirs, labels)]
-    out = Path(out)
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise MolfError(f"molf report: --out {out} is a file; give a directory")
+    routed = _routed(runs)
+    refuse_foreign(
+        [out / name for name in report_files(routed)],
+        "molf report replaces only a report it wrote: pass another --out",
+    )
     out.mkdir(parents=True, exist_ok=True)
-    figures = draw_figures(runs, out)
+    figures = draw_figures(runs, routed, out)
     title = f"molf report: {runs[0].label}" if len(runs) == 1 else f"molf report: {len(runs)} runs"
-    (out / "summary.md").write_text(render_markdown(title, runs, figures))
+    write_text_atomic(out / "summary.md", render_markdown(title, runs, figures))
     index = out / "index.html"
-    index.write_text(render_html(title, runs, figures))
+    write_text_atomic(index, render_html(title, runs, figures))
     return index

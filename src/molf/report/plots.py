@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from molf.atomic import atomic_file
 from molf.errors import MolfError
 from molf.report.routing import (
     NONE,
@@ -39,8 +40,11 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
-    _pyplot().close(fig)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, dpi=DPI, bbox_inches="tight", format="png")
+    finally:
+        _pyplot().close(fig)
     return path
 
 

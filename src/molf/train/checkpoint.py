@@ -21,6 +21,7 @@ from torch import nn
 
 from molf.atomic import atomic_directory, fsync_tree, replace_dir
 from molf.errors import MolfError
+from molf.ownership import TEMP_PREFIX, disown, owned
 
 PATTERN = re.compile(r"checkpoint-(\d+)$")
 
@@ -66,14 +67,16 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     checkpoints = list_checkpoints(run_dir)
     for old in checkpoints[: max(0, len(checkpoints) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
+        disown(old)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints that molf wrote, oldest first."""
+    ours = owned(run_dir)
     found = [
         (int(m.group(1)), p)
         for p in run_dir.glob("checkpoint-*")
-        if (m := PATTERN.search(p.name)) and (p / "meta.json").is_file()
+        if p.name in ours and (m := PATTERN.fullmatch(p.name)) and (p / "meta.json").is_file()
     ]
     return [p for _, p in sorted(found)]
 
@@ -151,7 +154,7 @@ def save_sharded(
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     final = run_dir / f"checkpoint-{step}"
-    tmp = run_dir / f".checkpoint-{step}.tmp"
+    tmp = run_dir / f"{TEMP_PREFIX}checkpoint-{step}.tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import fcntl
 import io
 import json
 import resource
@@ -17,6 +16,7 @@ import torch
 from molf.atomic import write_text_atomic
 from molf.errors import MolfError
 from molf.optim import Routing
+from molf.ownership import claim, locked_dir
 from molf.report.modules import type_shares
 
 SUMMARY_MIN_SHARE = 0.10  # module types below this share are folded into "others"
@@ -120,6 +120,7 @@ class RunLogger:
             )
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
+        claim(self.run_dir / name)
         with open(self.run_dir / name, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -240,11 +241,15 @@ def _complete_lines(path: Path) -> list[str]:
 
 
 def append_result(path: Path, row: dict[str, Any]) -> None:
-    """Add one row to ``results.csv`` (rewritten atomically; the header is kept). Runs
-    sharing the file take turns through an exclusive lock on ``.results.csv.lock``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+    """Add one row to ``results.csv`` (rewritten atomically; the header is kept). A
+    results.csv that molf did not write is refused. Runs sharing the file take turns
+    through an exclusive lock on its directory."""
+    claim(
+        path,
+        f"molf appends each run's row to {path.name} beside its --output-dir: move that "
+        "file away or put the run in another directory",
+    )
+    with locked_dir(path.parent):
         existing = path.read_text() if path.exists() else ""
         out = io.StringIO()
         writer = csv.DictWriter(out, fieldnames=RESULT_COLUMNS, extrasaction="ignore")

@@ -1,10 +1,12 @@
 """The run directory's life cycle: check it, lock it, clear what an old run left.
 
-A run directory holds only what a molf run writes (:data:`RUN_FILES`, :data:`RUN_DIRS`,
-``checkpoint-N/`` and molf's temporary ``.<name>-*`` entries). ``--overwrite`` removes
-exactly those entries and never the directory itself; a directory holding anything
-else is refused, untouched. A run holds an exclusive lock on its directory
-(``.molf.lock``, with its pid) from the moment it starts writing until it ends.
+molf knows what it wrote from the directory's manifest (:mod:`molf.ownership`), never
+from names. ``--overwrite`` removes exactly molf's entries and never the directory
+itself; a directory holding anything else is refused, untouched. A directory whose
+entries molf did not write sit where a run would write (``eval.json``, ``final/``,
+``checkpoint-N/`` of a Hugging Face Trainer, ...) is refused too. A run holds an
+exclusive lock on its directory (``.molf.lock``, with its pid) from the moment it
+starts writing until it ends.
 """
 
 from __future__ import annotations
@@ -12,55 +14,51 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 from typing import IO
 
 from molf.atomic import recover_dir
 from molf.errors import MolfError
+from molf.ownership import TEMP_PREFIX, disown, is_internal, owned
 from molf.train.checkpoint import PATTERN as CHECKPOINT_PATTERN
 from molf.train.checkpoint import list_checkpoints
 
 LOCK_FILE = ".molf.lock"
 RUN_FILES = ("config.yaml", "train_log.jsonl", "routing.jsonl", "eval.json", "predictions.jsonl")
 RUN_DIRS = ("final", "tensorboard", "wandb", "report")
-_TEMP = re.compile(
-    r"^\.(?:checkpoint-\d+|final|" + "|".join(re.escape(n) for n in RUN_FILES) + r")[-.]"
-)
 
 
-def is_molf_entry(name: str) -> bool:
-    """Whether a run directory entry called ``name`` is something a molf run writes."""
-    return (
-        name in RUN_FILES
-        or name in RUN_DIRS
-        or name == LOCK_FILE
-        or bool(CHECKPOINT_PATTERN.fullmatch(name))
-        or bool(_TEMP.match(name))
-    )
+def would_write(name: str) -> bool:
+    """Whether a molf run may write an entry called ``name`` in its directory."""
+    return name in RUN_FILES or name in RUN_DIRS or bool(CHECKPOINT_PATTERN.fullmatch(name))
 
 
 def foreign_entries(run_dir: Path) -> list[str]:
     """Entries of ``run_dir`` that molf did not write (sorted)."""
     if not run_dir.is_dir():
         return []
-    return sorted(p.name for p in run_dir.iterdir() if not is_molf_entry(p.name))
+    ours = owned(run_dir)
+    return sorted(
+        p.name for p in run_dir.iterdir() if p.name not in ours and not is_internal(p.name)
+    )
 
 
 def holds_finished_or_resumable_run(run_dir: Path) -> bool:
     """A run worth protecting: it has a final model, a checkpoint to resume from, or the
-    results of a run that finished without saving its model."""
+    results of a run that finished without saving its model (all written by molf)."""
     return run_dir.is_dir() and (
-        (run_dir / "final").exists()
+        "final" in owned(run_dir)
         or bool(list_checkpoints(run_dir))
         or finished_without_model(run_dir)
     )
 
 
 def is_recorded(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` recorded its result: eval.json has the metrics
-    after training."""
+    """Whether the run in ``run_dir`` recorded its result: molf's eval.json has the
+    metrics after training."""
+    if "eval.json" not in owned(run_dir):
+        return False
     try:
         return "after" in json.loads((run_dir / "eval.json").read_text())
     except (OSError, ValueError):
@@ -79,6 +77,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     - ``--resume`` needs a checkpoint;
     - a finished or resumable run needs ``--resume`` or ``--overwrite``;
     - ``--overwrite`` refuses a directory holding files molf did not write;
+    - entries molf did not write where a run writes are refused;
     - the directory must be creatable and writable (checked before any model loads).
     """
     if run_dir.exists() and not run_dir.is_dir():
@@ -97,28 +96,24 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 "steps and one after its last step)"
             )
         return
-    if overwrite:
-        foreign = foreign_entries(run_dir)
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise MolfError(
-                f"--overwrite: {run_dir} also holds files molf did not write ({shown}); "
-                "--overwrite only replaces a run directory: move those files or pick "
-                "another --output-dir"
-            )
-        return
-    if holds_finished_or_resumable_run(run_dir):
+    foreign = foreign_entries(run_dir)
+    if overwrite and foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise MolfError(
+            f"--overwrite: {run_dir} also holds files molf did not write ({shown}); "
+            "--overwrite only replaces a run directory: move those files or pick "
+            "another --output-dir"
+        )
+    if not overwrite and holds_finished_or_resumable_run(run_dir):
         raise MolfError(
             f"--output-dir: {run_dir} already holds a run; pass --resume to "
             "continue it or --overwrite to replace it"
         )
-    written = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
-    named_like_ours = sorted(n for n in written if n in RUN_FILES or n in RUN_DIRS)
-    if named_like_ours and foreign_entries(run_dir):
+    in_the_way = [n for n in foreign if would_write(n)]
+    if in_the_way:
         raise MolfError(
-            f"--output-dir: {run_dir} holds files molf did not write next to "
-            f"{', '.join(named_like_ours)}, which a run would replace; pick a new or empty "
-            "--output-dir"
+            f"--output-dir: {run_dir / in_the_way[0]} was not written by molf and a run "
+            "writes there; pick a new or empty --output-dir"
         )
 
 
@@ -134,20 +129,20 @@ def _check_writable(run_dir: Path) -> None:
 
 def clear_run(run_dir: Path) -> None:
     """Delete the entries a previous run wrote (never anything else, never the dir)."""
-    for entry in run_dir.iterdir():
-        if entry.name == LOCK_FILE or not is_molf_entry(entry.name):
-            continue
+    for name in sorted(owned(run_dir)):
+        entry = run_dir / name
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
-            entry.unlink()
+            entry.unlink(missing_ok=True)
+        disown(entry)
 
 
 def clean_temporaries(run_dir: Path) -> None:
     """After a crash: restore ``final/`` if a replacement was cut short, drop temp entries."""
     recover_dir(run_dir / "final")
     for entry in run_dir.iterdir():
-        if _TEMP.match(entry.name):
+        if entry.name.startswith(TEMP_PREFIX):
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
 
 
