@@ -32,7 +32,13 @@ from molf.errors import MolfError
 from molf.layer import _effective_weight
 from molf.model import molf_modules
 from molf.optim import MoLFAdamW, Routing
-from molf.report.modules import type_shares
+from molf.routing_stats import (
+    CollapseWatch,
+    LoraExpert,
+    RoutingCounts,
+    RoutingSetup,
+    collapse_warning,
+)
 
 logger = logging.getLogger("molf")
 
@@ -275,12 +281,17 @@ class MoLFRoutingCallback(TrainerCallback):
 
     def __init__(self) -> None:
         self._counts: torch.Tensor | None = None  # long [modules, experts], on the device
+        self._decisions: torch.Tensor | None = None  # long [modules], on the device
+        self._step_wins: list[tuple[int, torch.Tensor]] = []  # step, long [experts + 1]
         self._modules: list[str] = []
         self._experts: list[str] = []
         self._steps = 0
         self._seen: Routing | None = None
         self._attached = False
         self._warned = False
+        self._watch: CollapseWatch | None = None
+        self._setup: RoutingSetup | None = None
+        self._warmup, self._top_k = 0, 1
 
     @classmethod
     def attach(cls, trainer: Trainer) -> MoLFRoutingCallback:
@@ -307,8 +318,23 @@ class MoLFRoutingCallback(TrainerCallback):
             )
         return cb
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self._counts, self._steps, self._seen = None, 0, None
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self._counts, self._decisions, self._steps, self._seen = None, None, 0, None
+        self._step_wins, self._watch = [], None
+        opt, molf = find_molf_optimizer(optimizer), _molf_model(model)
+        if opt is None or molf is None:
+            return
+        config = molf.molf_config
+        lrs = {g.get("name", ""): g.get("initial_lr", g["lr"]) for g in opt.param_groups}
+        lr = next((v for k, v in lrs.items() if not str(k).startswith("lora")), 0.0)
+        lora_lr = next((v for k, v in lrs.items() if str(k).startswith("lora")), lr)
+        lora = [
+            LoraExpert(int(r), float(a), config.use_rslora)
+            for r, a in zip(config.lora_ranks, config.lora_alphas)
+        ]
+        self._setup = RoutingSetup(lr, lora_lr, lora, has_fft=config.train_base, library=True)
+        warmup = args.get_warmup_steps(state.max_steps) if state.max_steps else 0
+        self._warmup, self._top_k = warmup, config.top_k
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         opt = find_molf_optimizer(optimizer)
@@ -316,23 +342,51 @@ class MoLFRoutingCallback(TrainerCallback):
         if routing is None or routing is self._seen:  # no MoLF step since the last count
             return
         self._seen = routing
-        selected = routing.selected.long()
+        made = (routing.scores != 0).any(-1)  # all scores 0: no decision (lr 0, no gradient)
+        selected = (routing.selected & made[:, None]).long()
         if self._counts is None or self._counts.shape != selected.shape:
             self._counts, self._steps = torch.zeros_like(selected), 0
+            self._decisions = torch.zeros_like(made, dtype=torch.long)
             self._modules, self._experts = list(routing.modules), list(routing.experts)
         self._counts += selected
+        self._decisions += made
+        self._step_wins.append((state.global_step, torch.cat([selected.sum(0), made.sum()[None]])))
         self._steps += 1
+
+    def counts(self) -> RoutingCounts | None:
+        """The counts since the last log, on the host (None when no MoLF step was counted)."""
+        if self._counts is None or not self._steps:
+            return None
+        counts = RoutingCounts(self._modules, self._experts)
+        counts.counts = self._counts.cpu().numpy()
+        counts.decisions = self._decisions.cpu().numpy()
+        counts.steps = self._steps
+        counts.ties = self._steps * len(self._modules) - int(counts.decisions.sum())
+        return counts
 
     def shares(self) -> dict[str, float]:
         """The shares since the last log (empty when no MoLF step was counted)."""
-        if self._counts is None or not self._steps:
-            return {}
-        counts = self._counts.cpu().numpy()
-        overall = counts.sum(0) / (self._steps * len(self._modules))
-        out = {f"routing/{e}": float(v) for e, v in zip(self._experts, overall)}
-        for t, shares in type_shares(counts, self._modules, self._steps).items():
-            out.update({f"routing/{t}/{e}": float(v) for e, v in zip(self._experts, shares)})
-        return out
+        counts = self.counts()
+        return {} if counts is None else counts.scalars()
+
+    def _watch_collapse(self, state) -> None:
+        """Feed the steps since the last log to the collapse watch; warn once (rank 0)."""
+        steps, self._step_wins = self._step_wins, []
+        if self._setup is None or not steps:
+            return
+        if self._watch is None:
+            self._watch = CollapseWatch(self._experts, self._top_k, self._warmup)
+        wins = torch.stack([w for _, w in steps]).cpu().numpy()
+        for (step, _), row in zip(steps, wins):
+            collapse = self._watch.add(step, row[:-1], int(row[-1]))
+            if collapse is not None and state.is_world_process_zero:
+                logger.warning("%s", collapse_warning(collapse, self._setup))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._watch_collapse(state)
+        collapse = None if self._watch is None else self._watch.current()
+        if collapse is not None and self._setup is not None and state.is_world_process_zero:
+            logger.warning("at the end of training: %s", collapse_warning(collapse, self._setup))
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         # Training logs only ("loss" every logging step, "train_loss" in the summary at
@@ -342,7 +396,9 @@ class MoLFRoutingCallback(TrainerCallback):
         shares = self.shares()
         if not shares:
             return
+        self._watch_collapse(state)
         self._counts.zero_()
+        self._decisions.zero_()
         self._steps = 0
         logs.update(shares)
         # Trainer appended {**logs, "step": ...} to log_history just before this event.

@@ -15,6 +15,7 @@ from molf.report.plots import plot_routing_heatmap, plot_routing_shares, plot_tr
 from molf.report.routing import RoutingMatrix, routing_matrix
 from molf.report.runs import Run, load_run
 from molf.report.tables import metrics_tables, to_html, to_markdown
+from molf.routing_stats import LoraExpert, RoutingSetup, collapse_warning
 
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 1em auto; padding: 0 1em; }
@@ -24,6 +25,7 @@ th:first-child, td:first-child { text-align: left; }
 td.best { font-weight: bold; background: #e6f4e6; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.3em 0 1em; }
 .note { color: #555; }
+.collapsed { background: #fff3cd; border: 1px solid #e0c36a; padding: 4px 8px; }
 """
 
 
@@ -89,9 +91,38 @@ def draw_figures(
     return figures
 
 
-def render_html(title: str, runs: Sequence[Run], figures: Sequence[Figure]) -> str:
+def collapse_notes(routed: Sequence[tuple[Run, str, RoutingMatrix]]) -> list[str]:
+    """One "routing collapsed" line per run whose routing ended collapsed, with the cause
+    and the fix (from the run's config.yaml)."""
+    notes = []
+    for run, _, matrix in routed:
+        c = run.config
+        steps = int(c.get("max_steps") or (run.last_step or 0))
+        warmup = int(float(c.get("warmup_ratio") or 0) * steps)
+        collapse = matrix.collapse(int(c.get("top_k") or 1), warmup)
+        if collapse is None:
+            continue
+        lr = float(c.get("lr") or 0)
+        lora = [
+            LoraExpert(int(r), float(a), bool(c.get("use_rslora", True)))
+            for r, a in zip(c.get("lora_ranks") or [], c.get("lora_alphas") or [])
+        ]
+        setup = RoutingSetup(
+            lr, float(c.get("lora_lr") or lr), lora, has_fft=run.method != "molf-e"
+        )
+        text = collapse_warning(collapse, setup).removeprefix("warning: routing collapsed: ")
+        notes.append(f"{run.label}: routing collapsed: {text}")
+    return notes
+
+
+def render_html(
+    title: str, runs: Sequence[Run], figures: Sequence[Figure], notes: Sequence[str] = ()
+) -> str:
     """One self-contained page: tables inline, images by relative path."""
-    tables = "\n".join(to_html(t) for t in metrics_tables(runs))
+    badges = "".join(
+        f"<p class='collapsed'><b>routing collapsed</b> {html.escape(n)}</p>\n" for n in notes
+    )
+    tables = badges + "\n".join(to_html(t) for t in metrics_tables(runs))
     images = "\n".join(
         f"<h3>{html.escape(f.caption)}</h3>\n"
         f"<img src='{html.escape(f.file)}' alt='{html.escape(f.caption)}'>"
@@ -105,9 +136,12 @@ def render_html(title: str, runs: Sequence[Run], figures: Sequence[Figure]) -> s
     )
 
 
-def render_markdown(title: str, runs: Sequence[Run], figures: Sequence[Figure]) -> str:
+def render_markdown(
+    title: str, runs: Sequence[Run], figures: Sequence[Figure], notes: Sequence[str] = ()
+) -> str:
     """The same tables in Markdown, with links to the figures."""
     parts = [f"# {title}", ""]
+    parts += [f"> **routing collapsed** {n}\n" for n in notes]
     parts += [to_markdown(t) for t in metrics_tables(runs)]
     parts += ["## Figures", ""]
     parts += [f"![{f.caption}]({f.file})" for f in figures]
@@ -134,7 +168,8 @@ def write_report(run_dirs: list[Path], out: Path, labels: list[str] | None = Non
     out.mkdir(parents=True, exist_ok=True)
     figures = draw_figures(runs, routed, out)
     title = f"molf report: {runs[0].label}" if len(runs) == 1 else f"molf report: {len(runs)} runs"
-    write_text_atomic(out / "summary.md", render_markdown(title, runs, figures))
+    notes = collapse_notes(routed)
+    write_text_atomic(out / "summary.md", render_markdown(title, runs, figures, notes))
     index = out / "index.html"
-    write_text_atomic(index, render_html(title, runs, figures))
+    write_text_atomic(index, render_html(title, runs, figures, notes))
     return index

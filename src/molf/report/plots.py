@@ -13,6 +13,7 @@ from molf.errors import MolfError
 from molf.report.routing import (
     NONE,
     SEVERAL,
+    TIE,
     RoutingMatrix,
     bin_columns,
     heatmap_rows,
@@ -81,9 +82,13 @@ def plot_routing_heatmap(matrix: RoutingMatrix, title: str, path: Path) -> Path:
     order, groups = heatmap_rows(matrix)
     codes, width = bin_columns(matrix.winners[order], MAX_HEATMAP_COLUMNS)
     n_exp = len(matrix.experts)
-    # colour index: experts 0..n-1, then "none", then "several"
-    index = np.where(codes == NONE, n_exp, np.where(codes == SEVERAL, n_exp + 1, codes))
-    colors = [EXPERT_COLORS[e % len(EXPERT_COLORS)] for e in range(n_exp)] + ["#ffffff", "#444444"]
+    # colour index: experts 0..n-1, then "none", "several", "no decision"
+    special = {NONE: n_exp, SEVERAL: n_exp + 1, TIE: n_exp + 2}
+    index = codes.copy()
+    for code, i in special.items():
+        index[codes == code] = i
+    colors = [EXPERT_COLORS[e % len(EXPERT_COLORS)] for e in range(n_exp)]
+    colors += ["#ffffff", "#444444", "#bbbbbb"]
     cmap = ListedColormap(colors)
     norm = BoundaryNorm(np.arange(len(colors) + 1) - 0.5, len(colors))
     height = min(12.0, max(3.0, 0.06 * len(order) + 1.5))
@@ -100,7 +105,7 @@ def plot_routing_heatmap(matrix: RoutingMatrix, title: str, path: Path) -> Path:
     ax.set_ylabel("module type (layers top to bottom)")
     ax.set_title(f"Winning expert per module and step: {title}")
     shown = set(np.unique(index).tolist())
-    labels = [*matrix.experts, "none (skipped)", "several"]
+    labels = [*matrix.experts, "none (skipped)", "several", "no decision (all scores 0)"]
     handles = [Patch(color=colors[i], label=labels[i]) for i in range(len(colors)) if i in shown]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return _save(fig, path)

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 
 from molf.errors import MolfError
-from molf.report.modules import group_modules
 from molf.report.runs import by_step, read_jsonl
+from molf.routing_stats import Collapse, CollapseWatch, RoutingCounts, decided, group_modules
 
-NONE, SEVERAL = -1, -2  # heatmap codes: no expert selected (skipped step), several (top-k > 1)
+# heatmap codes: no expert selected (skipped step), several (top-k > 1), no decision (tie)
+NONE, SEVERAL, TIE = -1, -2, -3
 
 
 @dataclass
@@ -28,14 +29,38 @@ class RoutingMatrix:
     scores: np.ndarray  # float [modules, steps, experts]
 
     @property
+    def decided(self) -> np.ndarray:
+        """bool [modules, steps]: the module-steps that compared something (not every
+        score 0; see :mod:`molf.routing_stats`)."""
+        return decided(self.scores)
+
+    @property
     def winners(self) -> np.ndarray:
         """int [modules, steps]: the single winning expert's index, ``NONE`` when nothing
-        was selected, ``SEVERAL`` when more than one expert was (top-k > 1)."""
+        was selected, ``SEVERAL`` when more than one expert was (top-k > 1), ``TIE`` when
+        the module made no decision (all scores 0)."""
         count = self.selected.sum(-1)
         out = self.selected.argmax(-1).astype(np.int64)
         out[count == 0] = NONE
         out[count > 1] = SEVERAL
+        out[~self.decided] = TIE
         return out
+
+    def counts(self) -> RoutingCounts:
+        """The whole run's :class:`RoutingCounts` (ties left out of the shares)."""
+        counts = RoutingCounts(self.modules, self.experts)
+        for s, step in enumerate(self.steps):
+            counts.add(int(step), self.selected[:, s], self.scores[:, s])
+        return counts
+
+    def collapse(self, top_k: int, warmup_steps: int) -> Collapse | None:
+        """The collapse the run ended in (see :class:`CollapseWatch`), or None."""
+        watch = CollapseWatch(self.experts, top_k, warmup_steps)
+        made = self.decided
+        for s, step in enumerate(self.steps):
+            wins = (self.selected[:, s] & made[:, s, None]).sum(0)
+            watch.add(int(step), wins, int(made[:, s].sum()))
+        return watch.current()
 
 
 def _header(path: Path, records: list) -> tuple[list[str], list[str]]:
@@ -93,9 +118,15 @@ def heatmap_rows(matrix: RoutingMatrix) -> tuple[list[int], list[tuple[str, int,
 
 
 def share_series(matrix: RoutingMatrix) -> dict[str, np.ndarray]:
-    """Per module type, float [steps, experts]: the share of that type's layers that
-    selected each expert at each step."""
-    return {t: matrix.selected[rows].mean(0) for t, rows in group_modules(matrix.modules).items()}
+    """Per module type, float [steps, experts]: the share of that type's decided layers
+    that selected each expert at each step (NaN where none of them decided)."""
+    out = {}
+    made = matrix.decided
+    for t, rows in group_modules(matrix.modules).items():
+        wins = (matrix.selected[rows] & made[rows, :, None]).sum(0)
+        n = made[rows].sum(0)[:, None]
+        out[t] = np.where(n > 0, wins / np.maximum(n, 1), np.nan)
+    return out
 
 
 def bin_columns(codes: np.ndarray, max_columns: int) -> tuple[np.ndarray, int]:

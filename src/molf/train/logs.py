@@ -17,73 +17,7 @@ from molf.atomic import write_text_atomic
 from molf.errors import MolfError
 from molf.optim import Routing
 from molf.ownership import claim, locked_dir
-from molf.report.modules import type_shares
-
-SUMMARY_MIN_SHARE = 0.10  # module types below this share are folded into "others"
-SUMMARY_MAX_TYPES = 4  # and so are those past the first four
-
-
-class RoutingTally:
-    """How often each expert won each module over some steps, counted on the host from
-    the optimizer's :class:`Routing` (``selected``, already copied for the log)."""
-
-    def __init__(self) -> None:
-        self.modules: list[str] = []
-        self.experts: list[str] = []
-        self.counts: np.ndarray | None = None  # int [modules, experts]
-        self.steps = 0
-        self.first_step = self.last_step = 0
-
-    def add(self, step: int, routing: Routing, selected: torch.Tensor) -> None:
-        """Count one step; ``selected`` is ``routing.selected`` on the CPU."""
-        if self.counts is None:
-            self.modules, self.experts = list(routing.modules), list(routing.experts)
-            self.counts = np.zeros((len(self.modules), len(self.experts)), dtype=np.int64)
-            self.first_step = step
-        self.counts += selected.numpy()
-        self.steps += 1
-        self.last_step = step
-
-    def expert_shares(self) -> np.ndarray:
-        """float [experts]: the share of layer-steps each expert was selected in."""
-        assert self.counts is not None
-        return self.counts.sum(0) / max(1, self.steps * len(self.modules))
-
-    def scalars(self) -> dict[str, float]:
-        """Tracker scalars: ``routing/<expert>`` and ``routing/<type>/<expert>`` shares."""
-        if self.counts is None or not self.steps:
-            return {}
-        out = {f"routing/{e}": float(v) for e, v in zip(self.experts, self.expert_shares())}
-        for t, shares in type_shares(self.counts, self.modules, self.steps).items():
-            out.update({f"routing/{t}/{e}": float(v) for e, v in zip(self.experts, shares)})
-        return out
-
-    def summary(self) -> str:
-        """One line, e.g. ``routing, steps 1-60: lora0 88%, fft 12% of layer-steps;
-        fft: down_proj 41%, k_proj 30%, others < 10%``: every expert but the most chosen
-        one, with the module types where it is chosen most."""
-        if self.counts is None or not self.steps:
-            return "routing: no steps yet"
-        overall = self.expert_shares()
-        by_type = type_shares(self.counts, self.modules, self.steps)
-        ranked = sorted(range(len(self.experts)), key=lambda e: -overall[e])
-        total = ", ".join(f"{self.experts[e]} {overall[e]:.0%}" for e in ranked)
-        steps = (
-            f"step {self.last_step}"
-            if self.first_step == self.last_step
-            else f"steps {self.first_step}-{self.last_step}"
-        )
-        clauses = []
-        for e in ranked[1:]:
-            where = sorted(((v[e], t) for t, v in by_type.items()), key=lambda x: -x[0])
-            shown = [(v, t) for v, t in where if v >= SUMMARY_MIN_SHARE][:SUMMARY_MAX_TYPES]
-            big = [f"{t} {v:.0%}" for v, t in shown]
-            if len(shown) < len(where):
-                rest, floor = where[len(shown)][0], SUMMARY_MIN_SHARE
-                bound = f"<= {rest:.0%}" if rest >= floor else f"< {floor:.0%}"
-                big.append(f"{'others' if big else 'all'} {bound}")
-            clauses.append(f"{self.experts[e]}: {', '.join(big)}")
-        return f"routing, {steps}: {total} of layer-steps" + "".join(f"; {c}" for c in clauses)
+from molf.routing_stats import RoutingCounts
 
 
 class RunLogger:
@@ -95,8 +29,8 @@ class RunLogger:
         self.run_dir, self.enabled, self._config = run_dir, enabled, config
         self._tracker: Any = None
         self._routing_header_written = (run_dir / "routing.jsonl").exists()
-        self.routing_total = RoutingTally()  # the steps of this process, for the summary
-        self.routing_window = RoutingTally()  # since the last log_train, for trackers
+        self.routing_total: RoutingCounts | None = None  # this process's steps: the summary
+        self.routing_window: RoutingCounts | None = None  # since the last log_train: trackers
         if not enabled or report_to == "none":
             return
         if report_to == "tensorboard":
@@ -133,33 +67,43 @@ class RunLogger:
         scalars = {
             f"train/{k}": v for k, v in record.items() if k != "step" and isinstance(v, float)
         }
-        scalars.update(self.routing_window.scalars())
-        self.routing_window = RoutingTally()
+        if self.routing_window is not None:
+            scalars.update(self.routing_window.scalars())
+            self.routing_window = RoutingCounts(
+                self.routing_window.modules, self.routing_window.experts
+            )
         if self._tracker is not None and hasattr(self._tracker, "add_scalar"):
             for k, v in scalars.items():
                 self._tracker.add_scalar(k, v, record["step"])
         elif self._tracker is not None:
             self._tracker.log(scalars, step=record["step"])
 
-    def log_routing(self, step: int, routing: Routing) -> None:
-        """One line per optimizer step: each module's winners and its scores (3 digits)."""
+    def log_routing(self, step: int, routing: Routing) -> tuple[np.ndarray, int]:
+        """One line per optimizer step: each module's winners, its scores (3 digits) and,
+        as ``ties``, the modules that made no decision (all scores 0). Returns the step's
+        wins per expert over its decided modules, and their number (rank 0 only: other
+        ranks copy nothing to the host and return no wins)."""
         if not self.enabled:
-            return
+            return np.zeros(len(routing.experts), dtype=np.int64), 0
+        selected = routing.selected.cpu().numpy()
+        scores = routing.scores.float().cpu().numpy()
+        if self.routing_total is None:
+            self.routing_total = RoutingCounts(list(routing.modules), list(routing.experts))
+            self.routing_window = RoutingCounts(list(routing.modules), list(routing.experts))
+        made = self.routing_total.add(step, selected, scores)
+        self.routing_window.add(step, selected, scores)
         if not self._routing_header_written:
             self._append("routing.jsonl", {"modules": routing.modules, "experts": routing.experts})
             self._routing_header_written = True
-        selected = routing.selected.cpu()
-        scores = routing.scores.float().cpu()
-        self.routing_total.add(step, routing, selected)
-        self.routing_window.add(step, routing, selected)
-        self._append(
-            "routing.jsonl",
-            {
-                "step": step,
-                "winners": [row.nonzero().flatten().tolist() for row in selected],
-                "scores": [[float(f"{s:.3g}") for s in row] for row in scores.tolist()],
-            },
-        )
+        record = {
+            "step": step,
+            "winners": [row.nonzero()[0].tolist() for row in selected],
+            "scores": [[float(f"{s:.3g}") for s in row] for row in scores.tolist()],
+        }
+        if not made.all():
+            record["ties"] = (~made).nonzero()[0].tolist()
+        self._append("routing.jsonl", record)
+        return (selected * made[:, None]).sum(0), int(made.sum())
 
     def truncate(self, step: int) -> None:
         """Drop lines logged after ``step`` (a resumed run logs them again)."""

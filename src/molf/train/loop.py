@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +16,14 @@ from tqdm.auto import tqdm
 
 from molf.errors import Interrupted
 from molf.optim import MoLFAdamW
+from molf.routing_stats import (
+    CollapseWatch,
+    LoraExpert,
+    RoutingCounts,
+    RoutingSetup,
+    collapse_warning,
+    moved,
+)
 from molf.tasks.encoding import IGNORE_INDEX
 from molf.train.args import TrainArgs
 from molf.train.data import Batches
@@ -118,6 +127,7 @@ def train_loop(
     target_logits = keeps_target_logits(model, args)
     summary_every = max(1, total_steps // 10)  # a routing line at most ~10 times a run
     next_summary = start_step + summary_every
+    watch = RoutingWatch(args, total_steps, enabled=ctx.dist.is_main)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         micro, num_targets = batches.step(step)
@@ -149,7 +159,8 @@ def train_loop(
         if isinstance(optimizer, MoLFAdamW) and optimizer.last_routing is not None:
             if args.check_routing:
                 check_routing_agrees(optimizer, ctx.dist)
-            ctx.logger.log_routing(done, optimizer.last_routing)
+            wins, decisions = ctx.logger.log_routing(done, optimizer.last_routing)
+            watch.add(done, optimizer.last_routing.experts, wins, decisions)
         if done % args.logging_steps == 0 or done == total_steps:
             loss, tokens = all_reduce_sum(torch.stack([loss, tokens]), ctx.dist).tolist()
             seconds = time.perf_counter() - t0
@@ -168,9 +179,8 @@ def train_loop(
             bar.set_postfix(
                 loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
             )
-            routing = ctx.logger.routing_total
-            if routing.steps and ctx.dist.is_main and (done >= next_summary or done == total_steps):
-                tqdm.write(f"[molf] {routing.summary()}")
+            if done >= next_summary or done == total_steps:
+                watch.summarize(ctx.logger.routing_total)
                 next_summary = done + summary_every
         bar.update(1)
         stop = done < total_steps and _agreed(ctx.stop_requested(), ctx)
@@ -180,6 +190,47 @@ def train_loop(
             bar.close()
             raise Interrupted(done, saved=True)
     bar.close()
+    watch.finish()
+
+
+class RoutingWatch:
+    """The console side of routing in ``molf train`` (rank 0): the summary line when an
+    expert's share moved by more than a point since the last line printed, and the collapse
+    warning (:mod:`molf.routing_stats`) once when routing collapses, again at the end
+    if it is still collapsed."""
+
+    def __init__(self, args: TrainArgs, total_steps: int, enabled: bool) -> None:
+        self.args, self.enabled = args, enabled
+        self.warmup_steps = int(args.warmup_ratio * total_steps)
+        self.watch: CollapseWatch | None = None
+        self.printed: np.ndarray | None = None
+
+    def setup(self) -> RoutingSetup:
+        a = self.args
+        lora = [LoraExpert(r, al, a.use_rslora) for r, al in zip(a.lora_ranks, a.lora_alphas)]
+        return RoutingSetup(a.lr, a.effective_lora_lr, lora, has_fft=a.method != "molf-e")
+
+    def add(self, step: int, experts: list[str], wins: np.ndarray, decisions: int) -> None:
+        if not self.enabled:
+            return
+        if self.watch is None:
+            self.watch = CollapseWatch(experts, self.args.top_k, self.warmup_steps)
+        collapse = self.watch.add(step, wins, decisions)
+        if collapse is not None:
+            tqdm.write(f"[molf] {collapse_warning(collapse, self.setup())}")
+
+    def summarize(self, counts: RoutingCounts | None) -> None:
+        if not self.enabled or counts is None or not counts.decisions.sum():
+            return
+        shares = counts.expert_shares()
+        if moved(self.printed, shares):
+            tqdm.write(f"[molf] {counts.summary()}")
+            self.printed = shares
+
+    def finish(self) -> None:
+        collapse = None if self.watch is None else self.watch.current()
+        if self.enabled and collapse is not None:
+            tqdm.write(f"[molf] at the end: {collapse_warning(collapse, self.setup())}")
 
 
 def _agreed(flag: bool, ctx: LoopContext) -> bool:

@@ -21,9 +21,9 @@ from molf.train.methods import method_of
 
 
 def routing_summary(run_dir: Path) -> str | None:
-    """One sentence: each expert's share of layer-steps, and where the minority experts
-    won most (module types), from ``routing.jsonl``; None without routing."""
-    from molf.report.modules import type_shares
+    """One sentence: each expert's share of the decided layer-steps, and where the
+    minority experts won most (module types), from ``routing.jsonl``; None without
+    routing. Module-steps without a decision (all scores 0) are left out and counted."""
     from molf.report.routing import routing_matrix
 
     if not (run_dir / "routing.jsonl").is_file():
@@ -31,18 +31,21 @@ def routing_summary(run_dir: Path) -> str | None:
     matrix = routing_matrix(run_dir)
     if not matrix.steps.size:
         return None
-    wins = matrix.selected.sum(axis=(0, 1)) / (len(matrix.modules) * matrix.steps.size)
+    counts = matrix.counts()
+    wins, shares = counts.expert_shares(), counts.type_shares()
     order = np.argsort(-wins)
     parts = [f"{matrix.experts[e]} {wins[e]:.0%}" for e in order]
-    shares = type_shares(matrix.selected.sum(axis=1), matrix.modules, matrix.steps.size)
     where = []
     for e in order[1:]:
         if wins[e] == 0:  # never won: nowhere to name
             continue
         top = sorted(((t, float(v[e])) for t, v in shares.items()), key=lambda kv: -kv[1])[:3]
         where.append(f"{matrix.experts[e]} mostly in " + ", ".join(f"{t} {v:.0%}" for t, v in top))
-    return f"share of layer-steps won over {matrix.steps.size} steps: {', '.join(parts)}" + (
-        f"; {'; '.join(where)}" if where else ""
+    ties = f" ({counts.ties} module-steps without a decision left out)" if counts.ties else ""
+    return (
+        f"share of layer-steps won over {matrix.steps.size} steps: {', '.join(parts)}"
+        + (f"; {'; '.join(where)}" if where else "")
+        + ties
     )
 
 
