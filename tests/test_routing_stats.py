@@ -179,7 +179,7 @@ def test_report_badges_the_collapsed_run_only(two_runs, tmp_path):
     assert main(["report", str(two_runs["10x"]), str(two_runs["equal"]), "--out", str(out)]) == 0
     md = (out / "summary.md").read_text()
     html = (out / "index.html").read_text()
-    assert md.count("**routing collapsed**") == 1 and "ten: routing collapsed" in md
+    assert md.count("**routing collapsed**") == 1 and "ten: lora0 won 100%" in md
     assert html.count("<b>routing collapsed</b>") == 1 and "--lora-lr (0.001)" in html
 
 

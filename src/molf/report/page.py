@@ -111,7 +111,7 @@ def collapse_notes(routed: Sequence[tuple[Run, str, RoutingMatrix]]) -> list[str
             lr, float(c.get("lora_lr") or lr), lora, has_fft=run.method != "molf-e"
         )
         text = collapse_warning(collapse, setup).removeprefix("warning: routing collapsed: ")
-        notes.append(f"{run.label}: routing collapsed: {text}")
+        notes.append(f"{run.label}: {text}")
     return notes
 
 

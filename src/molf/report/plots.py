@@ -25,6 +25,7 @@ DPI = 80
 MAX_HEATMAP_COLUMNS = 400
 EXPERT_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 TYPE_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2")
+TYPE_MARKERS = ("o", "s", "^", "v", "D", "P", "X")
 
 
 def _pyplot() -> Any:
@@ -64,11 +65,17 @@ def plot_training(runs: Sequence[Run], path: Path) -> Path:
     ax_loss.set_title("Training loss and learning rate")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+    rates = [v for line in ax_lr.get_lines() for v in line.get_ydata() if v > 0]
+    if rates and max(rates) > 5 * min(rates):  # e.g. a LoRA lr 10x the dense one: both visible
+        ax_lr.set_yscale("log", nonpositive="mask")
+    else:
+        ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
     for ax in (ax_loss, ax_lr):
         ax.grid(alpha=0.3)
     if runs:
         ax_loss.legend(fontsize="small")
+    if len(ax_lr.get_lines()) > len(runs):  # a LoRA lr beside the dense one: name them
+        ax_lr.legend(fontsize="x-small")
     return _save(fig, path)
 
 
@@ -112,13 +119,17 @@ def plot_routing_heatmap(matrix: RoutingMatrix, title: str, path: Path) -> Path:
 
 
 def _rolling(values: np.ndarray, window: int) -> np.ndarray:
-    """Mean of the last ``window`` values at each point (fewer at the start)."""
+    """Mean of the last ``window`` values at each point (fewer at the start), NaN (a step
+    without a decision) left out; NaN where the window holds no value."""
+    known = ~np.isnan(values)
     if window <= 1:
         return values
-    sums = np.concatenate([[0.0], np.cumsum(values, dtype=float)])
+    sums = np.concatenate([[0.0], np.cumsum(np.where(known, values, 0.0), dtype=float)])
+    counts = np.concatenate([[0], np.cumsum(known)])
     ends = np.arange(1, len(values) + 1)
     starts = np.maximum(0, ends - window)
-    return (sums[ends] - sums[starts]) / (ends - starts)
+    n = counts[ends] - counts[starts]
+    return np.where(n > 0, (sums[ends] - sums[starts]) / np.maximum(n, 1), np.nan)
 
 
 def plot_routing_shares(matrix: RoutingMatrix, title: str, path: Path) -> Path:
@@ -132,7 +143,11 @@ def plot_routing_shares(matrix: RoutingMatrix, title: str, path: Path) -> Path:
     for e, ax in enumerate(axes[0]):
         for i, (t, share) in enumerate(shares.items()):
             color = TYPE_COLORS[i % len(TYPE_COLORS)]
-            ax.plot(matrix.steps, _rolling(share[:, e], window), label=t, color=color)
+            marker = TYPE_MARKERS[i % len(TYPE_MARKERS)]  # overlapping lines stay apart
+            every = max(1, len(matrix.steps) // 8)
+            values = _rolling(share[:, e], window)
+            ax.plot(matrix.steps, values, label=t, color=color, marker=marker,
+                    markevery=(i % every, every), markersize=4, linewidth=1.2)  # fmt: skip
         ax.set_title(f"{matrix.experts[e]} chosen")
         ax.set_xlabel("optimizer step")
         ax.set_ylim(-0.03, 1.03)

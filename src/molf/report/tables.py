@@ -104,6 +104,8 @@ def _mark_best(rows: list[list[Any]], columns: dict[int, str]) -> set[tuple[int,
         values = [(r, v) for r, v in values if v is not None]
         if len(values) < 2:
             continue
+        if len({v for _, v in values}) == 1:
+            continue  # every run tied: nothing stands out
         pick = min if name in LOWER_IS_BETTER else max
         target = pick(v for _, v in values)
         best |= {(r, col) for r, v in values if v == target}
@@ -125,7 +127,10 @@ def comparison_table(runs: Sequence[Run]) -> Table:
             + [_number(run.evals.get(k)) for k in extra]
         )
     columns = {i: name for i, name in enumerate(header) if i >= 2}
-    note = "Metrics after training; the best of each column is in bold (lowest for costs)."
+    note = (
+        "Metrics after training; the best of each column is in bold (lowest for costs; "
+        "none where every run ties)."
+    )
     return Table("Metrics after training", header, rows, _mark_best(rows, columns), note)
 
 
