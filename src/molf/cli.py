@@ -127,28 +127,29 @@ def _train_or_eval(ns: argparse.Namespace, argv: list[str]) -> int:
         )
         overrides.update(DEMO)
     from molf.train.args import resolve_args
-    from molf.train.run import run_eval, run_settings, run_train
+    from molf.train.run import holding_run, run_eval, run_settings, run_train
 
-    base = run_settings(Path(ns.run)) if getattr(ns, "run", None) else None
-    args = resolve_args(ns.config, overrides, base)
-    if command == "train":
-        results = run_train(args)
-        if demo:
-            before, after = results.get("before", {}), results["after"]
-            changes = ", ".join(
-                f"{name} {before[name]:.2f} -> {after[name]:.2f}"
-                for name in ("efficacy", "generalization", "specificity")
-            )
-            print(
-                f"[molf] demo: {changes} (before -> after training; "
-                f"{time.perf_counter() - started:.0f} s in all)",
-                flush=True,
-            )
-    else:
-        import json
+    run_dir = Path(ns.run) if getattr(ns, "run", None) else None
+    with holding_run(run_dir):  # molf eval --run: no training changes the run meanwhile
+        args = resolve_args(ns.config, overrides, run_settings(run_dir) if run_dir else None)
+        if command == "eval":
+            import json
 
-        metrics = run_eval(args, write=ns.output_dir is not None)
-        print(json.dumps(metrics, indent=2))
+            metrics = run_eval(args, write=ns.output_dir is not None)
+            print(json.dumps(metrics, indent=2))
+            return 0
+    results = run_train(args)
+    if demo:
+        before, after = results.get("before", {}), results["after"]
+        changes = ", ".join(
+            f"{name} {before[name]:.2f} -> {after[name]:.2f}"
+            for name in ("efficacy", "generalization", "specificity")
+        )
+        print(
+            f"[molf] demo: {changes} (before -> after training; "
+            f"{time.perf_counter() - started:.0f} s in all)",
+            flush=True,
+        )
     return 0
 
 

@@ -59,6 +59,35 @@ def find_target_modules(model: nn.Module, config: MoLFConfig) -> list[str]:
     return names
 
 
+def _refuse_shared_targets(model: nn.Module, targets: list[str]) -> None:
+    """Refuse a targeted ``nn.Linear`` reachable under two names (one module object held
+    by two parents), or two targeted layers sharing a weight: MoLF would wrap it under one
+    name only (or fold two experts into one weight), so the merged model would compute
+    something else than the trained one."""
+    names: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, nn.Linear):
+            names.setdefault(id(module), []).append(name)
+    weights: dict[int, str] = {}
+    for name in targets:
+        module = model.get_submodule(name)
+        aliases = [n for n in names[id(module)] if n != name]
+        if aliases:
+            raise MolfError(
+                f"layer '{name}' is also reachable as '{aliases[0]}' (one nn.Linear held by "
+                "two parents): MoLF would wrap it under one name only and merging would "
+                "change the other; give each parent its own layer, or leave it out of "
+                "target_modules"
+            )
+        other = weights.setdefault(id(module.weight), name)
+        if other != name:
+            raise MolfError(
+                f"layers '{other}' and '{name}' share one weight tensor: merging their "
+                "experts would fold both into it; untie them, or leave one out of "
+                "target_modules"
+            )
+
+
 def get_molf_model(model: nn.Module, config: MoLFConfig) -> nn.Module:
     """Replace the targeted linear layers of ``model`` by :class:`MoLFLinear`, in place.
 
@@ -72,6 +101,7 @@ def get_molf_model(model: nn.Module, config: MoLFConfig) -> nn.Module:
             "merge_and_unload(model) first"
         )
     targets = find_target_modules(model, config)
+    _refuse_shared_targets(model, targets)
     for name in targets:
         base = model.get_submodule(name)
         too_big = [r for r in config.lora_ranks if r > min(base.in_features, base.out_features)]
@@ -138,11 +168,16 @@ def export_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
     with ``lora_alpha = R`` and no rsLoRA, so PEFT's scaling is 1 and
     ``B A = sum_i s_i B_i A_i``. Trained parameters outside MoLF layers (embeddings,
     norms) go into ``modules_to_save``. Load with ``PeftModel.from_pretrained(base, path)``.
-    Written to a temporary directory first, then renamed into place.
+    Written to a temporary directory first, then renamed into place
+    (:func:`write_peft_adapter` writes into a directory the caller provides).
     """
-    from peft import LoraConfig
-    from safetensors.torch import save_file
+    _adapter_config(model)  # refuse before anything is written
+    with atomic_directory(Path(path)) as tmp:
+        write_peft_adapter(model, tmp)
 
+
+def _adapter_config(model: nn.Module) -> MoLFConfig:
+    """The MoLF config of a model that a LoRA adapter can reproduce, or MolfError."""
     config: MoLFConfig | None = getattr(model, "molf_config", None)
     if config is None:
         raise MolfError("export_peft_adapter needs a model wrapped by get_molf_model")
@@ -152,24 +187,20 @@ def export_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
             "model's base weights were trained, so a LoRA adapter cannot reproduce it; "
             "use merge_and_unload(model) and save the merged model instead"
         )
+    return config
+
+
+def write_peft_adapter(model: nn.Module, directory: Path) -> None:
+    """:func:`export_peft_adapter`'s files, written into the existing ``directory`` (for
+    a caller that already writes a whole directory atomically, such as ``final/``)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    config = _adapter_config(model)
     layers = list(molf_modules(model))
     rank = sum(config.lora_ranks)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers:
-        with torch.no_grad():
-            a = torch.cat(list(layer.lora_A), dim=0)
-            b = torch.cat([bi * s for bi, s in zip(layer.lora_B, layer.scalings)], dim=1)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
     to_save = _trained_non_molf_modules(model)
-    saved: set[int] = set()
-    for name in to_save:
-        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
-            # Tied weights (embeddings = lm_head) are one tensor under two names;
-            # safetensors stores each name's own copy, and loading gives both the values.
-            t = p.detach().contiguous()
-            tensors[f"base_model.model.{name}.{pname}"] = t.clone() if id(p) in saved else t
-            saved.add(id(p))
+    tensors = _adapter_tensors(model, layers, to_save)
     peft_config = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -181,7 +212,29 @@ def export_peft_adapter(model: nn.Module, path: str | os.PathLike) -> None:
         task_type="CAUSAL_LM",
         base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
     )
-    with atomic_directory(Path(path)) as tmp:
-        peft_config.save_pretrained(tmp)
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (tmp / "molf_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    peft_config.save_pretrained(directory)
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (directory / "molf_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def _adapter_tensors(
+    model: nn.Module, layers: list[tuple[str, MoLFLinear]], to_save: list[str]
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors: each layer's experts as one LoRA (``A`` stacked, ``B``
+    scaled and stacked) and the parameters of the ``to_save`` modules, by PEFT name."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers:
+        with torch.no_grad():
+            a = torch.cat(list(layer.lora_A), dim=0)
+            b = torch.cat([bi * s for bi, s in zip(layer.lora_B, layer.scalings)], dim=1)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+    saved: set[int] = set()
+    for name in to_save:
+        for pname, p in model.get_submodule(name).named_parameters(recurse=False):
+            # Tied weights (embeddings = lm_head) are one tensor under two names;
+            # safetensors stores each name's own copy, and loading gives both the values.
+            t = p.detach().contiguous()
+            tensors[f"base_model.model.{name}.{pname}"] = t.clone() if id(p) in saved else t
+            saved.add(id(p))
+    return tensors

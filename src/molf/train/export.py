@@ -16,7 +16,7 @@ from torch import nn
 
 from molf.atomic import atomic_directory
 from molf.errors import MolfError
-from molf.model import export_peft_adapter, merge_and_unload
+from molf.model import merge_and_unload, write_peft_adapter
 from molf.train.args import TrainArgs
 from molf.train.methods import method_of
 from molf.train.model_card import point_adapter_at
@@ -42,7 +42,7 @@ def save_final(
             if args.save_merged:
                 merged = model.merge_and_unload()
         elif method.adapter:  # molf-e: its experts exported as one LoRA adapter
-            export_peft_adapter(model, tmp)  # replaces the still-empty tmp directory
+            write_peft_adapter(model, tmp)
             if args.save_merged:
                 merged = merge_and_unload(model)
         else:  # fft, molf: the final artifact is itself a plain HF model

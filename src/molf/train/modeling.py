@@ -14,6 +14,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -214,14 +215,15 @@ def load_model_and_tokenizer(
     try:
         if gguf and (Path(name) / gguf).is_file() and model_cache_enabled():
             lm, tokenizer = _load_gguf_cached(Path(name) / gguf, dtype)
-        else:
-            kw: dict[str, Any] = {"dtype": DTYPES[dtype]}
-            if gguf:
-                kw["gguf_file"] = gguf
+        elif gguf:
             tokenizer = load_tokenizer(name, gguf)
-            lm = AutoModelForCausalLM.from_pretrained(name, **kw)
-            if gguf:
-                _drop_quantizer(lm)
+            lm = AutoModelForCausalLM.from_pretrained(name, gguf_file=gguf, dtype=DTYPES[dtype])
+            _drop_quantizer(lm)
+        else:
+            tokenizer = load_tokenizer(name, None)
+            lm = load_complete_model(name, DTYPES[dtype])
+    except MolfError:
+        raise
     except SafetensorError as e:  # truncated or corrupt weights
         raise MolfError(
             f"--model: the weights in {name} are unreadable ({e}); the file is truncated "
@@ -239,6 +241,51 @@ def load_model_and_tokenizer(
             f"{str(e).splitlines()[0][:200]}); {hint}"
         ) from None
     return lm, tokenizer, name, gguf
+
+
+def load_complete_model(name: str | Path, dtype: torch.dtype) -> Any:
+    """``AutoModelForCausalLM.from_pretrained`` that refuses (MolfError) weights that do not
+    fill the model its config.json describes, instead of initialising the rest at random:
+    a key missing from or unexpected in the weights, or a shape that differs."""
+    from transformers import AutoModelForCausalLM
+
+    lm, info = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    problem = _loading_problem(info)
+    if problem is not None:
+        raise MolfError(
+            f"--model: the weights in {name} do not fit its config.json: {problem}; the "
+            "config.json was edited or belongs to another model: restore the one the "
+            "weights were saved with"
+        )
+    return lm
+
+
+def _natural(key: str) -> list[Any]:
+    """Sort key that puts ``layers.2`` before ``layers.10``."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def _loading_problem(info: dict[str, Any]) -> str | None:
+    """The first offending key of ``from_pretrained``'s loading info, in words (with the
+    number of such keys), or None when the weights fill the model exactly."""
+    mismatched = sorted(info.get("mismatched_keys") or (), key=lambda m: _natural(m[0]))
+    missing = sorted(info.get("missing_keys") or (), key=_natural)
+    unexpected = sorted(info.get("unexpected_keys") or (), key=_natural)
+    more = lambda n: f" ({n} keys in all)" if n > 1 else ""  # noqa: E731
+    if mismatched:
+        key, saved, wanted = mismatched[0]
+        return (
+            f"{key} has shape {list(saved)} in the weights but {list(wanted)} in the "
+            f"config{more(len(mismatched))}"
+        )
+    if missing:
+        return f"{missing[0]} is missing from the weights{more(len(missing))}"
+    if unexpected:
+        return f"{unexpected[0]} is in the weights but not in the config{more(len(unexpected))}"
+    errors = info.get("error_msgs") or ()
+    return str(errors[0]).splitlines()[0] if errors else None
 
 
 def _drop_quantizer(lm: Any) -> None:
@@ -261,11 +308,11 @@ def model_cache_entry(gguf_path: Path) -> Path:
 
 
 def _load_dir(entry: Path, dtype: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if not (entry / CACHE_MARKER).is_file():
         raise OSError(f"{entry} is not a complete cache entry")
-    lm = AutoModelForCausalLM.from_pretrained(entry, dtype=DTYPES[dtype])
+    lm = load_complete_model(entry, DTYPES[dtype])
     return lm, AutoTokenizer.from_pretrained(entry)
 
 
@@ -310,3 +357,47 @@ def _store(entry: Path, lm: Any, tokenizer: Any, gguf_path: Path) -> bool:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return (entry / CACHE_MARKER).is_file()
+
+
+def load_complete_adapter(base: Any, path: Path) -> Any:
+    """``PeftModel.from_pretrained(base, path)`` that refuses (MolfError) an adapter whose
+    weights do not fill what its adapter_config.json describes on ``base`` (a key missing
+    or unexpected, a shape that differs), instead of leaving the rest at its init."""
+    from peft import PeftModel
+    from peft.utils import get_peft_model_state_dict, load_peft_weights
+
+    saved = load_peft_weights(str(path), device="cpu")
+    try:
+        model = PeftModel.from_pretrained(base, path)
+    except RuntimeError as e:  # load_state_dict's "size mismatch for KEY: ..."
+        raise MolfError(_adapter_error(path, _size_mismatch(str(e)))) from None
+    # Embedding layers' own weights are saved only in some cases: never required, allowed.
+    required = set(get_peft_model_state_dict(model, save_embedding_layers=False))
+    allowed = set(get_peft_model_state_dict(model, save_embedding_layers=True))
+    info = {"missing_keys": required - set(saved), "unexpected_keys": set(saved) - allowed}
+    problem = _loading_problem(info)
+    if problem is not None:
+        raise MolfError(_adapter_error(path, problem))
+    return model
+
+
+def _size_mismatch(message: str) -> str:
+    """The first "size mismatch" of a ``load_state_dict`` error, in :func:`_loading_problem`'s
+    words (the message's first line when it has none)."""
+    found = re.search(
+        r"size mismatch for (\S+): copying a param with shape torch\.Size\((\[.*?\])\) "
+        r"from checkpoint, the shape in current model is torch\.Size\((\[.*?\])\)",
+        message,
+    )
+    if found is None:
+        return message.strip().splitlines()[0]
+    key, saved, wanted = found.groups()
+    return f"{key} has shape {saved} in the weights but {wanted} in the config"
+
+
+def _adapter_error(path: Path, problem: str) -> str:
+    return (
+        f"--model: the adapter weights in {path} do not fit its adapter_config.json and "
+        f"base model: {problem}; the config was edited or the adapter "
+        "belongs to another base model: restore the adapter_config.json it was saved with"
+    )

@@ -7,6 +7,7 @@ and one row appended to ``results.csv`` in the parent of the run directory.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import os
@@ -25,10 +26,17 @@ from torch import nn
 
 from molf.atomic import write_text_atomic
 from molf.errors import MolfError
+from molf.ownership import refuse_foreign
 from molf.tasks import TaskData, get_task
 from molf.tasks.encoding import ensure_pad_token, use_chat_template
 from molf.train.args import EVAL_SETTINGS, TrainArgs
-from molf.train.checkpoint import load_latest_checkpoint, prune_checkpoints, write_checkpoint
+from molf.train.checkpoint import PATTERN as CHECKPOINT_PATTERN
+from molf.train.checkpoint import (
+    list_checkpoints,
+    load_latest_checkpoint,
+    prune_checkpoints,
+    write_checkpoint,
+)
 from molf.train.data import Batches
 from molf.train.distributed import (
     DistContext,
@@ -51,8 +59,14 @@ from molf.train.methods import (
     wrap,
 )
 from molf.train.model_card import model_card
-from molf.train.modeling import hub_id, load_model_and_tokenizer, load_tokenizer, resolve_model
-from molf.train.rundir import check_run_dir, start_run_dir
+from molf.train.modeling import (
+    hub_id,
+    load_complete_adapter,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_model,
+)
+from molf.train.rundir import RunLock, check_run_dir, start_run_dir
 
 
 def _say(msg: str, enabled: bool = True) -> None:
@@ -77,6 +91,15 @@ RESUME_FREE = {
 
 
 PATH_SETTINGS = ("data", "model", "gguf_file")
+
+# Settings that decide which parameters a run trains and their shapes: a checkpoint holds
+# exactly those, so they may not differ on --resume, not even with
+# --allow-changed-settings (another rank would load rank-r tensors into other shapes).
+# lora_alphas and use_rslora only scale the same tensors, like a new lr: they may change
+# with --allow-changed-settings (the experts' contribution jumps by the new/old scale).
+SHAPE_SETTINGS = ("model", "gguf_file", "method")
+ADAPTER_SHAPE_SETTINGS = ("lora_ranks", "target_modules")  # molf, molf-e and PEFT methods
+ROUTED_SHAPE_SETTINGS = ("train_non_linear",)  # molf, molf-e: which params the optimizer holds
 
 
 def _absolute_paths(args: TrainArgs) -> dict[str, str]:
@@ -112,6 +135,7 @@ def _resume_changes(
     except (OSError, yaml.YAMLError) as e:
         raise MolfError(f"--resume: cannot read {path} ({e})") from None
     now = {**args.to_dict(), "world_size": world_size}
+    _refuse_shape_changes(run_dir, args, saved or {})
     changed = [
         f"--{key.replace('_', '-')} {now[key]!r} (the run used {saved[key]!r})"
         for key in now
@@ -124,6 +148,66 @@ def _resume_changes(
             "run, or continue with the new ones on purpose with --allow-changed-settings"
         )
     return changed, saved or {}
+
+
+def _shape_settings(args: TrainArgs) -> tuple[str, ...]:
+    """The settings of ``args.method`` that decide its parameters and their shapes."""
+    method = method_of(args)
+    keys = SHAPE_SETTINGS
+    if method.routed or method.peft:
+        keys += ADAPTER_SHAPE_SETTINGS
+    if method.routed:
+        keys += ROUTED_SHAPE_SETTINGS
+    return keys
+
+
+def _effective(key: str, values: dict[str, Any]) -> Any:
+    """A setting as it takes effect (``train_non_linear`` None is the method's default)."""
+    if key == "train_non_linear" and values.get(key) is None:
+        return values.get("method") == "molf"
+    return values.get(key)
+
+
+def _refuse_shape_changes(run_dir: Path, args: TrainArgs, saved: dict[str, Any]) -> None:
+    """MolfError when a setting that decides the checkpoint's parameters or their shapes
+    (:func:`_shape_settings`) differs from the run's own, even with
+    --allow-changed-settings: the checkpoint cannot be loaded into another model."""
+    now = args.to_dict()
+    changed = [
+        f"--{key.replace('_', '-')} {_effective(key, now)!r} "
+        f"(the run used {_effective(key, saved)!r})"
+        for key in _shape_settings(args)
+        if key in saved
+        and _effective(key, now) != _effective(key, saved)
+        and not _same_setting(key, saved, now[key])
+    ]
+    if changed:
+        raise MolfError(
+            f"--resume: {run_dir} cannot continue with {'; '.join(changed)}: these settings "
+            "decide which parameters its checkpoint holds and their shapes, so they cannot "
+            "change, not even with --allow-changed-settings; resume with the run's own "
+            "values (in its config.yaml) or start a new run (--overwrite or another "
+            "--output-dir)"
+        )
+
+
+def _refuse_shorter_run(run_dir: Path, args: TrainArgs, total: int) -> None:
+    """MolfError when a resumed run would end before its latest checkpoint's step: it
+    would train nothing and record the smaller step count."""
+    latest = list_checkpoints(run_dir)[-1]
+    step = int(CHECKPOINT_PATTERN.search(latest.name).group(1))
+    if total >= step:
+        return
+    length = (
+        f"--max-steps {args.max_steps}"
+        if args.max_steps is not None
+        else f"--epochs {args.epochs} ({total} steps)"
+    )
+    raise MolfError(
+        f"--resume: {length} ends before {run_dir}'s checkpoint {latest.name} (step "
+        f"{step}); pass --max-steps {step} or more to continue it, or start a new run "
+        "(--overwrite or another --output-dir)"
+    )
 
 
 def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
@@ -242,6 +326,8 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
         ctx.world_size,
     )
     total = batches.plan.total_steps(args.max_steps, args.epochs)
+    if args.resume:
+        _refuse_shorter_run(run_dir, args, total)
     # Wrapping validates ranks and targets; fresh adapters leave outputs unchanged, so
     # "before" metrics can be taken on the wrapped model.
     model = wrap(model, args, total)
@@ -510,8 +596,6 @@ def load_for_eval(model_dir: str | None, gguf_file: str | None, dtype: str) -> t
     is read from ``molf_run.json`` or ``adapter_config.json``)."""
     path = Path(model_dir) if model_dir else None
     if path is not None and (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         run = (
             json.loads((path / "molf_run.json").read_text())
             if (path / "molf_run.json").is_file()
@@ -521,7 +605,7 @@ def load_for_eval(model_dir: str | None, gguf_file: str | None, dtype: str) -> t
             (path / "adapter_config.json").read_text()
         ).get("base_model_name_or_path")
         base, _, _, _ = load_model_and_tokenizer(base_name, run.get("gguf_file"), dtype)
-        return PeftModel.from_pretrained(base, path).eval(), load_tokenizer(str(path), None)
+        return load_complete_adapter(base, path).eval(), load_tokenizer(str(path), None)
     model, tokenizer, _, _ = load_model_and_tokenizer(model_dir, gguf_file, dtype)
     return model, tokenizer
 
@@ -561,14 +645,100 @@ def _warn_untrained_edits(args: TrainArgs) -> None:
         )
 
 
+@contextmanager
+def holding_run(run_dir: Path | None) -> Iterator[None]:
+    """While ``molf eval --run`` reads a run: the run's lock, so that no ``molf train``
+    continues, replaces or deletes it meanwhile; refused (MolfError) while a training
+    process (or another evaluation of it) holds it. A directory that is not a run (let
+    :func:`run_settings` say so) or that this user cannot write is read unlocked."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        yield
+        return
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except MolfError:
+        holder = _lock_holder(lock.path)
+        raise MolfError(
+            f"--run: {run_dir} is in use by another molf process (pid {holder}): wait for "
+            "it to end, then evaluate the run"
+        ) from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        lock = None  # a read-only run: nothing of ours can be writing it
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_holder(path: Path) -> str:
+    """The pid written in a lock file, or "unknown"."""
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def holds_training_run(directory: Path) -> bool:
+    """Whether ``directory`` holds what ``molf train`` writes (its log, model,
+    checkpoints, its config.yaml, or an eval.json with its "before" or train time), which
+    an evaluation written there would partly replace."""
+    if not directory.is_dir():
+        return False
+    if any((directory / name).exists() for name in ("train_log.jsonl", "final/molf_run.json")):
+        return True
+    if list_checkpoints(directory):
+        return True
+    return bool(
+        {"resolved_model", "world_size"}
+        <= _mapping(directory / "config.yaml", yaml.safe_load).keys()
+        or {"before", "train_seconds"} & _mapping(directory / "eval.json", json.loads).keys()
+    )
+
+
+def _mapping(path: Path, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """The mapping a YAML or JSON file holds; empty when it is missing, unreadable or
+    holds something else (a user's own file of that name)."""
+    try:
+        data = parse(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def check_eval_output(out: Path) -> None:
+    """``molf eval --output-dir``: a new directory, one that holds other files, or an
+    earlier evaluation's (its eval.json and predictions.jsonl are replaced); a training
+    run's directory is refused: its own eval.json and predictions would be lost."""
+    if out.exists() and not out.is_dir():
+        raise MolfError(f"--output-dir: {out} is a file; choose a directory for the results")
+    if holds_training_run(out):
+        raise MolfError(
+            f"--output-dir: {out} holds a molf training run, whose eval.json and "
+            "predictions.jsonl this evaluation would replace; choose another --output-dir "
+            "(a new directory)"
+        )
+    refuse_foreign(
+        [out / "eval.json", out / "predictions.jsonl"],
+        "molf eval replaces only results it wrote: choose another --output-dir",
+    )
+
+
 def run_eval(args: TrainArgs, write: bool) -> dict[str, float]:
+    """``molf eval``: the task's metrics of a model or adapter, written to
+    ``--output-dir`` (eval.json, predictions.jsonl) when ``write``."""
+    out = Path(args.output_dir) if write else None
+    if out is not None:
+        check_eval_output(out)
     _warn_untrained_edits(args)
     task, data = load_task(args)
     model, tokenizer = load_for_eval(args.model, args.gguf_file, args.dtype)
     use_chat_template(tokenizer, args.chat_template)
     ensure_pad_token(tokenizer)
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    out = Path(args.output_dir) if write else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     metrics = _evaluate(task, model, tokenizer, data.eval, args, out, "after")
