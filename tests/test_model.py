@@ -163,3 +163,24 @@ def test_bad_wrap_is_a_clear_error(tmp_path):
     assert not (tmp_path / "a").exists()
     with pytest.raises(MolfError, match="get_molf_model"):
         export_peft_adapter(nn.Linear(2, 2), tmp_path / "b")
+
+
+def test_parameter_summary_counts_each_expert_and_the_merged_size():
+    import copy
+
+    from molf.model import parameter_summary
+
+    model = get_molf_model(tiny_model("llama"), MoLFConfig(lora_ranks=(2, 4), lora_alphas=(8, 8)))
+    text = parameter_summary(model)
+    layers = [layer for _, layer in molf_modules(model)]
+    total = sum(p.numel() for p in model.parameters())
+    dense = sum(x.base_layer.weight.numel() for x in layers) + sum(
+        x.base_layer.bias.numel() for x in layers if x.base_layer.bias is not None
+    )
+    assert text.startswith(f"trainable params: {total:,} || all params: {total:,}")
+    assert f"fft expert (W, b of {len(layers)} layers) {dense:,}" in text
+    for i, rank in enumerate((2, 4)):
+        lora = sum(x.lora_A[i].numel() + x.lora_B[i].numel() for x in layers)
+        assert f"lora{i} (rank {rank}) {lora:,}" in text
+    merged = merge_and_unload(copy.deepcopy(model))
+    assert f"merged model: {sum(p.numel() for p in merged.parameters()):,} params" in text

@@ -134,6 +134,41 @@ def get_molf_model(model: nn.Module, config: MoLFConfig) -> nn.Module:
     return model
 
 
+def parameter_summary(model: nn.Module) -> str:
+    """PEFT's ``print_trainable_parameters`` line (trainable / all / %), and for a MoLF
+    model the trainable count per expert and the size of the merged model, e.g.
+    ``trainable params: 139,397,376 || all params: 139,397,376 || trainable%: 100.00;
+    fft expert (W, b of 210 layers) 106,168,320, lora0 (rank 8) 4,882,368, other
+    (embeddings, norms, ...) 28,346,688; merged model: 134,515,008 params``."""
+    params = list(model.parameters())  # each shared (tied) tensor once
+    total = sum(p.numel() for p in params)
+    trainable = {id(p): p.numel() for p in params if p.requires_grad}
+    line = (
+        f"trainable params: {sum(trainable.values()):,} || all params: {total:,} || "
+        f"trainable%: {100 * sum(trainable.values()) / max(1, total):.2f}"
+    )
+    layers = [layer for _, layer in molf_modules(model)]
+    if not layers:
+        return line
+    counted: set[int] = set()
+
+    def count(tensors: list) -> int:
+        ids = {id(t) for t in tensors if t is not None and id(t) in trainable} - counted
+        counted.update(ids)
+        return sum(trainable[i] for i in ids)
+
+    dense = count([t for x in layers for t in (x.base_layer.weight, x.base_layer.bias)])
+    parts = [f"fft expert (W, b of {len(layers)} layers) {dense:,}"] if dense else []
+    lora_total = 0
+    for i, rank in enumerate(layers[0].ranks):
+        lora = [t for x in layers for t in (x.lora_A[i], x.lora_B[i])]
+        lora_total += sum(t.numel() for t in lora)
+        parts.append(f"lora{i} (rank {rank}) {count(lora):,}")
+    other = sum(n for i, n in trainable.items() if i not in counted)
+    parts.append(f"other (embeddings, norms, ...) {other:,}")
+    return f"{line}; {', '.join(parts)}; merged model: {total - lora_total:,} params"
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every LoRA expert into its base weight (in fp32, cast back) and restore the
     plain ``nn.Linear`` layers, so the result is a vanilla model. In place; returns it."""

@@ -26,6 +26,7 @@ from torch import nn
 
 from molf.atomic import write_text_atomic
 from molf.errors import MolfError
+from molf.model import parameter_summary
 from molf.ownership import refuse_foreign
 from molf.tasks import TaskData, get_task
 from molf.tasks.encoding import ensure_pad_token, use_chat_template
@@ -413,11 +414,10 @@ def _train_in_run_dir(
                 _say(f"warning: continuing with changed settings: {'; '.join(changes)}")
                 history = [*history, {"step": start, "changes": changes}]
             _write_config(run_dir, args, ctx, name, gguf, history)  # save_model too
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    _say(f"{args.method}: {parameter_summary(unwrap(model))}", main)
     _say(
-        f"{args.method}: {trainable / 1e6:.2f}M trainable parameters, {total} steps of "
-        f"{batches.plan.global_batch} examples ({ctx.world_size} process(es), "
-        f"parallel={ctx.mode})",
+        f"{total} steps of {batches.plan.global_batch} examples ({ctx.world_size} "
+        f"process(es), parallel={ctx.mode})",
         main,
     )
     logger = RunLogger(run_dir, args.report_to, args.to_dict(), enabled=main)
