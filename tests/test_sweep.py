@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from molf.atomic import atomic_directory, write_text_atomic
 from molf.sweep import main
 from molf.sweep.config import format_lr
 
@@ -198,15 +199,16 @@ def test_killed_sweep_resumes_to_the_same_numbers(tmp_path, facts, finished):
 
 def test_committed_summary_continues_without_run_dirs(tmp_path, facts, finished, capsys):
     summary = tmp_path / "committed" / "summary.csv"
-    summary.parent.mkdir()
-    summary.write_text((finished[0] / "summary.csv").read_text())
+    # as a checkout holds it: written by molf (the sweep replaces only its own files)
+    write_text_atomic(summary, (finished[0] / "summary.csv").read_text())
     out = tmp_path / "later"
     cfg = _config(tmp_path, out, facts, summary=str(summary))
     assert main([str(cfg), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert "6 cells: 6 done, 0 to run" in listing and not out.exists()
     assert main([str(cfg)]) == 0
-    assert not out.exists()  # no cell ran; the results are kept beside the summary
+    # no cell ran (the sweep dir holds only its lock); the results are beside the summary
+    assert [p.name for p in out.iterdir()] == [".molf.sweep.lock"]
     before = json.loads((finished[0] / "selection.json").read_text())
     after = json.loads((summary.parent / "selection.json").read_text())
     tables = [
@@ -253,10 +255,10 @@ def test_dry_run_runs_nothing_and_estimates_from_finished_cells(tmp_path, facts,
 
     partial = tmp_path / "partial"
     cfg = _config(tmp_path, partial, facts)
-    (partial / "stories/fact/molf/lr1e-06/val-s0/checkpoint-4").mkdir(parents=True)
-    (partial / "stories/fact/molf/lr1e-06/val-s0/checkpoint-4/meta.json").write_text("{}")
-    (partial / "stories/fact/molf/lr1e-02/val-s0").mkdir(parents=True)
-    (partial / "stories/fact/molf/lr1e-02/val-s0/train_log.jsonl").write_text("")
+    # a checkpoint and a log as molf train leaves them: written through molf's writers
+    with atomic_directory(partial / "stories/fact/molf/lr1e-06/val-s0/checkpoint-4") as tmp:
+        (tmp / "meta.json").write_text("{}")
+    write_text_atomic(partial / "stories/fact/molf/lr1e-02/val-s0/train_log.jsonl", "")
     assert main([str(cfg), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     states = _listing(listing)

@@ -65,7 +65,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def run_sweep_command(ns: argparse.Namespace) -> int:
     """Run ``molf sweep`` from parsed arguments: 0 done, 1 some cells failed,
-    2 bad configuration (nothing was run), 130 interrupted (rerun to continue)."""
+    2 bad configuration, stale results or another sweep holding the output dir (nothing
+    was run), 130 interrupted (the running cell was stopped; rerun to continue)."""
     try:
         sweep = load_sweep(ns.config, ns.summary)
         previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -16,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from molf.errors import MolfError
 from molf.sweep.config import Cell, Group, LrPoint, Sweep, format_lr
 
 Row = dict[str, str]
@@ -40,10 +41,18 @@ TAIL = (
     "peak_memory_mb",
     "returncode",
     "settings_hash",
+    "data_hash",
+    "model_hash",
     "run_dir",
 )
+# Content hashes of what a cell reads (molf.sweep.inputs): a row whose hash differs
+# from the current one is stale. Rows written before these columns existed lack them
+# and are accepted: the committed studies ran on exactly this shared data and these
+# packaged models; the columns are filled in when the summary is next rewritten.
+INPUT_COLUMNS = ("data_hash", "model_hash")
 # Settings that do not change a cell's numbers (where files go, logging, evaluation
-# batching) or that name machine-specific paths (model, data: the cell name holds them).
+# batching) or that name machine-specific paths (model, gguf_file, data: the
+# data_hash and model_hash columns identify them by content).
 NOT_FINGERPRINTED = frozenset(
     {
         "output_dir",
@@ -133,16 +142,86 @@ def base_row(cell: Cell, args: Any, status: str) -> Row:
         "steps": _text(args.max_steps),
         "batch": _text(args.batch_size * args.grad_accum),
         "settings_hash": fingerprint(args.to_dict()),
+        **input_hashes(args),
         "run_dir": str(Path(args.output_dir)),
     }
 
 
+def input_hashes(args: Any) -> Row:
+    """A cell's ``data_hash`` and ``model_hash`` (content, not paths: the same on every
+    machine that holds the same data and model)."""
+    from molf.sweep.inputs import data_hash, model_hash
+
+    return {
+        "data_hash": data_hash(args.data),
+        "model_hash": model_hash(args.model, args.gguf_file),
+    }
+
+
 def read_summary(path: Path) -> dict[str, Row]:
-    """Rows of an existing summary.csv by cell name (empty when there is none)."""
+    """Rows of an existing summary.csv by cell name (empty when there is none).
+
+    Reads what a spreadsheet or another platform may have saved: a UTF-8 byte-order
+    mark, CRLF line ends, quoted fields holding commas or line breaks. Refuses (one-line
+    MolfError naming the file and line) what cannot be read unambiguously: a cell named
+    twice, a row with more or fewer fields than the header, a row without a cell name,
+    a header without ``cell`` or with a repeated column, text that is not UTF-8."""
     if not path.is_file():
         return {}
-    with open(path, newline="") as f:
-        return {r["cell"]: dict(r) for r in csv.DictReader(f) if r.get("cell")}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            return _parse_summary(path, csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise MolfError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _parse_summary(path: Path, reader: Any) -> dict[str, Row]:
+    """Rows by cell name from a csv.reader over ``path`` (see :func:`read_summary`)."""
+    header = _summary_header(path, reader)
+    rows: dict[str, Row] = {}
+    first_line: dict[str, int] = {}
+    line = reader.line_num
+    while True:
+        start = line + 1  # a record may span lines (quoted line breaks)
+        try:
+            fields = next(reader, None)
+        except csv.Error as e:
+            raise MolfError(f"{path}:{start}: not valid CSV ({e})") from None
+        line = reader.line_num
+        if fields is None:
+            return rows
+        if not any(fields):
+            continue  # a blank line, or a row of empty fields
+        if len(fields) != len(header):
+            raise MolfError(
+                f"{path}:{start}: {len(fields)} fields where the header has {len(header)}; "
+                "repair the row or delete it to rerun its cell"
+            )
+        row = dict(zip(header, fields))
+        name = row["cell"]
+        if not name:
+            raise MolfError(f"{path}:{start}: a row without a cell name; delete the row")
+        if name in rows:
+            raise MolfError(
+                f"{path}:{start}: cell {name} appears twice (first on line "
+                f"{first_line[name]}); delete the row that is wrong"
+            )
+        rows[name], first_line[name] = row, start
+
+
+def _summary_header(path: Path, reader: Any) -> list[str]:
+    try:
+        header = next(reader, None)
+    except csv.Error as e:
+        raise MolfError(f"{path}:1: not valid CSV ({e})") from None
+    if not header:
+        return ["cell"]  # an empty file: no rows
+    if "cell" not in header:
+        raise MolfError(f"{path}:1: the header has no 'cell' column; is this a summary.csv?")
+    repeated = sorted({h for h in header if header.count(h) > 1})
+    if repeated:
+        raise MolfError(f"{path}:1: column {repeated[0]!r} appears twice in the header")
+    return header
 
 
 def write_summary(path: Path, rows: dict[str, Row]) -> None:

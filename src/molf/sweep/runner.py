@@ -6,7 +6,12 @@ sweep that was stopped continues where it stopped: a finished cell (in the run d
 in the summary) is skipped, an unfinished one with a checkpoint resumes from it, one
 without restarts. Beside each run dir ``D`` the sweep keeps ``D.yaml`` (the cell's
 settings, given to ``--config``), ``D.log`` (its output) and ``D.sweep.json``
-(attempts and wall time).
+(attempts, wall time, and the content hashes of the data and model it ran on).
+
+Nothing is mixed silently: a summary row or run dir made with other settings, other
+data or another model than the cell's now is refused (MolfError), one sweep at a time
+holds the output dir (:class:`~molf.sweep.process.SweepLock`), and a cell's process
+never outlives the sweep (:func:`~molf.sweep.process.run_child`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import shlex
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,19 +27,25 @@ from typing import Any
 import yaml
 
 from molf.errors import MolfError
+from molf.ownership import claim, refuse_foreign, remove_owned
 from molf.sweep.config import Cell, Sweep
+from molf.sweep.process import SweepLock, run_child
 from molf.sweep.results import (
+    INPUT_COLUMNS,
     Row,
     base_row,
     cell_row,
     choose_lr,
     fingerprint,
+    input_hashes,
     number,
     read_summary,
     results_markdown,
     selection_json,
     write_summary,
 )
+
+RESULT_FILES = ("results.md", "selection.json", "failed.json")  # beside summary.csv
 
 
 def is_complete(run_dir: Path) -> bool:
@@ -118,19 +128,13 @@ class Runner:
         args = _args(cell, self.sweep)
         run_dir = Path(args.output_dir)
         expected = fingerprint(args.to_dict())
-        row = self.rows.get(cell.name)
-        if row is not None and row.get("status") == "ok":
-            _check_same(
-                cell, row.get("settings_hash"), expected, f"its row in {self.sweep.summary}"
-            )
+        inputs = input_hashes(args)
+        if self._done_in_summary(cell, args, expected, inputs):
             self.listing.append((cell.name, "done", ""))
             return
-        config = _sidecar(run_dir, ".yaml")  # the settings the cell last ran with
-        if config.is_file() and run_dir.is_dir():
-            saved = yaml.safe_load(config.read_text()) or {}
-            _check_same(cell, fingerprint(saved), expected, f"the run in {run_dir}")
+        record = _check_run_dir(cell, args, expected, inputs)
         if is_complete(run_dir):
-            wall = _read_json(_sidecar(run_dir, ".sweep.json")).get("wall_seconds")
+            wall = record.get("wall_seconds")
             self.rows[cell.name] = cell_row(cell, args, run_dir, wall)
             if self.execute:
                 write_summary(self.sweep.summary, self.rows)
@@ -147,6 +151,19 @@ class Runner:
             self.matched += 1
             if self.execute:
                 self.run_cell(cell, args, state)
+
+    def _done_in_summary(self, cell: Cell, args: Any, expected: str, inputs: Row) -> bool:
+        """Whether the summary holds the cell's finished row, made as the cell is made now
+        (else MolfError). A row from before the hash columns gets them (see
+        ``results.INPUT_COLUMNS``), written with the summary's next rewrite."""
+        row = self.rows.get(cell.name)
+        if row is None or row.get("status") != "ok":
+            return False
+        where = f"its row in {self.sweep.summary}"
+        _check_same(cell, row.get("settings_hash"), expected, where)
+        _check_inputs(cell, args, row, inputs, where)
+        self.rows[cell.name] = {**row, **{k: inputs[k] for k in INPUT_COLUMNS if not row.get(k)}}
+        return True
 
     def estimate(self, cell: Cell, args: Any) -> str:
         """steps x batch, and seconds scaled from a finished cell of the same model/task
@@ -192,27 +209,19 @@ class Runner:
         record_path = _sidecar(run_dir, ".sweep.json")
         record = _read_json(record_path)
         attempt = int(record.get("attempts", 0)) + 1
-        record = {**record, "attempts": attempt, "command": cmd}
+        record = {**record, "attempts": attempt, "command": cmd, **input_hashes(args)}
         write_text_atomic(record_path, json.dumps(record, indent=2))  # counts killed attempts
         print(
             f"[sweep] {cell.name}: {'new' if state == 'new' else state} run (attempt {attempt})",
             flush=True,
         )
         log_path = _sidecar(run_dir, ".log")
+        claim(log_path)
         start = time.monotonic()
         with open(log_path, "a") as log:
             log.write(f"=== attempt {attempt}: {shlex.join(cmd)}\n")
             log.flush()
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-            try:
-                code = proc.wait()
-            except BaseException:  # Ctrl-C / SIGTERM: stop the cell too, keep its checkpoints
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                raise
+            code = run_child(cmd, log)  # stopped with the sweep, never left running
         wall = float(record.get("wall_seconds", 0.0)) + time.monotonic() - start
         record.update(wall_seconds=round(wall, 2), returncode=code)
         write_text_atomic(record_path, json.dumps(record, indent=2))
@@ -240,6 +249,37 @@ def _args(cell: Cell, sweep: Sweep) -> Any:
     from molf.train.args import resolve_args
 
     return resolve_args(None, cell.values(sweep.output_dir))
+
+
+def _check_run_dir(cell: Cell, args: Any, expected: str, inputs: Row) -> dict[str, Any]:
+    """Refuse a run dir made with other settings than the cell's now, or a finished or
+    resumable one made with other data or another model; the run's ``D.sweep.json``."""
+    from molf.train.checkpoint import list_checkpoints
+
+    run_dir = Path(args.output_dir)
+    config = _sidecar(run_dir, ".yaml")  # the settings the cell last ran with
+    if config.is_file() and run_dir.is_dir():
+        saved = yaml.safe_load(config.read_text()) or {}
+        _check_same(cell, fingerprint(saved), expected, f"the run in {run_dir}")
+    record = _read_json(_sidecar(run_dir, ".sweep.json"))
+    if is_complete(run_dir) or list_checkpoints(run_dir):  # what the sweep would keep
+        _check_inputs(cell, args, record, inputs, f"the run in {run_dir}")
+    return record
+
+
+def _check_inputs(cell: Cell, args: Any, found: dict[str, Any], now: Row, where: str) -> None:
+    """Refuse a result whose data or model content differs from what the cell reads now
+    (``found`` without a hash: made before hashes were recorded, accepted)."""
+    for column, what, value in (
+        ("data_hash", "data", args.data or "the task's hub dataset"),
+        ("model_hash", "model", args.model or "the default model"),
+    ):
+        if found.get(column) and found[column] != now[column]:
+            raise MolfError(
+                f"{cell.name}: {where} was made with other {what} than {value} holds now "
+                f"({column} {found[column]}, now {now[column]}); restore the {what}, or "
+                "delete that run (or row) to redo it"
+            )
 
 
 def _check_same(cell: Cell, found: str | None, expected: str, where: str) -> None:
@@ -297,20 +337,41 @@ def run_sweep(
     some failed. Stale results and an ``only`` that matches nothing raise MolfError
     before anything runs. ``collect`` runs nothing: it writes summary.csv, results.md
     and the report from the cells finished so far (e.g. by several sweeps, each with
-    its own ``--only`` and ``--summary``)."""
-    rows = read_summary(sweep.summary)
-    look = Runner(sweep, execute=False, only=only, rows=dict(rows))
-    look.walk()  # checks every known cell against what is on disk and in the summary
+    its own ``--only`` and ``--summary``). Except with ``dry_run``, the sweep holds
+    :class:`~molf.sweep.process.SweepLock` on its output directory while it reads and
+    rewrites the summary and runs cells: a second sweep there raises MolfError."""
+    if not dry_run:
+        _refuse_foreign_results(sweep)
+    look = _look(sweep, only)  # checks every known cell against what is on disk and in the summary
     if dry_run:
         _print_listing(look)
         return 0
-    if collect:
-        write_summary(sweep.summary, look.rows)
-        look._write("results.md", results_markdown(sweep, look.rows, look.choices))
-        look._write("selection.json", selection_json(look.choices))
-        _report(look)
-        print(f"[sweep] collected {len(look.rows)} finished cells into {sweep.summary}")
-        return 0
+    if not collect:
+        _check_only(look, only)
+    with SweepLock(sweep.output_dir):
+        _refuse_foreign_results(sweep)  # again: another sweep may have ended meanwhile
+        if collect:
+            return _collect(_look(sweep, only))
+        return _execute(sweep, only)
+
+
+def _refuse_foreign_results(sweep: Sweep) -> None:
+    refuse_foreign(
+        [sweep.summary, *(sweep.results_dir / n for n in RESULT_FILES)],
+        "a sweep replaces only files it wrote: pass another --summary (its directory "
+        "receives results.md, selection.json and failed.json)",
+    )
+
+
+def _look(sweep: Sweep, only: str | None) -> Runner:
+    """Walk the grid without running anything (what --dry-run lists)."""
+    look = Runner(sweep, execute=False, only=only, rows=read_summary(sweep.summary))
+    look.walk()
+    return look
+
+
+def _check_only(look: Runner, only: str | None) -> None:
+    """Refuse an ``--only`` that matches no cell left to run nor a finished one."""
     finished = [n for n, s, _ in look.listing if s == "done" and look._matches(n)]
     if only is not None and not look.matched and not finished:
         todo = [n for n, s, _ in look.listing if s not in ("done",) and "?" not in n]
@@ -319,7 +380,22 @@ def run_sweep(
             + (", ".join(todo[:8]) or "none")
             + (" ..." if len(todo) > 8 else "")
         )
-    runner = Runner(sweep, execute=True, only=only, rows=dict(rows))
+
+
+def _collect(look: Runner) -> int:
+    """``--collect``: write summary.csv, results.md, selection.json and the report."""
+    sweep = look.sweep
+    write_summary(sweep.summary, look.rows)
+    look._write("results.md", results_markdown(sweep, look.rows, look.choices))
+    look._write("selection.json", selection_json(look.choices))
+    _report(look)
+    print(f"[sweep] collected {len(look.rows)} finished cells into {sweep.summary}")
+    return 0
+
+
+def _execute(sweep: Sweep, only: str | None) -> int:
+    """Run the cells left to run (under the sweep's lock), then write the results."""
+    runner = Runner(sweep, execute=True, only=only, rows=read_summary(sweep.summary))
     runner.walk()
     write_summary(sweep.summary, runner.rows)
     runner._write("results.md", results_markdown(sweep, runner.rows, runner.choices))
@@ -341,6 +417,6 @@ def run_sweep(
             flush=True,
         )
         return 1
-    (sweep.results_dir / "failed.json").unlink(missing_ok=True)
+    remove_owned(sweep.results_dir / "failed.json")
     print(f"[sweep] done: {sweep.summary}, {sweep.results_dir / 'results.md'}", flush=True)
     return 0
