@@ -24,6 +24,8 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from molf.errors import MolfError
+
 AllReduce = Callable[[Tensor], None]  # sums a tensor across ranks in place
 
 
@@ -45,7 +47,8 @@ class Layout:
     ``state_tables`` is where an implementation may keep what it derives from the
     optimizer's state tensors (e.g. the C kernel's pointer tables): the optimizer
     creates and replaces those tensors only when it gathers anew, which also builds a
-    new Layout, so such tables stay valid as long as their Layout."""
+    new Layout, so such tables stay valid as long as their Layout (the kernels check
+    the state when they build them: :func:`check_state`)."""
 
     cell_index: Tensor  # long [R]: m * E + e per routed tensor, non-decreasing
     module_starts: Tensor  # long [M + 1], on the CPU: module m owns tensors[starts[m]:starts[m+1]]
@@ -175,4 +178,78 @@ def plain_float32(tensor_lists: tuple[list[Tensor], ...], on_cpu: bool | None) -
         and (on_cpu is None or t.is_cpu == on_cpu)
         for ts in tensor_lists
         for t in ts
+    )
+
+
+_STATE_FIX = (
+    "the optimizer's state does not fit its parameters: load a state saved for this model "
+    "(MoLFAdamW.load_state_dict checks it)"
+)
+
+
+def _buffer_problem(t: Tensor, numel: int, device: torch.device) -> str | None:
+    """Why a kernel may not write ``numel`` float32 values through ``t``'s data pointer
+    (``None``: it may)."""
+    if type(t) not in _PLAIN_TYPES:
+        return f"is a {type(t).__name__}, not a plain tensor"
+    if t.dtype is not torch.float32:
+        return f"is {t.dtype}, not torch.float32"
+    if not t.is_contiguous():
+        return "is not contiguous"
+    if t.device != device:
+        return f"is on {t.device}, its parameter on {device}"
+    if t.numel() != numel:
+        return f"has {t.numel()} elements, its parameter {numel}"
+    return None
+
+
+def check_state(
+    impl: str,
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+) -> list[int]:
+    """The parameters' sizes, once it is checked that a kernel (``impl``, for messages)
+    can write through the state's raw pointers: one ``exp_avg``, ``exp_avg_sq`` and step
+    count per parameter, the moments plain contiguous float32 tensors with the
+    parameter's number of elements, the step counts one float32 each, all on the
+    parameter's device. Raises :class:`MolfError` naming the first that is not. Run
+    once per :class:`Layout`: the optimizer replaces its state only when it gathers
+    anew, which builds a new Layout."""
+    lengths = [len(ts) for ts in (params, exp_avgs, exp_avg_sqs, state_steps)]
+    if len(set(lengths)) != 1:
+        raise MolfError(
+            f"MoLFAdamW ({impl}): {lengths[0]} parameters but {lengths[1]} exp_avg, "
+            f"{lengths[2]} exp_avg_sq and {lengths[3]} step tensors; {_STATE_FIX}"
+        )
+    sizes = [p.numel() for p in params]
+    for i, (p, n, m, v, s) in enumerate(zip(params, sizes, exp_avgs, exp_avg_sqs, state_steps)):
+        for key, t, numel in (("exp_avg", m, n), ("exp_avg_sq", v, n), ("step", s, 1)):
+            problem = _buffer_problem(t, numel, p.device)
+            if problem is not None:
+                raise MolfError(
+                    f"MoLFAdamW ({impl}): routed tensor {i}: {key} {problem}; {_STATE_FIX}"
+                )
+    return sizes
+
+
+def check_sizes(impl: str, what: str, tensors: list[Tensor], sizes: list[int]) -> None:
+    """Before every kernel call: ``tensors`` (this step's parameters or gradients, named
+    by ``what``) have the ``sizes`` that :func:`check_state` found their state to have
+    (a user may replace a parameter's data). One pass over their sizes, no device
+    work; their dtype, contiguity and device are what the kernel's ``supports``
+    checks, which the optimizer calls every step."""
+    found = list(map(Tensor.numel, tensors))
+    if found == sizes:
+        return
+    if len(found) != len(sizes):
+        raise MolfError(
+            f"MoLFAdamW ({impl}): {len(found)} {what}s for the state of {len(sizes)}; {_STATE_FIX}"
+        )
+    i = next(i for i, (a, b) in enumerate(zip(found, sizes)) if a != b)
+    raise MolfError(
+        f"MoLFAdamW ({impl}): routed tensor {i}: the {what} has {found[i]} elements, its "
+        f"state {sizes[i]}; a parameter's data was replaced (p.data = ...) after the optimizer "
+        "made its state: give it back data of its shape, or build a new optimizer"
     )

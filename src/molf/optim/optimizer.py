@@ -40,6 +40,55 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if _is_dtensor(t) else t
 
 
+_LOAD = "MoLFAdamW.load_state_dict"
+_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")  # what MoLFAdamW keeps per parameter
+_NOT_OURS = "the state is not a MoLFAdamW state: load one that MoLFAdamW.state_dict() saved"
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    """The shape the step works on: an FSDP2 DTensor's local shard's."""
+    return tuple(_local(t).shape)
+
+
+def _state_problem(param: Tensor, state: object, same_dtype: bool) -> str | None:
+    """What is wrong with one parameter's state, or ``None``: it must be a dict holding
+    ``step`` (a 0-d tensor) and ``exp_avg`` / ``exp_avg_sq`` (tensors of the
+    parameter's shape, its local shard's under FSDP2, and of a floating dtype), or be
+    empty (not stepped yet: the step creates it). With ``same_dtype`` (as the step
+    needs them) the moments must also have the parameter's dtype; on loading, torch
+    casts floating state to it."""
+    if not isinstance(state, dict):
+        return f"the state is of type {type(state).__name__}, not a dict; {_NOT_OURS}"
+    if not state:
+        return None
+    missing = [k for k in _STATE_KEYS if k not in state]
+    if missing:
+        kept = ", ".join(_STATE_KEYS)
+        return f"the state has no {', '.join(missing)} (MoLFAdamW keeps {kept}); {_NOT_OURS}"
+    for key in _STATE_KEYS:
+        if not isinstance(state[key], Tensor):
+            return f"{key} is of type {type(state[key]).__name__}, not a tensor; {_NOT_OURS}"
+    step_shape = tuple(state["step"].shape)
+    if step_shape:
+        return f"step has shape {step_shape}, expected a scalar (shape ()); {_NOT_OURS}"
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = state[key]
+        if _shape(value) != _shape(param):
+            return (
+                f"{key} has shape {_shape(value)}, the parameter {_shape(param)}; the state is "
+                "from another model or another LoRA rank"
+            )
+        if not value.is_floating_point():
+            return f"{key} has dtype {value.dtype}, the parameter {param.dtype}; {_NOT_OURS}"
+        if same_dtype and value.dtype != param.dtype:
+            return (
+                f"{key} has dtype {value.dtype}, the parameter {param.dtype}; the parameter's "
+                "dtype changed after its state was made: load the state again "
+                "(optimizer.load_state_dict(optimizer.state_dict())) to cast it"
+            )
+    return None
+
+
 def _check_hyperparameters(implementation: str, betas, eps, values: dict[str, float]) -> None:
     for name, value in {**values, "eps": eps}.items():
         if not isinstance(value, (int, float)) or value < 0:
@@ -171,6 +220,7 @@ class MoLFAdamW(torch.optim.Optimizer):
         if half is not None:
             raise MolfError(_F16_MESSAGE.format(half))
         self.top_k, self.score = config.top_k, config.score
+        self._names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self._modules = [name for name, _ in layers]
         self._experts = config.expert_names
         groups, self._cells = self._param_groups(
@@ -284,12 +334,80 @@ class MoLFAdamW(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, after :meth:`_check_state_dict`: a state that does not fit this
+        optimizer raises :class:`MolfError` and leaves the optimizer as it was."""
         state_dict = dict(state_dict)
         skipped = state_dict.pop("skipped_steps", 0)
+        self._check_state_dict(state_dict)
         super().load_state_dict(state_dict)
         self._gathered = None  # new state tensors: gather them again
         self._skipped.fill_(skipped)
         self._skips_reported = skipped
+
+    def _check_state_dict(self, state_dict: dict) -> None:
+        """Refuse (:class:`MolfError`, naming the first problem) a state dict that does
+        not fit: another number of parameter groups, a group of another name or with
+        another number of parameters, state for a parameter no group lists, or a
+        parameter's state that :func:`_state_problem` finds wrong (torch checks only
+        the counts; a wrong-shaped moment would make the step crash or write out of
+        bounds)."""
+        saved, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(saved, list) or not isinstance(state, dict):
+            raise MolfError(
+                f"{_LOAD}: not an optimizer state dict (it needs 'state' and "
+                "'param_groups'); pass what MoLFAdamW.state_dict() returned"
+            )
+        self._check_groups(saved)
+        index = {
+            pid: (g, i)
+            for g, group in enumerate(saved)
+            for i, pid in enumerate(group.get("params", ()))
+        }
+        for pid, param_state in state.items():
+            if pid not in index:
+                raise MolfError(
+                    f"{_LOAD}: the state has an entry for parameter {pid!r}, which no "
+                    f"parameter group lists; {_NOT_OURS}"
+                )
+            g, i = index[pid]
+            problem = _state_problem(self.param_groups[g]["params"][i], param_state, False)
+            if problem is not None:
+                raise MolfError(f"{_LOAD}: {self._where(g, i)}: {problem}")
+
+    def _check_groups(self, saved: list[dict]) -> None:
+        """The saved parameter groups match this optimizer's: as many, each with the
+        same name (where both have one) and as many parameters."""
+        mine = [(g.get("name"), len(g["params"])) for g in self.param_groups]
+        theirs = [(g.get("name"), len(g.get("params", ()))) for g in saved]
+        fix = (
+            "the state is from another model or MoLF config (lora_ranks, train_base, "
+            "train_non_linear)"
+        )
+        if len(theirs) != len(mine):
+            raise MolfError(
+                f"{_LOAD}: the state has {len(theirs)} parameter groups "
+                f"({', '.join(str(n) for n, _ in theirs)}), this optimizer {len(mine)} "
+                f"({', '.join(str(n) for n, _ in mine)}); {fix}"
+            )
+        for g, ((name, count), (saved_name, saved_count)) in enumerate(zip(mine, theirs)):
+            if None not in (name, saved_name) and name != saved_name:
+                raise MolfError(
+                    f"{_LOAD}: group {g} is {saved_name!r} in the state, {name!r} here; {fix}"
+                )
+            if saved_count != count:
+                raise MolfError(
+                    f"{_LOAD}: group {g} ({name}) has {saved_count} parameters in the "
+                    f"state, {count} here; {fix}"
+                )
+
+    def _where(self, group: int, index: int) -> str:
+        """``group 2 (lora0), parameter 3 (model.layers.0.mlp.up_proj.lora_A.0)``, for
+        messages (the name where the optimizer knows it)."""
+        g = self.param_groups[group]
+        name = self._names.get(id(g["params"][index]))
+        return f"group {group} ({g.get('name', '?')}), parameter {index}" + (
+            f" ({name})" if name else ""
+        )
 
     @staticmethod
     def _steps_to_device(self: MoLFAdamW) -> None:
@@ -404,7 +522,7 @@ class MoLFAdamW(torch.optim.Optimizer):
                 flat += 1
         routed.sort(key=lambda item: self._cells[id(item[0])])  # module by module (stable)
         order = routed + plain
-        for p, _ in order:
+        for p, g in order:
             st = self.state[p]
             if not st:
                 if p.dtype == _F16:
@@ -412,6 +530,8 @@ class MoLFAdamW(torch.optim.Optimizer):
                 st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:  # loaded or replaced since: the kernels write through it
+                self._check_state(p, g, st)
         params = [p for p, _ in order]
         state = [[self.state[p][key] for p in params] for key in ("exp_avg", "exp_avg_sq", "step")]
         return _Gathered(
@@ -425,6 +545,15 @@ class MoLFAdamW(torch.optim.Optimizer):
             layout=self._layout(params[: len(routed)]),
             state_fits_kernel=self._kernel is not None and self._kernel.supports(*state),
         )
+
+    def _check_state(self, param: Tensor, group: int, state: dict) -> None:
+        """Refuse (:class:`MolfError`) a parameter's existing state that the step cannot
+        use (:func:`_state_problem`, dtype included): checked when the step gathers its
+        tensors anew, i.e. after loading, not every step."""
+        problem = _state_problem(param, state, True)
+        if problem is not None:
+            index = next(i for i, q in enumerate(self.param_groups[group]["params"]) if q is param)
+            raise MolfError(f"MoLFAdamW.step: {self._where(group, index)}: {problem}")
 
     def _layout(self, routed: list[Tensor]) -> Layout:
         """Where each routed tensor (module by module) sits in the [modules x experts]

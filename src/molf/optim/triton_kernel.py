@@ -21,6 +21,7 @@ the other paths to float32 rounding. Nothing here reads a device value on the ho
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -28,7 +29,14 @@ import triton.language as tl
 from torch import Tensor
 
 from molf.optim.foreach import ThreePassStep
-from molf.optim.functional import adamw_coefficients, plain_float32, to_device
+from molf.optim.functional import (
+    Layout,
+    adamw_coefficients,
+    check_sizes,
+    check_state,
+    plain_float32,
+    to_device,
+)
 
 BLOCK = 2048
 
@@ -145,6 +153,44 @@ class TritonKernel(ThreePassStep):
         if table is None:
             table = self._chunks[key] = _Chunks(list(key), tensors[0].device)
         return table
+
+    def routed_step(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        state_steps: list[Tensor],
+        lrs: list[float],
+        weight_decays: list[float],
+        layout: Layout,
+        found_inf: Tensor,
+        **hyper: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """As :class:`ThreePassStep`'s, once no launch can run past a buffer: each pass
+        spans the sizes of the tensors that drive it (gradients, parameters) and writes
+        the moments and parameters, so the state must fit (:func:`check_state`, once
+        per layout) and this step's parameters and gradients have its sizes
+        (:func:`check_sizes`, every step, no device work)."""
+        sizes = layout.state_tables.get(self.name)
+        if sizes is None:
+            sizes = layout.state_tables[self.name] = check_state(
+                self.name, params, exp_avgs, exp_avg_sqs, state_steps
+            )
+        check_sizes(self.name, "parameter", params, sizes)
+        check_sizes(self.name, "gradient", grads, sizes)
+        return super().routed_step(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            lrs,
+            weight_decays,
+            layout,
+            found_inf,
+            **hyper,
+        )
 
     def supports(self, *tensor_lists: list[Tensor]) -> bool:
         # A GPU, or anywhere under TRITON_INTERPRET=1 (Triton's interpreter, for tests).
