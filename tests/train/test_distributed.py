@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from molf.cli import main
+from molf.ownership import claim
 
 pytestmark = pytest.mark.distributed
 
@@ -151,6 +152,7 @@ def test_sharded_checkpoint_resume_reproduces_the_run(tmp_path, shared_data, mod
     assert {p.name for p in full.glob("checkpoint-*")} == {"checkpoint-2"}
     # A newer checkpoint whose shards are truncated is reported and skipped.
     broken = full / "checkpoint-3"
+    claim(broken)  # written by molf (a checkpoint molf did not write is not its to load)
     shutil.copytree(full / "checkpoint-2", broken)
     for shard in broken.glob("*.distcp"):
         shard.write_bytes(shard.read_bytes()[:100])
