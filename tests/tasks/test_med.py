@@ -198,9 +198,9 @@ def test_evaluate_accuracy_is_the_argmax_of_option_scores(tiny) -> None:
     metrics = task.evaluate(
         model, tokenizer, records, batch_size=3, max_new_tokens=4, predictions=predictions
     )
-    assert set(metrics) == {"accuracy", "generation_accuracy"}
+    assert set(metrics) == {"accuracy", "generation_accuracy", "accuracy_margin"}
     assert 0.0 <= metrics["generation_accuracy"] <= 1.0
-    right = 0
+    right, margins = 0, []
     for r, line in zip(records, predictions, strict=True):
         prompt = med_example(r).prompt
         scores = [
@@ -208,12 +208,14 @@ def test_evaluate_accuracy_is_the_argmax_of_option_scores(tiny) -> None:
             for x in "ABCD"
         ]
         right += scores.index(max(scores)) == r.answer
+        margins.append(scores[r.answer] - max(s for i, s in enumerate(scores) if i != r.answer))
         assert line["prompt"] == prompt and line["reference"] == "ABCD"[r.answer]
         assert list(line["scores"]) == list("ABCD")
         assert list(line["scores"].values()) == pytest.approx(scores, abs=1e-5)
         assert line["output"] == generate(model, tokenizer, [prompt], 4)[0]
         assert line["generation_correct"] == (parse_choice(line["output"]) == r.answer)
     assert metrics["accuracy"] == right / len(records)
+    assert metrics["accuracy_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-5)
     # the per-question lines average to the metrics exactly
     assert metrics["accuracy"] == sum(x["correct"] for x in predictions) / len(records)
     assert metrics["generation_accuracy"] == sum(

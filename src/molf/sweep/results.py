@@ -242,27 +242,46 @@ def write_summary(path: Path, rows: dict[str, Row]) -> None:
 def choose_lr(
     sweep: Sweep, group: Group, rows: dict[str, Row]
 ) -> tuple[LrPoint, list[dict]] | None:
-    """The group's lr point with the best val primary metric (ties: the smaller lr, then
-    the smaller lora_lr; NaN counts as worst), and the val table it was chosen from.
-    None while a val cell is not finished (or failed)."""
+    """The group's lr point with the best val primary metric, and the val table it was
+    chosen from (the chosen entry says by which rule in ``chosen_by``). None while a
+    val cell is not finished (or failed).
+
+    A tie on the primary metric (a few examples often tie) is broken by the task's
+    continuous score of the same examples, ``<primary>_margin`` (e.g. the mean
+    log-prob margin of the wanted answer) when the rows have it, then by the smaller lr
+    and the smaller lora_lr; NaN counts as worst."""
     if not group.needs_selection:
         return group.points[0], []
     column = f"val_{group.primary_metric}"
+    margin = f"{column}_margin"
     table = []
     for cell in sweep.stage1(group):
         row = rows.get(cell.name)
         if row is None or row.get("status") != "ok":
             return None
-        value = number(row.get(column))
-        table.append(
-            {"cell": cell.name, "lr": cell.point.lr, "lora_lr": cell.point.lora_lr, column: value}
-        )
+        entry = {"cell": cell.name, "lr": cell.point.lr, "lora_lr": cell.point.lora_lr}
+        entry[column] = number(row.get(column))
+        if row.get(margin):
+            entry[margin] = number(row.get(margin))
+        table.append(entry)
 
-    def key(entry: dict) -> tuple[float, float, float]:
-        value = entry[column]
-        return (-math.inf if math.isnan(value) else value, -entry["lr"], -(entry["lora_lr"] or 0.0))
+    def score(entry: dict, name: str) -> float:
+        value = entry.get(name, math.nan)
+        return -math.inf if math.isnan(value) else value
+
+    def key(entry: dict) -> tuple[float, float, float, float]:
+        lrs = (-entry["lr"], -(entry["lora_lr"] or 0.0))
+        return (score(entry, column), score(entry, margin), *lrs)
 
     best = max(table, key=key)
+    tied = [e for e in table if score(e, column) == score(best, column)]
+    if len(tied) == 1:
+        rule = f"best {column}"
+    elif score(best, margin) > max(score(e, margin) for e in tied if e is not best):
+        rule = f"{len(tied)} tied on {column}; the best {margin}"
+    else:
+        rule = f"{len(tied)} tied on {column}; the smaller lr"
+    best["chosen_by"] = rule
     return LrPoint(best["lr"], best["lora_lr"]), table
 
 
@@ -340,7 +359,7 @@ def results_markdown(sweep: Sweep, rows: dict[str, Row], choices: dict[str, Any]
             column = f"val_{g.primary_metric}"
             cells = ", ".join(
                 f"{_point_text(LrPoint(e['lr'], e['lora_lr']))}: {e[column]:.4f}"
-                + (" (chosen)" if LrPoint(e["lr"], e["lora_lr"]) == point else "")
+                + (f" (chosen: {e['chosen_by']})" if "chosen_by" in e else "")
                 for e in table
             )
             val_lines.append(f"- {g.key}, {column}: {cells}")
@@ -363,6 +382,7 @@ def selection_json(choices: dict[str, Any]) -> str:
             ],
             "note": "single lr point: nothing to choose"
             if not table
-            else "best val primary metric; ties: the smaller lr",
+            else "best val primary metric; ties: its margin when recorded, then the smaller lr",
+            "chosen_by": next((e["chosen_by"] for e in table if "chosen_by" in e), None),
         }
     return json.dumps(out, indent=2)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from molf.tasks.base import Example, TaskData
-from molf.tasks.metrics import majority_share, mean
+from molf.tasks.metrics import choice_margin, majority_share, mean
 from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import (
     Origin,
@@ -209,7 +209,10 @@ class MedTask:
         - accuracy: the option letter " A".." D" with the highest mean token
           log-prob after the prompt is the correct one (ties: the first letter);
         - generation_accuracy: ``parse_choice`` of the greedy generation is the
-          correct one (no letter in answer form: wrong).
+          correct one (no letter in answer form: wrong);
+        - accuracy_margin: the mean over questions of the correct letter's log-prob minus
+          the best other letter's (> 0 when right): a continuous score of the same
+          questions, which breaks ties of accuracy when a sweep chooses an lr.
 
         ``predictions`` gets per question: prompt, reference (the letter), output, scores
         (letter -> log-prob), correct (for accuracy), generation_correct.
@@ -242,6 +245,7 @@ class MedTask:
         return {
             "accuracy": choice_accuracy(per_question, answers),
             "generation_accuracy": generation_accuracy(generated, answers),
+            "accuracy_margin": choice_margin(per_question, answers),
         }
 
     def baselines(self, records: list[MedRecord]) -> dict[str, float]:

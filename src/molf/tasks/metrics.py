@@ -38,3 +38,14 @@ def majority_share(labels: Sequence[Hashable]) -> float:
     if not labels:
         raise ValueError("majority share of no labels")
     return max(Counter(labels).values()) / len(labels)
+
+
+def choice_margin(scores: Sequence[Sequence[float]], answers: Sequence[int]) -> float:
+    """The mean over questions of the correct option's score minus the best other
+    option's score (positive when the question is answered right)."""
+    return mean(
+        [
+            row[a] - max(v for i, v in enumerate(row) if i != a)
+            for row, a in zip(scores, answers, strict=True)
+        ]
+    )
