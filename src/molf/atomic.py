@@ -12,20 +12,102 @@ what it wrote itself, and refuses to write over anything else.
 
 Permissions follow the umask like any other tool's output (``mkstemp``/``mkdtemp``
 would otherwise leave 0600 files and 0700 directories).
+
+A full or read-only disk is raised as an ``OSError`` (``ENOSPC``, ``EDQUOT`` or
+``EROFS``) naming the destination, whichever writer hit it: ``torch.save`` and
+safetensors report it as a ``RuntimeError`` of their own (:func:`disk_error`).
+
+An interruption raised through :func:`interrupt` (molf's SIGTERM handler) while a
+directory is being renamed into place waits until the renames are done, so that a
+stopped run leaves the old directory or the new one, never neither.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from molf.ownership import TEMP_PREFIX, claim
 
 OLD_TAG = "-old-"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+DISK_ERRNOS = (*DISK_FULL, errno.EROFS)
+LOW_SPACE = 2**20  # bytes left below which a failed write is taken for a full disk
+
+_renaming = 0  # replace_dir calls in progress
+_deferred: list[Callable[[], BaseException]] = []  # an interruption that waits for them
+
+
+class Terminated(BaseException):
+    """A stop on request (SIGTERM) raised outside the training steps (loading,
+    evaluating, saving, uploading) through :func:`interrupt`. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way swallows it; the CLI
+    exits 130 with its message, which says how to go on."""
+
+
+def interrupt(error: Callable[[], BaseException]) -> None:
+    """Raise ``error()`` (from a signal handler) now, or, while a directory is being
+    renamed into place (:func:`replace_dir`), as soon as that is done (``error`` is
+    called then, so that its message sees the new directory)."""
+    if _renaming:
+        _deferred[:] = [error]
+        return
+    raise error()
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold back :func:`interrupt` until the block is done."""
+    global _renaming
+    _renaming += 1
+    try:
+        yield
+    except BaseException:
+        _deferred.clear()  # the block's own error ends the work anyway
+        raise
+    finally:
+        _renaming -= 1
+    if not _renaming and _deferred:
+        raise _deferred.pop()()
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing ancestor."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def disk_error(exc: BaseException, path: Path) -> OSError | None:
+    """``exc``, raised while writing ``path``, as a new OSError ``ENOSPC``/``EDQUOT``/
+    ``EROFS`` naming ``path`` (not the temporary written meanwhile) when a full or
+    read-only disk caused it; else None. Python's own writes say so in ``errno``;
+    ``torch.save`` and safetensors raise a RuntimeError of their own, so for those the
+    file system is asked (call this before the temporary files are removed: they are
+    what filled the disk)."""
+    if isinstance(exc, OSError):
+        if exc.errno not in DISK_ERRNOS:
+            return None
+        return OSError(exc.errno, exc.strerror, str(path))
+    if not isinstance(exc, Exception):  # Ctrl-C, SIGTERM: not the disk
+        return None
+    try:
+        fs = os.statvfs(_existing(path))
+    except OSError:
+        return None
+    if fs.f_flag & os.ST_RDONLY:
+        code = errno.EROFS
+    elif fs.f_bavail * fs.f_frsize < LOW_SPACE:
+        code = errno.ENOSPC
+    else:
+        return None
+    return OSError(code, os.strerror(code), str(path))
 
 
 def _umask() -> int:
@@ -79,8 +161,11 @@ def write_text_atomic(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        problem = disk_error(e, path)
         Path(tmp).unlink(missing_ok=True)
+        if problem is not None:
+            raise problem from e
         raise
     _fsync_dir(path.parent)
 
@@ -100,8 +185,11 @@ def atomic_file(path: Path) -> Iterator[Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        problem = disk_error(e, path)
         tmp.unlink(missing_ok=True)
+        if problem is not None:
+            raise problem from e
         raise
     _fsync_dir(path.parent)
 
@@ -110,14 +198,17 @@ def replace_dir(tmp: Path, final: Path) -> None:
     """Move the complete directory ``tmp`` to ``final``; an existing ``final`` is kept
     until the new one is in place, then deleted."""
     claim(final)
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}{OLD_TAG}", dir=final.parent))
-        os.replace(final, old)  # onto the fresh empty directory: allowed by rename(2)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with _uninterrupted():
+        old = None
+        if final.exists():
+            old = Path(
+                tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{final.name}{OLD_TAG}", dir=final.parent)
+            )
+            os.replace(final, old)  # onto the fresh empty directory: allowed by rename(2)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
@@ -132,8 +223,11 @@ def atomic_directory(final: Path) -> Iterator[Path]:
         _chmod_tree(tmp)
         fsync_tree(tmp)
         replace_dir(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        problem = disk_error(e, final)
         shutil.rmtree(tmp, ignore_errors=True)
+        if problem is not None:
+            raise problem from e
         raise
 
 

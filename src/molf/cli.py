@@ -1,4 +1,5 @@
-"""``molf train`` / ``molf eval`` (flags and YAML, then ``molf.train.run``) and ``molf report``.
+"""``molf train`` / ``molf eval`` (flags and YAML, then ``molf.train.run``), ``molf report``
+and ``molf push``.
 
 Every flag comes from a :class:`~molf.train.args.TrainArgs` field (its help text
 included), so the YAML keys, the flags and ``config.yaml`` always agree.
@@ -76,6 +77,16 @@ def _add_report_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_push_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", metavar="RUN_DIR", help="a finished run directory")
+    parser.add_argument(
+        "--push-to-hub",
+        metavar="OWNER/NAME",
+        default=None,
+        help="Hub repo id (default: the run's own --push-to-hub)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="molf",
@@ -107,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "index.html, summary.md and PNGs",
     )
     _add_report_args(report)
+    push = sub.add_parser(
+        "push",
+        help="upload a finished run's final/ to the Hugging Face Hub (again: after an "
+        "upload failed, or to another repo)",
+    )
+    _add_push_args(push)
     from molf.sweep import add_sweep_parser
 
     add_sweep_parser(sub)
@@ -126,10 +143,10 @@ def _train_or_eval(ns: argparse.Namespace, argv: list[str]) -> int:
             flush=True,
         )
         overrides.update(DEMO)
-    from molf.train.args import resolve_args
+    from molf.train.args import expand_path, resolve_args
     from molf.train.run import holding_run, run_eval, run_settings, run_train
 
-    run_dir = Path(ns.run) if getattr(ns, "run", None) else None
+    run_dir = Path(expand_path(ns.run)) if getattr(ns, "run", None) else None
     with holding_run(run_dir):  # molf eval --run: no training changes the run meanwhile
         args = resolve_args(ns.config, overrides, run_settings(run_dir) if run_dir else None)
         if command == "eval":
@@ -156,11 +173,48 @@ def _train_or_eval(ns: argparse.Namespace, argv: list[str]) -> int:
 def _report(ns: argparse.Namespace, argv: list[str]) -> int:
     """``molf report RUN_DIR [RUN_DIR ...] [--out DIR]``."""
     from molf.report import write_report
+    from molf.train.args import expand_path
 
-    runs = [Path(r) for r in ns.runs]
-    out = Path(ns.out) if ns.out else (runs[0] / "report" if len(runs) == 1 else Path("report"))
-    index = write_report(runs, out)
+    runs = [Path(expand_path(r)) for r in ns.runs]
+    out = (
+        Path(expand_path(ns.out))
+        if ns.out
+        else (runs[0] / "report" if len(runs) == 1 else Path("report"))
+    )
+    try:
+        index = write_report(runs, out)
+    except UnicodeDecodeError:
+        raise _not_utf8(runs) or MolfError("a run's files are not UTF-8 text") from None
     print(f"[molf] report: {index}", flush=True)
+    return 0
+
+
+def _not_utf8(runs: list[Path]) -> MolfError | None:
+    """A MolfError naming ``file:line`` of the first bytes that are not UTF-8 among the
+    files ``molf report`` reads in ``runs``; None if there are none."""
+    for run in runs:
+        for name in ("config.yaml", "train_log.jsonl", "routing.jsonl", "eval.json"):
+            try:
+                data = (run / name).read_bytes()
+                data.decode("utf-8")
+            except OSError:
+                continue
+            except UnicodeDecodeError as e:
+                line = data[: e.start].count(b"\n") + 1
+                return MolfError(
+                    f"{run / name}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); "
+                    "the file is damaged there: restore or delete that line"
+                )
+    return None
+
+
+def _push(ns: argparse.Namespace, argv: list[str]) -> int:
+    """``molf push RUN_DIR [--push-to-hub OWNER/NAME]``."""
+    from molf.train.args import expand_path
+    from molf.train.run import push_run
+
+    url = push_run(Path(expand_path(ns.run)), ns.push_to_hub)
+    print(f"[molf] uploaded to the Hub: {url}", flush=True)
     return 0
 
 
@@ -171,29 +225,47 @@ def _sweep(ns: argparse.Namespace, argv: list[str]) -> int:
 
 
 # One handler per subcommand: (parsed flags, raw argv) -> exit code.
-COMMANDS = {"train": _train_or_eval, "eval": _train_or_eval, "report": _report, "sweep": _sweep}
+COMMANDS = {
+    "train": _train_or_eval,
+    "eval": _train_or_eval,
+    "report": _report,
+    "push": _push,
+    "sweep": _sweep,
+}
+
+
+def _disk_message(e: OSError) -> tuple[str, int]:
+    """One line and the exit code for a full (1) or read-only (2) disk met outside
+    ``molf train`` (which names its own way to go on)."""
+    where = e.filename or "the output"
+    if e.errno == errno.EROFS:
+        return f"cannot write {where}: read-only file system; choose a writable location", 2
+    return (
+        f"{e.strerror} while writing {where}; nothing half-written was kept: free some "
+        "space and run the command again",
+        1,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
+    from molf.atomic import DISK_ERRNOS, Terminated
+
     try:
         return COMMANDS[ns.command](ns, argv)
     except MolfError as e:
         print(f"molf: error: {e}", file=sys.stderr)
-        return 2
-    except Interrupted as e:
+        return getattr(e, "exit_code", 2)  # 2: bad input; 1: e.g. an upload that failed
+    except (Interrupted, Terminated) as e:
         print(f"molf: {e}", file=sys.stderr)
         return 130
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if e.errno not in DISK_ERRNOS:
             raise
-        print(
-            f"molf: error: {e.strerror} while writing {e.filename or 'the run'}; nothing "
-            "half-written was kept: free some space and continue with --resume",
-            file=sys.stderr,
-        )
-        return 1
+        message, code = _disk_message(e)
+        print(f"molf: error: {message}", file=sys.stderr)
+        return code
     except KeyboardInterrupt:
         print(
             "molf: interrupted; continue with --resume (from the latest checkpoint)",

@@ -12,7 +12,9 @@ token. An unmarked tokenizer keeps the plain-text behaviour.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,10 +55,43 @@ def use_chat_template(tokenizer: Any, mode: str) -> bool:
         )
     active = mode == "auto" and bool(getattr(tokenizer, "chat_template", None))
     if active:
+        render_chat(tokenizer, [{"role": "user", "content": "hi"}])  # a broken one fails here
         setattr(tokenizer, CHAT_ATTR, ChatFormat(_end_of_turn_id(tokenizer)))
     elif hasattr(tokenizer, CHAT_ATTR):
         delattr(tokenizer, CHAT_ATTR)
     return active
+
+
+def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
+    """The chat template's text for ``messages`` followed by the assistant's opening; a
+    template that fails (a syntax error, ``raise_exception``, a missing key) is a
+    MolfError naming the template's file and line and the way out."""
+    try:
+        return tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=True
+        )
+    except Exception as e:  # jinja2's TemplateError family, or Python errors inside it
+        raise MolfError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')} "
+            f"fails ({_template_where(tokenizer, e)}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no message'}); fix the template, or "
+            "use raw text with --chat-template none"
+        ) from None
+
+
+def _template_where(tokenizer: Any, error: Exception) -> str:
+    """Where a chat template failed: ``DIR/chat_template.jinja:LINE`` when the template is
+    that file, else ``DIR/tokenizer_config.json, chat_template line LINE``."""
+    line = getattr(error, "lineno", None)  # TemplateSyntaxError
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        if frame.f_code.co_filename == "<template>":  # jinja maps frames to template lines
+            line = lineno
+    directory = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    if (directory / "chat_template.jinja").is_file():
+        where = str(directory / "chat_template.jinja")
+        return f"{where}:{line}" if line else where
+    where = f"{directory / 'tokenizer_config.json'}, chat_template"
+    return f"{where} line {line}" if line else where
 
 
 def chat_format(tokenizer: Any) -> ChatFormat | None:
@@ -99,7 +134,7 @@ def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
     if chat is None:
         return list(tokenizer(prompt)["input_ids"])
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, list(messages))
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -37,7 +37,7 @@ from molf.tasks.base import Example, TaskData
 from molf.tasks.encoding import IGNORE_INDEX, collate, encode_example, ensure_pad_token
 from molf.tasks.fact_builtin import BUILTIN_FACTS
 from molf.tasks.metrics import share_preferred
-from molf.tasks.scoring import context_length, inference, model_device
+from molf.tasks.scoring import context_length, inference, model_device, score_completions
 from molf.tasks.sources import (
     EVAL_CAP_SEED,
     Origin,
@@ -266,16 +266,24 @@ class ContestScore:
 
 
 def contest_scores(
-    model: Any, tokenizer: Any, contests: list[tuple[str, str, str]], batch_size: int = 8
+    model: Any,
+    tokenizer: Any,
+    contests: list[tuple[str, str, str]],
+    batch_size: int = 8,
+    *,
+    share_prefix: bool = True,
 ) -> list[ContestScore]:
     """A :class:`ContestScore` per ``(prompt, wanted, other)``.
 
-    Each answer is encoded after its prompt as for training (no EOS) and scored in
-    right-padded batches, as ``scoring.completion_logprobs`` does; the first-token
-    scores both come from the wanted answer's forward pass, at the position that
-    predicts its first token.
+    Each answer is encoded after its prompt as for training (no EOS) and scored by
+    :func:`molf.tasks.scoring.score_completions` (``batch_size`` prompts per pass):
+    the prompt runs through the model once, with its longer answer; the other is read
+    from the same pass (one token) or from the prompt's cached keys and values. The
+    first-token scores both come from the distribution that predicts the wanted
+    answer's first token. ``share_prefix=False`` runs the evaluation as it was before
+    (one right-padded row per answer, logits at every position: the baseline of
+    ``benchmarks/b6_eval_scoring.py``); the scores are the same up to float rounding.
     """
-    pad_id = ensure_pad_token(tokenizer)
     limit = context_length(model)
     encoded = [
         encode_example(tokenizer, prompt, completion, max_length=limit, add_eos=False)
@@ -290,6 +298,26 @@ def contest_scores(
             raise MolfError(f"completion {completion!r} has no tokens to score; make it non-empty")
         firsts.append(tokens[0])
     rivals = [firsts[i ^ 1] for i in range(len(encoded))]  # wanted <-> other of one contest
+    if share_prefix:
+        prompts = [prompt for prompt, _, _ in contests for _ in range(2)]
+        scored = score_completions(
+            model,
+            tokenizer,
+            prompts,
+            answers,
+            batch_size,
+            alternatives=[[rivals[i]] if i % 2 == 0 else [] for i in range(len(answers))],
+        )
+        return [
+            ContestScore(
+                scored[2 * k].mean,
+                scored[2 * k + 1].mean,
+                scored[2 * k].first,
+                scored[2 * k].alternatives[0],
+            )
+            for k in range(len(contests))
+        ]
+    pad_id = ensure_pad_token(tokenizer)
     means: list[float] = []
     own_first: list[float] = []
     rival_first: list[float] = []

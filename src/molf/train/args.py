@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from molf.errors import MolfError
+from molf.yamlfile import load_yaml
 
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16", "amp-bf16")
@@ -77,6 +77,18 @@ EVAL_SETTINGS = (
     "max_length", "max_new_tokens", "chat_template", "dtype", "eval_batch_size",
 )  # fmt: skip
 EVAL_FLAGS = ("model", "gguf_file", "output_dir", *EVAL_SETTINGS)
+
+
+# Settings that name a file or directory: a leading ``~`` is the home directory whether
+# the value came from a flag (where the shell may not expand it: --output-dir=~/x) or
+# from YAML (where nothing else would).
+PATH_FIELDS = ("model", "data", "output_dir")
+MAX_SEED = 2**32 - 1  # numpy's limit; torch and random take more, but not the same range
+
+
+def expand_path(value: str) -> str:
+    """``value`` with a leading ``~`` or ``~user`` made the home directory."""
+    return os.path.expanduser(value)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -181,7 +193,7 @@ class TrainArgs:
     push_to_hub: str | None = _f(
         None,
         "upload final/ to this Hugging Face Hub repo id (e.g. me/smollm2-molf-facts) once "
-        "the run is finished; needs a token (huggingface-cli login or HF_TOKEN)",
+        "the run is finished; needs a token (hf auth login or HF_TOKEN)",
     )
     logging_steps: int = _f(1, "log every N optimizer steps")
     report_to: str = _f("none", "experiment tracker")
@@ -210,6 +222,9 @@ class TrainArgs:
         self.lora_alphas = tuple(float(a) for a in self.lora_alphas)
         if self.output_dir is None:
             self.output_dir = str(Path("runs") / f"{self.task}-{self.method}")
+        for name in PATH_FIELDS:
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, expand_path(getattr(self, name)))
         self.validate()
 
     def validate(self) -> None:
@@ -235,6 +250,11 @@ class TrainArgs:
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise MolfError(f"--{name.replace('_', '-')} must be at least 1 (or unset)")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise MolfError(
+                f"--seed must be in [0, {MAX_SEED}] (the range numpy, torch and random all "
+                f"accept), got {self.seed}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise MolfError("--max-steps must be at least 1")
         if not 0 <= self.warmup_ratio < 1:
@@ -324,19 +344,8 @@ def resolve_args(
         name: _coerce(fields[name], value) for name, value in (base or {}).items()
     }
     if config_path is not None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise MolfError(f"--config: {config_path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f"{config_path}:{mark.line + 1}" if mark is not None else config_path
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise MolfError(f"--config: {where}: not valid YAML ({problem})") from None
-        if not isinstance(loaded, dict):
-            raise MolfError(f"--config: {config_path} must hold a mapping of settings")
-        for key, value in loaded.items():
+        config_path = expand_path(config_path)
+        for key, value in load_yaml(config_path, "--config").items():
             name = str(key).replace("-", "_")
             if name not in fields:
                 raise MolfError(f"--config: {config_path}: unknown setting {key!r}")

@@ -66,7 +66,8 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest ``keep`` complete checkpoints."""
     checkpoints = list_checkpoints(run_dir)
     for old in checkpoints[: max(0, len(checkpoints) - keep)]:
-        shutil.rmtree(old, ignore_errors=True)
+        (old / "meta.json").unlink(missing_ok=True)  # incomplete first: a stop mid-delete
+        shutil.rmtree(old, ignore_errors=True)  # leaves no half checkpoint to resume from
         disown(old)
 
 

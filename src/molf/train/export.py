@@ -9,6 +9,7 @@ casts the saved floating-point weights (``bf16`` halves an fp32 model);
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import torch
@@ -94,42 +95,74 @@ def cast_saved_weights(directory: Path, dtype: torch.dtype) -> None:
         index.write_text(json.dumps(data, indent=2))
 
 
+class UploadFailed(MolfError):
+    """The upload to the Hub failed (network, token, permissions): the model is saved and
+    ``molf push RUN`` retries it; exit code 1, not 2, since the run itself is fine."""
+
+    exit_code = 1
+
+
+def check_repo_id(repo_id: str) -> None:
+    """MolfError unless ``repo_id`` is a Hub model repo id ``OWNER/NAME`` (huggingface_hub's
+    own rules: letters, digits, ``-``, ``_``, ``.``, at most 96 characters)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    owner, _, name = repo_id.partition("/")
+    problem = None
+    if not owner or not name or "/" in name:
+        problem = "it must be OWNER/NAME"
+    else:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError as e:
+            problem = str(e).splitlines()[0]
+    if problem is not None:
+        raise MolfError(
+            f"--push-to-hub {repo_id!r}: not a Hub repo id ({problem}); give OWNER/NAME, "
+            "e.g. me/smollm2-molf-facts"
+        )
+
+
 def check_hub_token(repo_id: str | None) -> None:
-    """Before any work: an upload needs a Hub token (checked, not validated: that needs
-    the network)."""
+    """Before any work: the repo id is well formed and an upload has a Hub token (checked,
+    not validated: that needs the network)."""
     if repo_id is None:
         return
-    if "/" not in repo_id:
-        raise MolfError(f"--push-to-hub {repo_id}: give a repo id as OWNER/NAME")
+    check_repo_id(repo_id)
     from huggingface_hub import get_token
 
     if get_token() is None:
         raise MolfError(
-            f"--push-to-hub {repo_id}: no Hugging Face token; run huggingface-cli login or "
-            "set HF_TOKEN"
+            f"--push-to-hub {repo_id}: no Hugging Face token; run hf auth login or set HF_TOKEN"
         )
+
+
+def push_command(run_dir: Path, repo_id: str) -> str:
+    """The command that uploads ``run_dir/final`` again."""
+    return f"molf push {shlex.quote(str(run_dir))} --push-to-hub {shlex.quote(repo_id)}"
 
 
 def push_final(final: Path, repo_id: str) -> str:
     """Upload ``final/`` to the Hub model repo ``repo_id`` (created when missing, with
-    the account's default visibility); returns the commit URL. A missing token or a
-    failed request raises MolfError naming the saved model and the command to retry."""
+    the account's default visibility); returns the commit URL. Any failure (no token, a
+    refused one, the network) raises :class:`UploadFailed`, one line naming the saved
+    model and the ``molf push`` command that retries."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-    api = HfApi()
     try:
+        api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
         commit = api.upload_folder(
             folder_path=str(final),
             repo_id=repo_id,
             commit_message=f"molf: upload {final}",
         )
-    except (HfHubHTTPError, LocalTokenNotFoundError, OSError, ValueError) as e:
-        raise MolfError(
-            f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}); the model is saved in {final}: "
-            f"log in (huggingface-cli login) and retry with "
-            f"huggingface-cli upload {repo_id} {final}"
+    except Exception as e:  # HTTP errors, connection errors (httpx), a missing token...
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no message"
+        raise UploadFailed(
+            f"--push-to-hub {repo_id}: upload failed ({type(e).__name__}: {reason}); the "
+            f"model is saved in {final}: retry with {push_command(final.parent, repo_id)} "
+            "(after hf auth login if the token was refused)"
         ) from None
     return str(getattr(commit, "commit_url", commit))

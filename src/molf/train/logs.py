@@ -54,9 +54,15 @@ class RunLogger:
             )
 
     def _append(self, name: str, record: dict[str, Any]) -> None:
-        claim(self.run_dir / name)
-        with open(self.run_dir / name, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = self.run_dir / name
+        claim(path)
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk fails the write or the close: name the file
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from e
 
     def log_train(self, record: dict[str, Any]) -> None:
         """Append the record to ``train_log.jsonl``; trackers get its numbers as
@@ -112,7 +118,7 @@ class RunLogger:
         for name in ("train_log.jsonl", "routing.jsonl"):
             path = self.run_dir / name
             if path.exists():
-                kept = [x for x in _complete_lines(path) if json.loads(x).get("step", 0) <= step]
+                kept = [x for x, rec in _complete_lines(path) if rec.get("step", 0) <= step]
                 write_text_atomic(path, "".join(kept))
 
     def log_results(self, results: dict[str, Any]) -> None:
@@ -171,17 +177,47 @@ RESULT_COLUMNS = [
 ]
 
 
-def _complete_lines(path: Path) -> list[str]:
-    """A log's lines, without a torn last line (a kill mid-write): it is logged again
-    when the step is redone."""
-    lines = path.read_text().splitlines(keepends=True)
-    if lines:
+def parse_record(raw: bytes) -> dict[str, Any]:
+    """One JSONL line as its JSON object; ValueError saying what is wrong with it (not
+    UTF-8, not JSON, not an object) otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deep)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"not a JSON object but {type(record).__name__}")
+    return record
+
+
+def _complete_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """A log's lines (each ending in a newline) with their records, without a torn last
+    line (a kill mid-write): it is logged again when the step is redone. Any other line
+    that is not a JSON object is a MolfError naming ``path:line``."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    last = max((i for i, x in enumerate(lines, 1) if x.strip()), default=0)
+    out = []
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
         try:
-            json.loads(lines[-1])
-        except ValueError:
-            print(f"[molf] warning: {path}: dropping a torn last line", file=sys.stderr)
-            lines.pop()
-    return lines
+            record = parse_record(raw)
+        except ValueError as e:
+            if number == last:
+                warning = f"[molf] warning: {path}:{number}: dropping a torn last line ({e})"
+                print(warning, file=sys.stderr)
+                break
+            raise MolfError(
+                f"{path}:{number}: {e}; this log line is damaged: delete it (the report "
+                "then misses that step) and run again"
+            ) from None
+        out.append((raw.decode("utf-8").rstrip("\r\n") + "\n", record))
+    return out
 
 
 def append_result(path: Path, row: dict[str, Any]) -> None:

@@ -24,10 +24,10 @@ import torch
 import yaml
 from torch import nn
 
-from molf.atomic import write_text_atomic
+from molf.atomic import DISK_ERRNOS, Terminated, interrupt, write_text_atomic
 from molf.errors import MolfError
 from molf.model import parameter_summary
-from molf.ownership import refuse_foreign
+from molf.ownership import TEMP_PREFIX, claim, refuse_foreign
 from molf.tasks import TaskData, get_task
 from molf.tasks.encoding import ensure_pad_token, use_chat_template
 from molf.train.args import EVAL_SETTINGS, TrainArgs
@@ -48,8 +48,8 @@ from molf.train.distributed import (
     unwrap,
     wrap_model,
 )
-from molf.train.export import check_hub_token, push_final, save_final
-from molf.train.logs import RunLogger, append_result, peak_memory_mb
+from molf.train.export import check_hub_token, push_command, push_final, save_final
+from molf.train.logs import RunLogger, append_result, parse_record, peak_memory_mb
 from molf.train.loop import LoopContext, train_loop
 from molf.train.methods import (
     build_optimizer,
@@ -68,6 +68,7 @@ from molf.train.modeling import (
     resolve_model,
 )
 from molf.train.rundir import RunLock, check_run_dir, start_run_dir
+from molf.yamlfile import load_yaml
 
 
 def _say(msg: str, enabled: bool = True) -> None:
@@ -130,11 +131,7 @@ def _resume_changes(
     ``--flag NEW (the run used OLD)``, refused (MolfError) unless
     ``--allow-changed-settings``; and the run's own settings (its config.yaml, read here
     by every rank before rank 0 may rewrite it)."""
-    path = run_dir / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MolfError(f"--resume: cannot read {path} ({e})") from None
+    saved = load_yaml(run_dir / "config.yaml", "--resume")
     now = {**args.to_dict(), "world_size": world_size}
     _refuse_shape_changes(run_dir, args, saved or {})
     changed = [
@@ -243,12 +240,33 @@ def _evaluate(
 
 
 def write_predictions(path: Path, stage: str, rows: list[dict[str, Any]]) -> None:
-    """Replace the ``stage`` lines of a predictions file, keeping the other stages' lines."""
-    kept = []
-    if path.exists():
-        kept = [x for x in path.read_text().splitlines() if json.loads(x).get("stage") != stage]
-    lines = kept + [json.dumps({"stage": stage, **row}) for row in rows]
+    """Replace the ``stage`` lines of a predictions file, keeping the other stages' lines
+    (a file molf did not write is refused before it is read)."""
+    claim(path)
+    lines = _other_stages(path, stage) + [json.dumps({"stage": stage, **row}) for row in rows]
     write_text_atomic(path, "".join(line + "\n" for line in lines))
+
+
+def _other_stages(path: Path, stage: str) -> list[str]:
+    """The lines of the predictions file ``path`` (if any) of stages other than ``stage``;
+    a line that is not a JSON object is a MolfError naming ``path:line``."""
+    if not path.exists():
+        return []
+    kept = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            record = parse_record(raw)
+        except ValueError as e:
+            raise MolfError(
+                f"{path}:{number}: {e}; molf writes one JSON object per line there: "
+                "restore that line, or move the file away (its other stages' lines are "
+                "then not kept)"
+            ) from None
+        if record.get("stage") != stage:
+            kept.append(raw.decode("utf-8"))
+    return kept
 
 
 def run_train(args: TrainArgs) -> dict[str, Any]:
@@ -258,13 +276,102 @@ def run_train(args: TrainArgs) -> dict[str, Any]:
     evaluates and writes logs, routing, results and the final model.
     """
     ctx = init_distributed(args.parallel, args.dist_timeout)
+    run_dir = Path(args.output_dir)
+    stop = SigtermStop(run_dir)
     try:
-        return _run_train(args, ctx)
+        with stop.installed():
+            return _run_train(args, ctx, stop)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        raise disk_failure(e, run_dir) from None
     finally:
         shutdown(ctx)
 
 
-def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
+class DiskFull(MolfError):
+    """The disk filled up (or the quota ran out) while the run wrote: exit code 1, since
+    nothing about the input is wrong; the message says how to go on."""
+
+    exit_code = 1
+
+
+def disk_failure(error: OSError, run_dir: Path) -> MolfError:
+    """One line for a full (:class:`DiskFull`) or read-only disk met while writing the
+    run in ``run_dir``: the path, and how to go on."""
+    where = Path(error.filename) if error.filename else run_dir
+    if where.name.startswith(TEMP_PREFIX):  # molf's temporary: name what it was for
+        where = where.parent
+    hint = continue_hint(run_dir)
+    if error.errno == errno.EROFS:
+        return MolfError(
+            f"--output-dir: cannot write {where}: read-only file system; make it writable "
+            f"and {hint}, or give a writable --output-dir"
+        )
+    return DiskFull(
+        f"{error.strerror} while writing {where}; nothing half-written was kept: free "
+        f"some space, then {hint}"
+    )
+
+
+def continue_hint(run_dir: Path) -> str:
+    """How to go on with the run in ``run_dir`` after it stopped: ``--resume`` from its
+    newest checkpoint, or (none written) the same command again."""
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        return f"continue with --resume (from {checkpoints[-1].name})"
+    return "start the run again (the same command: no checkpoint was written)"
+
+
+class SigtermStop:
+    """SIGTERM during ``molf train`` (what schedulers send before killing a job).
+
+    Between training steps (:attr:`between_steps`) it only sets a flag: the loop
+    finishes its step, writes a checkpoint and stops. Anywhere else it raises
+    :class:`Terminated` at once: molf's atomic writers then leave the old file or
+    directory and remove their temporaries (a directory being renamed into place is
+    finished first), and the message names the :attr:`stage` and says whether
+    ``--resume`` continues the run (:func:`continue_hint`, or :attr:`hint` when set)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.stage = "the setup"
+        self.hint: str | None = None
+        self.between_steps = False
+        self.received = False
+
+    def requested(self) -> bool:
+        return self.received
+
+    def error(self) -> Terminated:
+        hint = self.hint or continue_hint(self.run_dir)
+        return Terminated(f"interrupted (SIGTERM) during {self.stage}; {hint}")
+
+    def raise_if_requested(self) -> None:
+        if self.received:
+            raise self.error()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received:  # a repeated signal: the first one is being acted on
+            return
+        self.received = True
+        if not self.between_steps:
+            interrupt(self.error)
+
+    @contextmanager
+    def installed(self) -> Iterator[SigtermStop]:
+        """Handle SIGTERM this way inside the block (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGTERM, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_train(args: TrainArgs, ctx: DistContext, stop: SigtermStop) -> dict[str, Any]:
     main = ctx.is_main
     run_dir = Path(args.output_dir)
     # Every check that can fail runs before the run directory is touched.
@@ -336,7 +443,7 @@ def _run_train(args: TrainArgs, ctx: DistContext) -> dict[str, Any]:
     lock = start_run_dir(run_dir, resume=args.resume, overwrite=args.overwrite) if main else None
     try:
         return _train_in_run_dir(
-            args, ctx, run_dir, task, data, model, tokenizer, batches, total, changes, own
+            args, ctx, run_dir, task, data, model, tokenizer, batches, total, changes, own, stop
         )
     finally:
         if lock is not None:
@@ -355,6 +462,7 @@ def _train_in_run_dir(
     total: int,
     changes: list[str],
     own: dict[str, Any],
+    stop: SigtermStop,
 ) -> dict[str, Any]:
     from transformers import get_scheduler
 
@@ -365,6 +473,7 @@ def _train_in_run_dir(
     eval_path = run_dir / "eval.json"
     results: dict[str, Any] = json.loads(eval_path.read_text()) if eval_path.exists() else {}
     if main and args.eval_before and "before" not in results:
+        stop.stage = "the evaluation before training"
         results["before"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "before")
         results["baselines"] = task.baselines(data.eval)
         write_text_atomic(eval_path, json.dumps(results, indent=2))
@@ -422,23 +531,29 @@ def _train_in_run_dir(
     )
     logger = RunLogger(run_dir, args.report_to, args.to_dict(), enabled=main)
     logger.truncate(start)
-    with sigterm_requested() as stop_requested:
-        loop_ctx = LoopContext(
-            run_dir=run_dir,
-            device=ctx.device,
-            logger=logger,
-            dist=ctx,
-            checkpoint=checkpoint,
-            stop_requested=stop_requested,
-        )
+    loop_ctx = LoopContext(
+        run_dir=run_dir,
+        device=ctx.device,
+        logger=logger,
+        dist=ctx,
+        checkpoint=checkpoint,
+        stop_requested=stop.requested,
+    )
+    stop.stage, stop.between_steps = "training", True
+    try:
         clock["started"] = time.perf_counter()
         train_loop(model, optimizer, scheduler, batches, args, loop_ctx, start, total)
+    finally:
+        stop.between_steps = False
     seconds = clock["before"] + time.perf_counter() - clock["started"]
     if start < total:
         # Always resumable before the final evaluation and save: a failure there (full
-        # disk, a crash) is redone with --resume instead of costing the training.
+        # disk, a crash, SIGTERM) is redone with --resume instead of costing the training.
+        stop.stage = "the checkpoint of the last step"
         checkpoint(total)
+    stop.raise_if_requested()  # SIGTERM during the last step: stop here, resumable
     skipped = optimizer.skipped_steps if method_of(args).routed else None
+    stop.stage = "the gathering of the model"
     model = gather_for_saving(model, args, ctx, total)
     if main:
         _finish(
@@ -455,6 +570,7 @@ def _train_in_run_dir(
             skipped=skipped,
             total=total,
             device=ctx.device,
+            stop=stop,
         )
     else:
         logger.close()
@@ -477,6 +593,7 @@ def _finish(
     skipped: int | None,
     total: int,
     device: torch.device,
+    stop: SigtermStop,
 ) -> None:
     """The main process after training: evaluate and record the run (``eval.json``, the
     logs, ``results.csv``), save ``final/`` unless ``save_model`` is off, and upload it
@@ -484,6 +601,7 @@ def _finish(
     is missing (a failed save, or one run without its model): it is saved, not redone."""
     name, gguf = resolve_model(args.model, args.gguf_file)
     if record:
+        stop.stage = "the evaluation after training"
         results["after"] = _evaluate(task, model, tokenizer, data.eval, args, run_dir, "after")
         results["baselines"] = task.baselines(data.eval)
         results["train_seconds"] = seconds
@@ -510,7 +628,9 @@ def _finish(
             },
         )
     logger.close()
+    final = run_dir / "final"
     if args.save_model:
+        stop.stage = "the final save"
         final = save_final(
             model,
             tokenizer,
@@ -525,6 +645,8 @@ def _finish(
     if not args.save_steps:
         prune_checkpoints(run_dir, keep=0)  # kept only until the record and final/ were safe
     if args.push_to_hub:
+        stop.stage = "the upload"
+        stop.hint = f"the run is saved; upload it with {push_command(run_dir, args.push_to_hub)}"
         _say(f"uploaded to the Hub: {push_final(final, args.push_to_hub)}")
 
 
@@ -550,21 +672,6 @@ def _write_config(
     if resume_changes:
         config["resume_changes"] = resume_changes
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config, sort_keys=False))
-
-
-@contextmanager
-def sigterm_requested() -> Iterator[Callable[[], bool]]:
-    """While training, SIGTERM (what schedulers send before killing a job) only sets a
-    flag: the loop finishes its step, writes a checkpoint and stops (exit 130)."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: False
-        return
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
-    try:
-        yield lambda: bool(received)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def gather_for_saving(model: nn.Module, args: TrainArgs, ctx: DistContext, total: int) -> nn.Module:
@@ -615,7 +722,7 @@ def run_settings(run_dir: Path) -> dict[str, Any]:
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise MolfError(f"--run: {run_dir} is not a run directory (no config.yaml)")
-    saved = yaml.safe_load(config.read_text()) or {}
+    saved = load_yaml(config, "--run")
     if not (run_dir / "final").is_dir():
         if saved.get("save_model", True) is False:
             raise MolfError(
@@ -746,3 +853,28 @@ def run_eval(args: TrainArgs, write: bool) -> dict[str, float]:
         results = {"after": metrics, "baselines": task.baselines(data.eval)}
         write_text_atomic(out / "eval.json", json.dumps(results, indent=2))
     return metrics
+
+
+def push_run(run_dir: Path, repo_id: str | None) -> str:
+    """``molf push RUN_DIR``: upload a finished run's ``final/`` to ``repo_id`` (default:
+    the run's own ``--push-to-hub``) the way the end of training does, holding the run's
+    lock meanwhile; returns the commit URL. What is missing or malformed is a MolfError;
+    a failed upload an :class:`~molf.train.export.UploadFailed` that says to retry."""
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise MolfError(f"molf push: {run_dir} is not a run directory (no config.yaml)")
+    repo_id = repo_id or load_yaml(config, "molf push").get("push_to_hub")
+    if not repo_id:
+        raise MolfError(
+            f"molf push: {run_dir} was trained without --push-to-hub: give the repo with "
+            "--push-to-hub OWNER/NAME"
+        )
+    check_hub_token(str(repo_id))
+    with holding_run(run_dir):
+        final = run_dir / "final"
+        if not final.is_dir():
+            raise MolfError(
+                f"molf push: {run_dir} has no final/ model (finish the run with --resume; "
+                "a run with save_model off has none)"
+            )
+        return push_final(final, str(repo_id))
