@@ -360,3 +360,24 @@ def test_a_chat_template_that_raises_is_one_line_before_training(tmp_path, share
         "--chat-template none"
     )
     assert main([*argv, "--chat-template", "none"]) == 0
+
+
+def test_a_sweep_file_alias_bomb_and_a_missing_launcher_are_one_line(tmp_path, capsys):
+    from molf.sweep import main as sweep_main
+
+    bomb = tmp_path / "bomb.yaml"
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb.write_text("\n".join(lines) + "\n")
+    assert sweep_main([str(bomb), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "alias" in err[0]
+    cfg = tmp_path / "sweep.yaml"
+    cfg.write_text(
+        f"output_dir: {tmp_path / 'runs'}\nlauncher: no-such-launcher-molf\n"
+        "models: {tiny: {model: smollm2-135m}}\ntasks: {fact: {data: builtin}}\n"
+        "methods: {fft: {lr: [1e-4]}}\nseeds: [0]\n"
+    )
+    assert sweep_main([str(cfg)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "launcher: cannot run 'no-such-launcher-molf'" in err[-1]

@@ -31,8 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from molf.errors import MolfError
 
 TOP_KEYS = (
@@ -284,15 +282,12 @@ def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
     """Read and validate a sweep file; raises MolfError naming the bad key or value."""
     from molf.tasks import get_task
     from molf.train.args import TrainArgs
+    from molf.yamlfile import load_yaml
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise MolfError(f"sweep config {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise MolfError(f"{path} is not valid YAML: {e}") from None
-    raw = expand_env(_mapping(raw, str(path)), str(path))
+    raw = expand_env(_mapping(load_yaml(path, "molf sweep"), str(path)), str(path))
     unknown = sorted(set(raw) - set(TOP_KEYS))
     if unknown:
         raise MolfError(

@@ -109,9 +109,16 @@ def stop_child(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
 def run_child(cmd: list[str], log: IO[str]) -> int:
     """Run ``cmd`` with its output to ``log``; its exit code. If the sweep is interrupted
     while it runs, the child is stopped (:func:`stop_child`) before the interrupt goes on."""
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid())
-    )
+    try:
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent(os.getpid())
+        )
+    except (FileNotFoundError, PermissionError) as e:
+        raise MolfError(
+            f"launcher: cannot run {cmd[0]!r} ({e.strerror}); set the sweep file's launcher: "
+            "to an installed command (e.g. torchrun --nproc-per-node 2 -m molf), or null "
+            "for this Python's -m molf"
+        ) from None
     try:
         return proc.wait()
     except BaseException:  # KeyboardInterrupt: Ctrl-C, or SIGTERM (molf.sweep)
