@@ -187,8 +187,11 @@ def test_evaluate_matches_a_slow_one_by_one_recomputation(tiny) -> None:
     predictions: list[dict] = []
     metrics = task.evaluate(model, tokenizer, records, batch_size=4, predictions=predictions)
     names = ("efficacy", "generalization", "specificity")
-    assert set(metrics) == {*names, *(f"{n}_first_token" for n in names)}
+    assert set(metrics) == {*names, *(f"{n}_first_token" for n in names), "efficacy_margin"}
     assert task.primary_metric in metrics
+    one = lambda p, c: completion_logprobs(model, tokenizer, [p], [" " + c], batch_size=1)[0]
+    margins = [one(r.prompt, r.target_new) - one(r.prompt, r.target_true) for r in records]
+    assert metrics["efficacy_margin"] == pytest.approx(sum(margins) / len(margins), abs=1e-4)
 
     def prefers(prompt: str, wanted: str, other: str) -> bool:
         score = lambda c: completion_logprobs(model, tokenizer, [prompt], [c], batch_size=1)[0]

@@ -36,7 +36,7 @@ from molf.errors import MolfError
 from molf.tasks.base import Example, TaskData
 from molf.tasks.encoding import IGNORE_INDEX, collate, encode_example, ensure_pad_token
 from molf.tasks.fact_builtin import BUILTIN_FACTS
-from molf.tasks.metrics import share_preferred
+from molf.tasks.metrics import mean, share_preferred
 from molf.tasks.scoring import context_length, inference, model_device, score_completions
 from molf.tasks.sources import (
     EVAL_CAP_SEED,
@@ -224,6 +224,10 @@ class FactTask:
         token only, both read from the one next-token distribution after the prompt (as
         the authors compare); answers that begin with the same token tie, so lose.
 
+        ``efficacy_margin`` is the mean of wanted minus other (mean token log-probs) over
+        the efficacy contests: a continuous score of the same edits, which breaks ties of
+        efficacy when a sweep chooses an lr.
+
         ``predictions`` gets one line per contest: metric, prompt, reference (the wanted
         answer), scores and first_token_scores ({"new": target_new's, "true": the true
         answer's}), correct and correct_first_token; the mean of correct over a metric's
@@ -240,6 +244,8 @@ class FactTask:
         for name, items in contests.items():
             scores = contest_scores(model, tokenizer, items, batch_size)
             metrics[name] = share_preferred([s.wanted for s in scores], [s.other for s in scores])
+            if name == "efficacy":
+                margin = mean([s.wanted - s.other for s in scores])
             first_token[f"{name}_first_token"] = share_preferred(
                 [s.wanted_first for s in scores], [s.other_first for s in scores]
             )
@@ -248,7 +254,7 @@ class FactTask:
                     _prediction(name, item, score)
                     for item, score in zip(items, scores, strict=True)
                 ]
-        return {**metrics, **first_token}
+        return {**metrics, **first_token, "efficacy_margin": margin}
 
     def baselines(self, records: list[FactRecord]) -> dict[str, float]:
         """No model-free baseline: {} (before-training scores are the reference)."""
