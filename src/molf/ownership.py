@@ -22,9 +22,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 from molf.errors import MolfError
 
@@ -42,6 +43,45 @@ def locked_dir(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+class PidLock:
+    """An exclusive, non-blocking ``flock`` on the file ``path``, which holds the
+    holder's pid. The kernel releases it when the process dies, so a crash never leaves
+    a stale lock. ``busy`` makes the one-line message for a lock held elsewhere from
+    the holder's pid. Use :meth:`acquire` / :meth:`release`, or as a context."""
+
+    def __init__(self, path: Path, busy: Callable[[str], str]) -> None:
+        self.path, self._busy = Path(path), busy
+        self._file: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")  # not inherited by child processes (PEP 446)
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise MolfError(self._busy(holder)) from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # releases the flock
+            self._file = None
+
+    def __enter__(self) -> PidLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def owned(directory: Path) -> set[str]:

@@ -16,7 +16,6 @@ directory is free again when the sweep has exited.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import os
 import signal
 import subprocess
@@ -26,50 +25,24 @@ from pathlib import Path
 from typing import IO
 
 from molf.errors import MolfError
+from molf.ownership import PidLock
 
 LOCK_FILE = ".molf.sweep.lock"
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 STOP_GRACE_S = 60.0  # how long an interrupted cell may take to checkpoint and exit
 
 
-class SweepLock:
-    """An exclusive ``flock`` on ``output_dir/.molf.sweep.lock`` (use as a context)."""
+class SweepLock(PidLock):
+    """An exclusive lock on ``output_dir/.molf.sweep.lock`` (use as a context)."""
 
     def __init__(self, output_dir: Path) -> None:
-        self.path = Path(output_dir) / LOCK_FILE
-        self._file: IO[str] | None = None
-
-    def acquire(self) -> None:
-        """Take the lock, or raise MolfError naming the sweep that holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")  # not inherited by the cells (PEP 446)
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise MolfError(
-                f"output_dir: {self.path.parent} is in use by another molf sweep "
-                f"(pid {holder}); wait for it to end, or stop it and rerun"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # releases the flock
-            self._file = None
-
-    def __enter__(self) -> SweepLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+        super().__init__(
+            Path(output_dir) / LOCK_FILE,
+            lambda pid: (
+                f"output_dir: {output_dir} is in use by another molf sweep "
+                f"(pid {pid}); wait for it to end, or stop it and rerun"
+            ),
+        )
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:

@@ -11,16 +11,14 @@ starts writing until it ends.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import IO
 
 from molf.atomic import recover_dir
 from molf.errors import MolfError
-from molf.ownership import TEMP_PREFIX, disown, is_internal, owned
+from molf.ownership import TEMP_PREFIX, PidLock, disown, is_internal, owned
 from molf.train.checkpoint import PATTERN as CHECKPOINT_PATTERN
 from molf.train.checkpoint import list_checkpoints
 
@@ -146,38 +144,18 @@ def clean_temporaries(run_dir: Path) -> None:
             shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
 
 
-class RunLock:
-    """An exclusive ``flock`` on ``run_dir/.molf.lock`` held for the run's lifetime.
-
-    The kernel releases it when the process dies, so a crashed run never leaves a
-    stale lock behind."""
+class RunLock(PidLock):
+    """An exclusive lock on ``run_dir/.molf.lock`` held for the run's lifetime (the
+    kernel releases it when the process dies: a crash never leaves a stale lock)."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / LOCK_FILE
-        self._file: IO[str] | None = None
-
-    def acquire(self) -> None:
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise MolfError(
-                f"--output-dir: {self.path.parent} is in use by another molf run "
-                f"(pid {holder}); wait for it to end or pick another --output-dir"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-        self._file = f
-
-    def release(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        super().__init__(
+            run_dir / LOCK_FILE,
+            lambda pid: (
+                f"--output-dir: {run_dir} is in use by another molf run "
+                f"(pid {pid}); wait for it to end or pick another --output-dir"
+            ),
+        )
 
 
 def start_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> RunLock:
