@@ -110,6 +110,9 @@ def test_the_warning_names_the_rates_their_ratio_and_the_fix():
     assert "0.1x" in fft and "training as full fine-tuning" in fft
     equal = collapse_warning(c, RoutingSetup(5e-5, 5e-5, [LoraExpert(128, 32)]))
     assert "equals --lr" in equal and "32/sqrt(128) = 2.83" in equal and "--score pfn" in equal
+    pfn = RoutingSetup(5e-5, 1e-3, [LoraExpert(128, 32)], score="pfn")
+    pfn_text = collapse_warning(Collapse("fft", 5, 1.0), pfn)
+    assert "PFN compares" in pfn_text and "--score epd" in pfn_text and "20x" not in pfn_text
     e = RoutingSetup(2e-4, 2e-4, [LoraExpert(8, 16), LoraExpert(32, 16)], has_fft=False)
     molf_e = collapse_warning(Collapse("lora0", 2, 1.0), e)
     assert "16/sqrt(8) = 5.66" in molf_e and "16/sqrt(32) = 2.83" in molf_e

@@ -261,6 +261,7 @@ class RoutingSetup:
     lora: list[LoraExpert]
     has_fft: bool = True
     library: bool = False
+    score: str = "epd"
 
     def name(self, setting: str) -> str:
         return f"{setting}=" if self.library else "--" + setting.replace("_", "-")
@@ -273,6 +274,14 @@ def collapse_warning(c: Collapse, setup: RoutingSetup) -> str:
         f"step {c.since}; "
     )
     lr, lora_lr = setup.name("lr"), setup.name("lora_lr")
+    if setup.score == "pfn":  # neither the rates nor the scales enter PFN's score
+        score = "score='epd'" if setup.library else "--score epd"
+        return head + (
+            "PFN compares how consistent each expert's Adam direction is, whatever its "
+            f"learning rate or scale, and that decided alone. {score} (the default) with "
+            f"equal rates ({lora_lr} = {lr}) lets the rates and scales be tuned; "
+            "see docs/tuning.md"
+        )
     if not setup.has_fft:  # MoLF-E: the experts share one lr; their scales decide
         scales = ", ".join(
             f"lora{i} (rank {x.rank}) {x.formula()}" for i, x in enumerate(setup.lora)

@@ -332,7 +332,9 @@ class MoLFRoutingCallback(TrainerCallback):
             LoraExpert(int(r), float(a), config.use_rslora)
             for r, a in zip(config.lora_ranks, config.lora_alphas)
         ]
-        self._setup = RoutingSetup(lr, lora_lr, lora, has_fft=config.train_base, library=True)
+        self._setup = RoutingSetup(
+            lr, lora_lr, lora, has_fft=config.train_base, library=True, score=config.score
+        )
         warmup = args.get_warmup_steps(state.max_steps) if state.max_steps else 0
         self._warmup, self._top_k = warmup, config.top_k
 

@@ -108,7 +108,11 @@ def collapse_notes(routed: Sequence[tuple[Run, str, RoutingMatrix]]) -> list[str
             for r, a in zip(c.get("lora_ranks") or [], c.get("lora_alphas") or [])
         ]
         setup = RoutingSetup(
-            lr, float(c.get("lora_lr") or lr), lora, has_fft=run.method != "molf-e"
+            lr,
+            float(c.get("lora_lr") or lr),
+            lora,
+            has_fft=run.method != "molf-e",
+            score=str(c.get("score") or "epd"),
         )
         text = collapse_warning(collapse, setup).removeprefix("warning: routing collapsed: ")
         notes.append(f"{run.label}: {text}")

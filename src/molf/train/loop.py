@@ -208,7 +208,9 @@ class RoutingWatch:
     def setup(self) -> RoutingSetup:
         a = self.args
         lora = [LoraExpert(r, al, a.use_rslora) for r, al in zip(a.lora_ranks, a.lora_alphas)]
-        return RoutingSetup(a.lr, a.effective_lora_lr, lora, has_fft=a.method != "molf-e")
+        return RoutingSetup(
+            a.lr, a.effective_lora_lr, lora, has_fft=a.method != "molf-e", score=a.score
+        )
 
     def add(self, step: int, experts: list[str], wins: np.ndarray, decisions: int) -> None:
         if not self.enabled:
