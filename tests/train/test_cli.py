@@ -77,6 +77,7 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
             for metric in ("efficacy", "generalization", "specificity")
             for variant in ("", "_first_token")
         }
+        | {"efficacy_margin"}
     )
     final = out / "final"
     adapter = method in ("lora", "dora", "adalora", "molf-e")
@@ -114,8 +115,8 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
         == 0
     )
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())["after"]
-    for k, v in evals["after"].items():
-        assert again[k] == pytest.approx(v, abs=1e-6), k
+    for k, v in evals["after"].items():  # shares exactly; a log-prob margin to rounding
+        assert again[k] == pytest.approx(v, abs=1e-5 if k.endswith("_margin") else 1e-6), k
 
 
 def test_the_model_card_records_method_routing_and_metrics(tmp_path, stories, shared_data):
