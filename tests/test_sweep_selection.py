@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
+from molf.errors import MolfError
 from molf.sweep.config import load_sweep
-from molf.sweep.results import choose_lr, selection_json
+from molf.sweep.results import base_row, choose_lr, results_markdown, selection_json
+from molf.sweep.runner import Runner, _args
 
 
 def _sweep(tmp_path, shared_data):
@@ -46,5 +49,64 @@ def test_a_tie_is_broken_by_the_margin_then_by_the_smaller_lr(tmp_path, shared_d
     rows = _rows(sweep, group, [0.25, 0.75, 0.5], margin=[0.9, -1.0, 0.1])
     point, table = choose_lr(sweep, group, rows)
     assert point.lr == 3e-4 and table[1]["chosen_by"] == "best val_accuracy"  # margin unused
-    chosen = json.loads(selection_json({group.key: (point, table)}))[group.key]
+    chosen = json.loads(selection_json(sweep, {group.key: (point, table)}))[group.key]
     assert chosen["chosen_by"] == "best val_accuracy" and chosen["lr"] == 3e-4
+
+
+def _two_task_sweep(tmp_path, shared_data, select_with="small"):
+    data = str(shared_data / "medmcqa" / "dev.jsonl")
+    cfg = {
+        "output_dir": str(tmp_path / "runs"),
+        "models": {"stories": {"model": str(shared_data / "models" / "stories260k")}},
+        "tasks": {
+            "small": {"task": "med", "data": data, "max_train_samples": 8},
+            "large": {"task": "med", "data": data, "select_with": select_with},
+        },
+        "methods": {"lora": {"lr": [1e-4, 3e-4, 1e-3]}},
+        "seeds": [0, 1],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return load_sweep(path)
+
+
+def test_select_with_reuses_the_named_tasks_choice_and_runs_no_val_cells(tmp_path, shared_data):
+    sweep = _two_task_sweep(tmp_path, shared_data)
+    small, large = sweep.groups
+    assert large.select_with == small.key and sweep.chooser(large) is small
+    assert sweep.stage1(large) == [] and len(sweep.stage1(small)) == 3
+    runner = Runner(sweep, execute=False)
+    for cell, accuracy in zip(sweep.stage1(small), [0.25, 0.75, 0.5]):
+        runner.rows[cell.name] = {
+            **base_row(cell, _args(cell, sweep), "ok"),
+            "val_accuracy": str(accuracy),
+        }
+    runner.walk()
+    assert {k: v[0].lr for k, v in runner.choices.items()} == {small.key: 3e-4, large.key: 3e-4}
+    to_run = [name for name, state, _ in runner.listing if state != "done"]
+    assert to_run == [f"{g.key}/lr3e-04/test-s{s}" for g in (small, large) for s in (0, 1)]
+    chosen = json.loads(selection_json(sweep, runner.choices))
+    assert chosen[large.key]["note"] == f"the lr chosen on val for {small.key}"
+    assert chosen[large.key]["val"] == [] and len(chosen[small.key]["val"]) == 3
+    assert "| lora | 3e-04 (chosen on small) |" in results_markdown(
+        sweep, runner.rows, runner.choices
+    )
+
+
+def test_select_with_waits_for_the_choice(tmp_path, shared_data):
+    sweep = _two_task_sweep(tmp_path, shared_data)
+    runner = Runner(sweep, execute=False)
+    runner.walk()
+    assert runner.choices == {}
+    pending = [name for name, state, _ in runner.listing if state == "pending"]
+    tasks = ("small", "large")
+    assert pending == [f"stories/{t}/lora/lr?/test-s{s}" for t in tasks for s in (0, 1)]
+
+
+@pytest.mark.parametrize(
+    ("select_with", "message"),
+    [("nope", "'nope' is not another task"), ("large", "'large' is not another task")],
+)
+def test_select_with_must_name_another_task(tmp_path, shared_data, select_with, message):
+    with pytest.raises(MolfError, match=message):
+        _two_task_sweep(tmp_path, shared_data, select_with=select_with)

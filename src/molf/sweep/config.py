@@ -13,7 +13,8 @@ Layout (see ``docs/protocol.md``)::
                                       # selection.json and results.md are written beside it
     settings: {max_steps: 16, ...}    # TrainArgs fields shared by every cell
     models: {NAME: {model: ID, ...}}  # model: hub id or directory (default: NAME)
-    tasks: {NAME: {task: fact, data: ..., ...}}        # task: default NAME
+    tasks: {NAME: {task: fact, data: ..., ...}}        # task: default NAME; select_with:
+                                      # TASK reuses TASK's lr choice (no val cells of its own)
     methods: {NAME: {method: molf, lr: [...], lora_lr: [...], ...}}  # method: default NAME
     seeds: [0, 1]                     # test seeds; stage 1 (lr choice) runs on select_seed
     select_seed: 0                    # default: the first seed
@@ -82,6 +83,7 @@ class Group:
     settings: dict[str, Any]  # merged settings without lr, lora_lr, seed, eval_split
     points: tuple[LrPoint, ...]
     primary_metric: str  # the task's primary metric: what the lr choice maximises
+    select_with: str | None = None  # the group (same model and method) whose choice it reuses
 
     @property
     def key(self) -> str:
@@ -89,7 +91,8 @@ class Group:
 
     @property
     def needs_selection(self) -> bool:
-        return len(self.points) > 1
+        """Whether the group runs val cells of its own to choose its lr."""
+        return len(self.points) > 1 and self.select_with is None
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,17 @@ class Sweep:
     def results_dir(self) -> Path:
         """Where summary.csv, selection.json, results.md (and failed.json) are kept."""
         return self.summary.parent
+
+    @property
+    def ordered_groups(self) -> list[Group]:
+        """The groups in file order, those that reuse another group's choice last."""
+        return sorted(self.groups, key=lambda g: g.select_with is not None)
+
+    def chooser(self, group: Group) -> Group:
+        """The group whose val cells choose ``group``'s lr: itself, or its ``select_with``."""
+        if group.select_with is None:
+            return group
+        return next(g for g in self.groups if g.key == group.select_with)
 
     def stage1(self, group: Group) -> list[Cell]:
         """The val cells that choose the group's lr (none for a single-point grid)."""
@@ -278,6 +292,30 @@ def _check_data(settings: dict[str, Any], where: str) -> None:
         raise MolfError(f"{where}: data {path} does not exist")
 
 
+def _select_with(tasks: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """task -> the task whose lr choice it reuses, popped from each task entry's
+    ``select_with``; the named task must exist and choose its own lr."""
+    out = {}
+    for task, body in tasks.items():
+        source = body.pop("select_with", None)
+        if source is None:
+            continue
+        if source not in tasks or source == task:
+            others = ", ".join(t for t in tasks if t != task) or "none"
+            raise MolfError(
+                f"tasks.{task}.select_with: {source!r} is not another task of this sweep "
+                f"(tasks: {others})"
+            )
+        out[task] = str(source)
+    for task, source in out.items():
+        if source in out:
+            raise MolfError(
+                f"tasks.{task}.select_with: {source!r} reuses another task's choice itself; "
+                f"name the task that chooses ({out[source]!r})"
+            )
+    return out
+
+
 def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
     """Read and validate a sweep file; raises MolfError naming the bad key or value."""
     from molf.tasks import get_task
@@ -307,6 +345,7 @@ def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
         raise MolfError(f"select_seed: must be an integer, got {select_seed!r}")
 
     sweep_dir = Path(str(raw["output_dir"]))
+    select_with = _select_with(tasks)
     groups = []
     for model, m_raw in models.items():
         m = _settings(m_raw, f"models.{model}", fields - owned_by_section | {"model"})
@@ -325,8 +364,17 @@ def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
                 }
                 key = f"{model}/{task}/{method}"
                 args = _train_args({**settings, "lr": points[0].lr}, key)
+                source = select_with.get(task)
                 groups.append(
-                    Group(model, task, method, settings, points, get_task(args.task).primary_metric)
+                    Group(
+                        model,
+                        task,
+                        method,
+                        settings,
+                        points,
+                        get_task(args.task).primary_metric,
+                        select_with=f"{model}/{source}/{method}" if source else None,
+                    )
                 )
     launcher = raw.get("launcher")
     sweep = Sweep(

@@ -347,8 +347,11 @@ def results_markdown(sweep: Sweep, rows: dict[str, Row], choices: dict[str, Any]
             rs = test_rows[g.key]
             cols = [_mean_std([number(r.get(m)) for r in rs if r.get(m)]) for m in metrics]
             train = [number(r.get("train_seconds")) for r in rs]
+            chosen = _point_text(choices[g.key][0])
+            if g.select_with:
+                chosen += f" (chosen on {sweep.chooser(g).task})"
             lines.append(
-                f"| {g.method} | {_point_text(choices[g.key][0])} | {len(rs)} | "
+                f"| {g.method} | {chosen} | {len(rs)} | "
                 + " | ".join(cols)
                 + (f" | {statistics.fmean(train):.1f} |" if train else " | |")
             )
@@ -368,10 +371,18 @@ def results_markdown(sweep: Sweep, rows: dict[str, Row], choices: dict[str, Any]
     return "\n".join(lines) + "\n"
 
 
-def selection_json(choices: dict[str, Any]) -> str:
-    """``selection.json``: each group's chosen lr point and the val table behind it."""
+def selection_json(sweep: Sweep, choices: dict[str, Any]) -> str:
+    """``selection.json``: each group's chosen lr point and the val table behind it (a
+    group that reuses another's choice names that group instead)."""
+    reused = {g.key: g.select_with for g in sweep.groups if g.select_with}
     out = {}
     for key, (point, table) in choices.items():
+        if key in reused:
+            note = f"the lr chosen on val for {reused[key]}"
+        elif table:
+            note = "best val primary metric; ties: its margin when recorded, then the smaller lr"
+        else:
+            note = "single lr point: nothing to choose"
         out[key] = {
             "lr": point.lr,
             "lora_lr": point.lora_lr,
@@ -380,9 +391,7 @@ def selection_json(choices: dict[str, Any]) -> str:
                 {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in e.items()}
                 for e in table
             ],
-            "note": "single lr point: nothing to choose"
-            if not table
-            else "best val primary metric; ties: its margin when recorded, then the smaller lr",
+            "note": note,
             "chosen_by": next((e["chosen_by"] for e in table if "chosen_by" in e), None),
         }
     return json.dumps(out, indent=2)

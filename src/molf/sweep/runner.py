@@ -28,7 +28,7 @@ import yaml
 
 from molf.errors import MolfError
 from molf.ownership import claim, refuse_foreign, remove_owned
-from molf.sweep.config import Cell, Sweep
+from molf.sweep.config import Cell, Group, LrPoint, Sweep
 from molf.sweep.process import SweepLock, run_child
 from molf.sweep.results import (
     INPUT_COLUMNS,
@@ -92,10 +92,10 @@ class Runner:
     unknown: int = 0  # cells to run without an estimate
 
     def walk(self) -> None:
-        for group in self.sweep.groups:
+        for group in self.sweep.ordered_groups:
             for cell in self.sweep.stage1(group):
                 self.visit(cell)
-            chosen = choose_lr(self.sweep, group, self.rows)
+            chosen = self._choice(group)
             if chosen is None:
                 for cell in self.sweep.stage2(group, group.points[0]):
                     name = f"{group.key}/lr?/test-s{cell.seed}"
@@ -103,15 +103,23 @@ class Runner:
                     self.listing.append((name, "pending", f"{cost}; once the lr is chosen"))
                     if self.execute and any(
                         self.rows.get(c.name, {}).get("status") == "failed"
-                        for c in self.sweep.stage1(group)
+                        for c in self.sweep.stage1(self.sweep.chooser(group))
                     ):
                         self.blocked.append(name)
                 continue
             self.choices[group.key] = chosen
             if self.execute and chosen[1]:
-                self._write("selection.json", selection_json(self.choices))
+                self._write("selection.json", selection_json(self.sweep, self.choices))
             for cell in self.sweep.stage2(group, chosen[0]):
                 self.visit(cell)
+
+    def _choice(self, group: Group) -> tuple[LrPoint, list[dict]] | None:
+        """The group's lr choice: from its own val cells, or the choice of the group it
+        reuses (``select_with``, walked before it) with no val table of its own."""
+        if group.select_with is None:
+            return choose_lr(self.sweep, group, self.rows)
+        source = self.choices.get(group.select_with)
+        return None if source is None else (source[0], [])
 
     def _write(self, name: str, text: str) -> None:
         from molf.atomic import write_text_atomic
@@ -387,7 +395,7 @@ def _collect(look: Runner) -> int:
     sweep = look.sweep
     write_summary(sweep.summary, look.rows)
     look._write("results.md", results_markdown(sweep, look.rows, look.choices))
-    look._write("selection.json", selection_json(look.choices))
+    look._write("selection.json", selection_json(sweep, look.choices))
     _report(look)
     print(f"[sweep] collected {len(look.rows)} finished cells into {sweep.summary}")
     return 0
