@@ -28,6 +28,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,27 +37,36 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _effective_weight(
+def _merge(
     weight: torch.Tensor,
-    loras: tuple[torch.Tensor, ...],
+    lora_a: Iterable[torch.Tensor],
+    lora_b: Iterable[torch.Tensor],
     scalings: tuple[float, ...],
-    dtype,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``W + sum_i s_i B_i A_i`` in ``dtype``, in a new tensor or in ``out``; ``loras``
-    is ``(A_0, B_0, A_1, B_1, ...)``. Never writes to ``weight``; the first expert's
-    product and the sum are one ``addmm`` (this runs twice per layer and step)."""
-    w = weight if weight.dtype == dtype else weight.to(dtype)
-    if not scalings:
-        return w.clone() if w is weight else w
-    a, b = loras[0].to(dtype), loras[1].to(dtype)
-    if out is None:
-        w = torch.addmm(w, b, a, alpha=scalings[0])
-    else:
-        w = torch.addmm(w, b, a, alpha=scalings[0], out=out)
-    for i in range(1, len(scalings)):
-        w.addmm_(loras[2 * i + 1].to(dtype), loras[2 * i].to(dtype), alpha=scalings[i])
+    """``W' = W + sum_i s_i B_i A_i``, the one builder of the merged weight, for one or
+    more experts whose operands share one dtype. ``W'`` is a new tensor (or ``out``);
+    ``weight`` is never written to. The first expert's product and the sum are one
+    ``addmm``, each further expert one in-place ``addmm_`` on ``W'`` (this runs twice per
+    layer and step); autograd tracks it like the out-of-place chain, since ``addmm``
+    needs neither its input nor its output for backward."""
+    experts = zip(scalings, lora_a, lora_b)
+    s, a, b = next(experts)
+    w = torch.addmm(weight, b, a, alpha=s, out=out)
+    for s, a, b in experts:
+        w.addmm_(b, a, alpha=s)
     return w
+
+
+def _stack(
+    lora_a: Iterable[torch.Tensor], lora_b: Iterable[torch.Tensor], scalings: tuple[float, ...]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All experts as one LoRA of rank ``R = sum_i r_i`` and scaling 1:
+    ``A = [A_0; A_1; ...]`` (``R x d_in``) and ``B = [s_0 B_0, s_1 B_1, ...]``
+    (``d_out x R``), so that ``B A = sum_i s_i B_i A_i``. Both are new tensors."""
+    a = torch.cat(tuple(lora_a))
+    b = torch.cat([bi * s for bi, s in zip(lora_b, scalings)], dim=1)
+    return a, b
 
 
 _scratch = threading.local()
@@ -110,12 +121,12 @@ def _linear_with_kept_weight(
         dtype = torch.get_autocast_dtype(device_type)
         if not _builds_in_low_precision(device_type):
             with torch.autocast(device_type, enabled=False):
-                weight = _build(weight, scalings, lora_a, lora_b).to(dtype)
+                weight = _merge(weight, lora_a.values(), lora_b.values(), scalings).to(dtype)
             return F.linear(x, weight, bias)
         weight = weight.to(dtype)
         lora_a = {k: t.to(dtype) for k, t in lora_a.items()}
         lora_b = {k: t.to(dtype) for k, t in lora_b.items()}
-    return F.linear(x, _build(weight, scalings, lora_a, lora_b), bias)
+    return F.linear(x, _merge(weight, lora_a.values(), lora_b.values(), scalings), bias)
 
 
 def _builds_in_low_precision(device_type: str) -> bool:
@@ -126,11 +137,17 @@ def _builds_in_low_precision(device_type: str) -> bool:
     return device_type != "cpu"
 
 
-def _build(weight, scalings, lora_a, lora_b) -> torch.Tensor:
-    """``W + sum_i s_i B_i A_i``, one ``addmm`` per expert, tracked by autograd."""
-    for s, a, b in zip(scalings, lora_a.values(), lora_b.values()):
-        weight = torch.addmm(weight, b, a, alpha=s)
-    return weight
+def _fused_weight(
+    weight: torch.Tensor,
+    loras: Sequence[torch.Tensor],
+    scalings: tuple[float, ...],
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """``W' = W + sum_i s_i B_i A_i`` in ``dtype``, in the CPU workspace where there is
+    one; ``loras`` is the fused Function's flat ``(A_0, B_0, A_1, B_1, ...)``."""
+    cast = [t.to(dtype) for t in loras]
+    out = _workspace(weight, dtype)
+    return _merge(weight.to(dtype), cast[0::2], cast[1::2], scalings, out)
 
 
 class _FusedLoRALinear(torch.autograd.Function):
@@ -142,7 +159,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         autocast_on = torch.is_autocast_enabled(device_type)
         dtype = torch.get_autocast_dtype(device_type) if autocast_on else x.dtype
         with torch.autocast(device_type, enabled=False) if autocast_on else _NO_CONTEXT:
-            w = _effective_weight(weight, loras, scalings, dtype, _workspace(weight, dtype))
+            w = _fused_weight(weight, loras, scalings, dtype)
             y = F.linear(x.to(dtype), w, None if bias is None else bias.to(dtype))
             del w  # not saved: recomputed in backward (saving it would cost a weight's memory)
         ctx.scalings, ctx.dtype = scalings, dtype
@@ -160,8 +177,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         autocast_on = torch.is_autocast_enabled(device_type)
         with torch.autocast(device_type, enabled=False) if autocast_on else _NO_CONTEXT:
             if needs[0]:
-                ws = _workspace(weight, dtype)
-                w = _effective_weight(weight, tuple(loras), scalings, dtype, ws)
+                w = _fused_weight(weight, loras, scalings, dtype)
                 grad_x = (g @ w).reshape(x.shape).to(x.dtype)
                 del w
             if bias is not None and needs[2]:
@@ -182,6 +198,23 @@ class _FusedLoRALinear(torch.autograd.Function):
                         db = torch.addmm(bd, big_g, ad.t(), beta=0, alpha=s)
                         lora_grads[2 * i + 1] = db.to(b.dtype)
         return (grad_x, grad_w, grad_b, None, *lora_grads)
+
+
+@dataclass(frozen=True)
+class StateKeys:
+    """The state-dict keys of one :class:`MoLFLinear`'s tensors (see
+    :meth:`MoLFLinear.state_keys`): ``W``, ``b`` (``None`` without a bias), the
+    ``A_i`` and the ``B_i``."""
+
+    weight: str
+    bias: str | None
+    lora_a: tuple[str, ...]
+    lora_b: tuple[str, ...]
+
+    def all(self) -> list[str]:
+        """Every key, in ``state_dict`` order: ``W``, ``b``, the ``A_i``, the ``B_i``."""
+        bias = [] if self.bias is None else [self.bias]
+        return [self.weight, *bias, *self.lora_a, *self.lora_b]
 
 
 class MoLFLinear(nn.Module):
@@ -269,28 +302,58 @@ class MoLFLinear(nn.Module):
         dropout = self._modules["lora_dropout"]
         if not isinstance(dropout, nn.Identity):
             x = dropout(x)
-        # All experts as one LoRA of rank sum(r_i): A = [A_0; A_1; ...], B = [s_0 B_0, ...];
-        # the branch's output is accumulated into y by one addmm (no T x d_out temporaries).
+        # All experts as one LoRA (one expert as it is, its scaling addmm's alpha); the
+        # branch's output is accumulated into y by one addmm (no T x d_out temporaries).
         if len(self.scalings) == 1:
             (a,), (b,), alpha = lora_a.values(), lora_b.values(), self.scalings[0]
         else:
-            a = torch.cat(tuple(lora_a.values()))
-            b = torch.cat([bi * s for bi, s in zip(lora_b.values(), self.scalings)], dim=1)
-            alpha = 1.0
+            (a, b), alpha = _stack(lora_a.values(), lora_b.values(), self.scalings), 1.0
         h = F.linear(x, a)
         y2 = y.reshape(-1, y.shape[-1])
         return torch.addmm(y2, h.reshape(-1, h.shape[-1]), b.t(), alpha=alpha).view(y.shape)
 
+    def state_keys(self, prefix: str = "") -> StateKeys:
+        """The keys of this layer's tensors in ``state_dict(prefix=prefix)``:
+        ``{prefix}base_layer.weight`` (``W``), ``{prefix}base_layer.bias`` (``b``; ``None``
+        without a bias), and ``{prefix}lora_A.{i}``, ``{prefix}lora_B.{i}`` (``A_i``,
+        ``B_i``) for each expert ``i``. In a model's state dict ``prefix`` is the layer's
+        qualified name and a dot."""
+        experts = range(len(self.ranks))
+        return StateKeys(
+            weight=f"{prefix}base_layer.weight",
+            bias=None if self.base_layer.bias is None else f"{prefix}base_layer.bias",
+            lora_a=tuple(f"{prefix}lora_A.{i}" for i in experts),
+            lora_b=tuple(f"{prefix}lora_B.{i}" for i in experts),
+        )
+
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """``W + sum_i s_i B_i A_i``, computed in fp32 and cast back to ``W``'s dtype."""
-        w = self.base_layer.weight
-        return _effective_weight(
-            w.float(),
-            tuple(t.float() for ab in zip(self.lora_A, self.lora_B) for t in ab),
-            self.scalings,
-            torch.float32,
-        ).to(w.dtype)
+    def merged_weight(
+        self, state: Mapping[str, torch.Tensor] | None = None, prefix: str = ""
+    ) -> torch.Tensor:
+        """``W' = W + sum_i s_i B_i A_i``, the weight of the plain ``nn.Linear`` this layer
+        merges into (whose ``x W'^T + b`` is the layer's output without dropout), computed
+        in fp32 and cast back to ``W``'s dtype: a new tensor on ``W``'s device.
+
+        From the layer's own parameters, or, with ``state``, from the tensors that
+        :meth:`state_keys` ``(prefix)`` names in it (e.g. a full state dict gathered from
+        FSDP, whose layer holds only shards)."""
+        if state is None:
+            w, lora_a, lora_b = self.base_layer.weight, self.lora_A, self.lora_B
+        else:
+            keys = self.state_keys(prefix)
+            w = state[keys.weight]
+            lora_a = [state[k] for k in keys.lora_a]
+            lora_b = [state[k] for k in keys.lora_b]
+        a32, b32 = [a.float() for a in lora_a], [b.float() for b in lora_b]
+        return _merge(w.float(), a32, b32, self.scalings).to(w.dtype)
+
+    @torch.no_grad()
+    def stacked_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The experts as one LoRA ``(A, B)`` of rank ``R = sum_i r_i`` and scaling 1, as
+        the export to a PEFT adapter writes it: ``A = [A_0; A_1; ...]`` (``R x d_in``),
+        ``B = [s_0 B_0, s_1 B_1, ...]`` (``d_out x R``), so ``B A = sum_i s_i B_i A_i``.
+        New contiguous tensors in the experts' dtype, not tracked by autograd."""
+        return _stack(self.lora_A, self.lora_B, self.scalings)
 
     def extra_repr(self) -> str:
         return f"ranks={self.ranks}, scalings={tuple(round(s, 4) for s in self.scalings)}"

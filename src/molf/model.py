@@ -255,15 +255,14 @@ def write_peft_adapter(model: nn.Module, directory: Path) -> None:
 def _adapter_tensors(
     model: nn.Module, layers: list[tuple[str, MoLFLinear]], to_save: list[str]
 ) -> dict[str, torch.Tensor]:
-    """The adapter's tensors: each layer's experts as one LoRA (``A`` stacked, ``B``
-    scaled and stacked) and the parameters of the ``to_save`` modules, by PEFT name."""
+    """The adapter's tensors: each layer's experts as one LoRA
+    (:meth:`~molf.layer.MoLFLinear.stacked_lora`) and the parameters of the ``to_save``
+    modules, by PEFT name."""
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in layers:
-        with torch.no_grad():
-            a = torch.cat(list(layer.lora_A), dim=0)
-            b = torch.cat([bi * s for bi, s in zip(layer.lora_B, layer.scalings)], dim=1)
-        tensors[f"base_model.model.{name}.lora_A.weight"] = a.contiguous()
-        tensors[f"base_model.model.{name}.lora_B.weight"] = b.contiguous()
+        a, b = layer.stacked_lora()
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
     saved: set[int] = set()
     for name in to_save:
         for pname, p in model.get_submodule(name).named_parameters(recurse=False):

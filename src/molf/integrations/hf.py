@@ -29,7 +29,7 @@ from torch import nn
 from transformers import DefaultFlowCallback, Trainer, TrainerCallback
 
 from molf.errors import MolfError
-from molf.layer import _effective_weight
+from molf.layer import MoLFLinear
 from molf.model import molf_modules
 from molf.optim import MoLFAdamW, Routing
 from molf.routing_stats import (
@@ -212,14 +212,15 @@ def merged_state_dict(
     bit), computed without changing ``model``.
 
     ``state_dict`` (default ``model.state_dict()``) is a full state dict of the MoLF
-    model, e.g. one gathered from FSDP; each MoLF layer's ``base_layer.weight``,
-    ``base_layer.bias``, ``lora_A.i``, ``lora_B.i`` become ``weight`` (``W + sum_i s_i
-    B_i A_i``, in fp32, cast back) and ``bias``, in place in the key order; every other
-    entry is kept as it is. The merged tensors are on the CPU (a copy of the targeted
-    weights would otherwise be held on the accelerator while saving). With
-    ``keep_experts``, the MoLF tensors stay too, so the dict both loads into the MoLF
-    model (which ignores ``weight`` and ``bias`` as unexpected keys) and, by name, into
-    the plain model. A layer none of whose tensors are in ``state_dict`` is left alone.
+    model, e.g. one gathered from FSDP; each MoLF layer's tensors (its
+    :meth:`~molf.layer.MoLFLinear.state_keys`) become ``weight`` (its
+    :meth:`~molf.layer.MoLFLinear.merged_weight`) and ``bias``, in place in the key
+    order; every other entry is kept as it is. The merged tensors are on the CPU (a copy
+    of the targeted weights would otherwise be held on the accelerator while saving).
+    With ``keep_experts``, the MoLF tensors stay too, so the dict both loads into the
+    MoLF model (which ignores ``weight`` and ``bias`` as unexpected keys) and, by name,
+    into the plain model. A layer none of whose tensors are in ``state_dict`` is left
+    alone.
     """
     molf_model = _molf_model(model)
     if molf_model is None:
@@ -230,24 +231,16 @@ def merged_state_dict(
     drop: set[str] = set()
     for name, layer in molf_modules(molf_model):
         prefix = f"{name}." if name else ""
-        w_key, b_key = prefix + "base_layer.weight", prefix + "base_layer.bias"
-        lora_keys = [f"{prefix}lora_{ab}.{i}" for i in range(len(layer.ranks)) for ab in ("A", "B")]
-        needed = [w_key, *lora_keys] + ([b_key] if layer.base_layer.bias is not None else [])
+        needed = layer.state_keys(prefix).all()
         present = [k for k in needed if k in sd]
         if not present:
             continue
         if len(present) < len(needed):
             missing = sorted(set(needed) - set(present))
             raise MolfError(f"merged_state_dict: the state dict lacks {missing}")
-        w = sd[w_key]
-        with torch.no_grad():
-            loras = tuple(sd[k].float() for k in lora_keys)
-            merged = _effective_weight(w.float(), loras, layer.scalings, torch.float32)
-            new = {prefix + "weight": merged.to(device="cpu", dtype=w.dtype)}
-        if b_key in sd:
-            bias = sd[b_key].detach()
-            new[prefix + "bias"] = bias.to("cpu", copy=True) if keep_experts else bias
-        replace[min(present, key=order.__getitem__)] = new
+        replace[min(present, key=order.__getitem__)] = _merged_layer(
+            layer, sd, prefix, keep_experts
+        )
         if not keep_experts:
             drop.update(needed)
     out: dict[str, torch.Tensor] = {}
@@ -257,6 +250,20 @@ def merged_state_dict(
         if key not in drop:
             out[key] = value
     return out
+
+
+def _merged_layer(
+    layer: MoLFLinear, sd: dict[str, torch.Tensor], prefix: str, keep_experts: bool
+) -> dict[str, torch.Tensor]:
+    """The merged ``nn.Linear``'s entries for ``layer``, whose tensors ``sd`` holds under
+    ``prefix``: ``weight`` (:meth:`~molf.layer.MoLFLinear.merged_weight`) and ``bias``,
+    on the CPU; the bias is a copy when the experts (and so its MoLF entry) stay."""
+    new = {prefix + "weight": layer.merged_weight(sd, prefix).to("cpu")}
+    bias_key = layer.state_keys(prefix).bias
+    if bias_key is not None:
+        bias = sd[bias_key].detach()
+        new[prefix + "bias"] = bias.to("cpu", copy=True) if keep_experts else bias
+    return new
 
 
 # --------------------------------------------------------------------------- routing logs
