@@ -233,6 +233,16 @@ def test_merged_state_dict_is_merge_and_unload_without_merging():
     assert set(result.unexpected_keys) == set(reference) - set(before)
 
 
+def test_merged_state_dict_refuses_a_layer_with_missing_tensors():
+    model = _molf("qwen2")
+    name, layer = next(iter(molf_modules(model)))
+    keys = layer.state_keys(f"{name}.")
+    state = model.state_dict()
+    del state[keys.lora_b[0]]
+    with pytest.raises(MolfError, match=rf"lacks \['{keys.lora_b[0]}'\]"):
+        merged_state_dict(model, state)
+
+
 def test_accelerate_gradient_accumulation_matches_manual_loop():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
