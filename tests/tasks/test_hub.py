@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from molf.tasks import fact, get_task, med, sql
+from molf.tasks import fact, get_task, med
 from molf.tasks.sources import Origin
+from molf.tasks.sql import task as sql
 
 from .helpers import ROME, SINGERS
 from .helpers import medmcqa_row as med_row

@@ -279,7 +279,7 @@ def _train_args(values: dict[str, Any], where: str) -> Any:
 
 def _check_data(settings: dict[str, Any], where: str) -> None:
     """A local ``data`` must exist (``DIR#MODE``, e.g. Spider's ``#by-question``: DIR)."""
-    from molf.tasks.sql_split import data_and_mode
+    from molf.tasks.sql.split import data_and_mode
 
     data = settings.get("data")
     if data is None or str(data) == "builtin":

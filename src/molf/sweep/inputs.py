@@ -93,7 +93,7 @@ def path_identity(path: Path) -> list[Any]:
 
 def data_identity(data: str | None) -> list[Any]:
     """What ``--data`` stands for, independent of where it lies on this machine."""
-    from molf.tasks.sql_split import data_and_mode
+    from molf.tasks.sql.split import data_and_mode
 
     if data is None:
         return ["hub"]

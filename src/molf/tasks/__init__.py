@@ -12,7 +12,7 @@ from molf.tasks.base import Example, Task, TaskData
 from molf.tasks.fact import FactTask
 from molf.tasks.jsonl import JsonlTask
 from molf.tasks.med import MedTask
-from molf.tasks.sql import SqlTask
+from molf.tasks.sql.task import SqlTask
 
 __all__ = ["TASK_NAMES", "Example", "Task", "TaskData", "get_task"]
 

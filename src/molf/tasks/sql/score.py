@@ -7,7 +7,7 @@ measured on records with data only (on empty tables every runnable query "matche
 
 Per prediction (:class:`Judgement`):
 
-- ``exact_match``: equal canonical forms (:func:`molf.tasks.sql_text.normalize_sql`,
+- ``exact_match``: equal canonical forms (:func:`molf.tasks.sql.text.normalize_sql`,
   with the database's column names);
 - ``parses``: sqlglot reads it; ``valid``: it is one query, DML or DDL statement;
 - ``executes``: it runs without error, within the time and row limits, on every one of
@@ -37,20 +37,20 @@ from tqdm.auto import tqdm
 
 from molf.errors import MolfError
 from molf.tasks.metrics import mean
-from molf.tasks.sql_exec import (
+from molf.tasks.sql.sqlite import (
     GOLD_SECONDS,
     Databases,
     Outcome,
     column_names,
     outcomes_agree,
 )
-from molf.tasks.sql_text import normalize_parsed, parse_trees, single_statement, statement
+from molf.tasks.sql.text import normalize_parsed, parse_trees, single_statement, statement
 
 _ORDER_BY = re.compile(r"\border\s+by\b", re.I)
 
 
 class ScoredRecord(Protocol):
-    """What scoring needs of a record (``molf.tasks.sql.SqlRecord`` has it)."""
+    """What scoring needs of a record (``molf.tasks.sql.task.SqlRecord`` has it)."""
 
     @property
     def context(self) -> str: ...

@@ -9,15 +9,21 @@ from pathlib import Path
 import pytest
 
 from molf.tasks.sources import Origin, read_rows
-from molf.tasks.spider import SpiderSchema, create_tables, identifier, parse_schema, spider_schemas
-from molf.tasks.sql_literals import Literals, query_literals
-from molf.tasks.sql_populate import (
+from molf.tasks.sql.literals import Literals, query_literals
+from molf.tasks.sql.populate import (
     ROWS_PER_TABLE,
     VARIANTS,
     insert_script,
     populate,
     stored,
     variant_scripts,
+)
+from molf.tasks.sql.spider import (
+    SpiderSchema,
+    create_tables,
+    identifier,
+    parse_schema,
+    spider_schemas,
 )
 
 

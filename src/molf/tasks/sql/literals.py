@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from sqlglot import exp
 
-from molf.tasks.sql_text import parse_trees, resolve_double_quoted
+from molf.tasks.sql.text import parse_trees, resolve_double_quoted
 
 Value = str | int | float
 _COMPARISONS = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE, exp.Like, exp.ILike)

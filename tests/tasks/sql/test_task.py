@@ -14,12 +14,17 @@ from pathlib import Path
 import pytest
 
 from molf.errors import DataError, MolfError
-from molf.tasks import get_task, sql_exec
-from molf.tasks import sql as sql_module
+from molf.tasks import get_task
 from molf.tasks.scoring import generate
 from molf.tasks.sources import Origin, hash_fraction
-from molf.tasks.spider import schema_ddl
-from molf.tasks.sql import (
+from molf.tasks.sql import sqlite
+from molf.tasks.sql import task as sql_task
+from molf.tasks.sql.populate import VARIANTS
+from molf.tasks.sql.score import judge_all, record_scripts, sql_metrics
+from molf.tasks.sql.spider import schema_ddl
+from molf.tasks.sql.split import database_sides, question_side
+from molf.tasks.sql.sqlite import execute, has_rows, outcomes_agree
+from molf.tasks.sql.task import (
     SqlRecord,
     check_record,
     parse_gretel_row,
@@ -27,13 +32,9 @@ from molf.tasks.sql import (
     sql_example,
     sql_prompt,
 )
-from molf.tasks.sql_exec import execute, has_rows, outcomes_agree
-from molf.tasks.sql_populate import VARIANTS
-from molf.tasks.sql_score import judge_all, record_scripts, sql_metrics
-from molf.tasks.sql_split import database_sides, question_side
-from molf.tasks.sql_text import postprocess_sql
+from molf.tasks.sql.text import postprocess_sql
 
-from .helpers import SINGERS, write_json, write_jsonl
+from ..helpers import SINGERS, write_json, write_jsonl
 
 FOREVER = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT count(*) FROM c"
 
@@ -75,12 +76,12 @@ def test_failing_statements_give_none(sql: str) -> None:
 
 
 def test_runaway_query_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sql_exec, "QUERY_SECONDS", 0.2)
+    monkeypatch.setattr(sqlite, "QUERY_SECONDS", 0.2)
     assert execute(SINGERS, FOREVER, "r") is None
 
 
 def test_too_many_rows_is_a_failure(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sql_exec, "MAX_RESULT_ROWS", 8)
+    monkeypatch.setattr(sqlite, "MAX_RESULT_ROWS", 8)
     assert execute(SINGERS, "SELECT * FROM singer a, singer b", "r") is None  # 9 rows
     assert execute(SINGERS, "SELECT * FROM singer a, singer b LIMIT 8", "r") is not None
 
@@ -178,7 +179,7 @@ def test_execution_match_needs_every_variant(gold: str, predicted: str, match: b
 def test_adversarial_predictions_are_scored_wrong_and_counted(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(sql_exec, "QUERY_SECONDS", 0.3)
+    monkeypatch.setattr(sqlite, "QUERY_SECONDS", 0.3)
     schema = "CREATE TABLE singer (id INT, name TEXT, age INT);"
     rows = (
         "INSERT INTO singer VALUES (1, 'Ann', 30), (2, 'Bob', 20);",
@@ -530,7 +531,7 @@ def test_hub_val_and_test_are_hash_halves_of_the_hub_test_split(
         given = rows[:5] if split == "train" else [*rows, bad]
         return [(Origin(f"hub:{dataset_id}[{split}]", n), r) for n, r in enumerate(given, 1)]
 
-    monkeypatch.setattr(sql_module, "hub_rows", hub_rows)
+    monkeypatch.setattr(sql_task, "hub_rows", hub_rows)
     val, test = (get_task("sql").load(None, split=s) for s in ("val", "test"))
     assert len(val.train) == len(test.train) == 5
     halves = {s: {r.question for r in d.eval} for s, d in (("val", val), ("test", test))}

@@ -2,7 +2,7 @@
 
 Spider ships no database contents here, so the SQL task's context for a Spider
 question is its database's schema: column types, primary and foreign keys. The
-parsed schema (:class:`SpiderSchema`) also tells :mod:`molf.tasks.sql_populate`
+parsed schema (:class:`SpiderSchema`) also tells :mod:`molf.tasks.sql.populate`
 which rows it may generate.
 """
 
@@ -16,7 +16,7 @@ from functools import cache
 from typing import Any
 
 from molf.tasks.sources import Origin, Row, field, text, text_list
-from molf.tasks.sql_exec import quote
+from molf.tasks.sql.sqlite import quote
 
 SQLITE_TYPES = {
     "text": "TEXT",

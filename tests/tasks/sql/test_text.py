@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from molf.tasks import sql_text
-from molf.tasks.sql_text import (
+from molf.tasks.sql import text as sql_text
+from molf.tasks.sql.text import (
     fold_text,
     is_valid_sql,
     normalize_sql,

@@ -11,7 +11,7 @@ id and the variant number, so the same schema and literals give the same rows):
 
 - each created table gets ``ROWS_PER_TABLE`` rows (a random count in that range);
 - a value of a column is, with probability ``LITERAL_SHARE`` when there are any, one
-  of its *candidates* from the queries (:mod:`molf.tasks.sql_literals`): for a text
+  of its *candidates* from the queries (:mod:`molf.tasks.sql.literals`): for a text
   column its column literals; for a number column its column literals and the
   database's loose numbers, each also plus and minus 1 (so ``<`` and ``<=`` differ);
   otherwise a *fresh* value by type: text and others from a small vocabulary
@@ -35,8 +35,8 @@ from __future__ import annotations
 import random
 from graphlib import CycleError, TopologicalSorter
 
-from molf.tasks.spider import SpiderSchema, identifier
-from molf.tasks.sql_literals import Literals, Value
+from molf.tasks.sql.literals import Literals, Value
+from molf.tasks.sql.spider import SpiderSchema, identifier
 
 POPULATE_SALT = "molf-sql-populate-v1"
 VARIANTS = 3

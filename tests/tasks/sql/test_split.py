@@ -11,7 +11,7 @@ import pytest
 
 from molf.errors import MolfError
 from molf.tasks.sources import hash_fraction
-from molf.tasks.sql_split import (
+from molf.tasks.sql.split import (
     HELD_OUT_MIN_DATABASES,
     HELD_OUT_MIN_SHARE,
     data_and_mode,

@@ -5,12 +5,12 @@ Two sources, one record type. The hub set ``gretelai/synthetic_text_to_sql``
 data, so predictions can be checked by running them. Local Spider (``dev.json`` +
 ``tables.json``) has schemas only: its context is CREATE TABLE statements written
 from ``tables.json``, and its evaluation records carry ``VARIANTS`` sets of seeded
-random rows (:mod:`molf.tasks.sql_populate`, with values from the literals of all the
+random rows (:mod:`molf.tasks.sql.populate`, with values from the literals of all the
 gold queries on the same database) on which predictions and gold queries are run.
 
 Splits (train, val, test) are fixed by hashes, not by ``--seed``; which records go
 where, and the ``--data PATH#by-question`` mode for Spider, are defined in
-:mod:`molf.tasks.sql_split`. Metrics are defined in :mod:`molf.tasks.sql_score`.
+:mod:`molf.tasks.sql.split`. Metrics are defined in :mod:`molf.tasks.sql.score`.
 """
 
 from __future__ import annotations
@@ -38,12 +38,11 @@ from molf.tasks.sources import (
     read_rows,
     text,
 )
-from molf.tasks.spider import SpiderSchema, create_tables, spider_schemas
-from molf.tasks.sql_exec import GOLD_SECONDS, Databases, column_names
-from molf.tasks.sql_literals import query_literals
-from molf.tasks.sql_populate import variant_scripts
-from molf.tasks.sql_score import judge_all, record_scripts, summarize
-from molf.tasks.sql_split import (
+from molf.tasks.sql.literals import query_literals
+from molf.tasks.sql.populate import variant_scripts
+from molf.tasks.sql.score import judge_all, record_scripts, summarize
+from molf.tasks.sql.spider import SpiderSchema, create_tables, spider_schemas
+from molf.tasks.sql.split import (
     BY_DATABASE,
     BY_QUESTION,
     MODE_SEPARATOR,
@@ -52,7 +51,8 @@ from molf.tasks.sql_split import (
     hub_test_side,
     question_side,
 )
-from molf.tasks.sql_text import postprocess_sql
+from molf.tasks.sql.sqlite import GOLD_SECONDS, Databases, column_names
+from molf.tasks.sql.text import postprocess_sql
 
 HUB_ID = "gretelai/synthetic_text_to_sql"
 SPIDER_QUESTIONS = "dev.json"  # read when --data is a directory
@@ -136,7 +136,7 @@ def checked(records: list[SqlRecord]) -> list[SqlRecord]:
 
 def sql_splits(data: str | None, split: str) -> tuple[list[SqlRecord], list[SqlRecord], str]:
     """Train records, checked ``split`` records (see ``check_record``) and a source
-    description, as :mod:`molf.tasks.sql_split` defines the splits.
+    description, as :mod:`molf.tasks.sql.split` defines the splits.
 
     Bad rows in a local file raise; bad hub rows (not the user's to fix) are skipped.
     """
@@ -283,7 +283,7 @@ class SqlTask:
         predictions: list[dict[str, Any]] | None = None,
     ) -> dict[str, float]:
         """Greedy SQL for each record, cleaned by ``postprocess_sql``, scored by
-        :mod:`molf.tasks.sql_score`.
+        :mod:`molf.tasks.sql.score`.
 
         ``predictions`` gets per record: prompt, reference (gold SQL), output (the
         generated text), sql (after ``postprocess_sql``), correct (exact match, the
