@@ -1,4 +1,4 @@
-"""``molf train`` / ``molf eval`` (flags and YAML, then ``molf.train.run``), ``molf report``
+"""``molf train`` / ``molf eval`` (flags and YAML, then ``molf.train.job``), ``molf report``
 and ``molf push``.
 
 Every flag comes from a :class:`~molf.train.args.TrainArgs` field (its help text
@@ -144,7 +144,9 @@ def _train_or_eval(ns: argparse.Namespace, argv: list[str]) -> int:
         )
         overrides.update(DEMO)
     from molf.train.args import expand_path, resolve_args
-    from molf.train.run import holding_run, run_eval, run_settings, run_train
+    from molf.train.job import run_train
+    from molf.train.run_commands import run_eval, run_settings
+    from molf.train.rundir import holding_run
 
     run_dir = Path(expand_path(ns.run)) if getattr(ns, "run", None) else None
     with holding_run(run_dir):  # molf eval --run: no training changes the run meanwhile
@@ -211,7 +213,7 @@ def _not_utf8(runs: list[Path]) -> MolfError | None:
 def _push(ns: argparse.Namespace, argv: list[str]) -> int:
     """``molf push RUN_DIR [--push-to-hub OWNER/NAME]``."""
     from molf.train.args import expand_path
-    from molf.train.run import push_run
+    from molf.train.run_commands import push_run
 
     url = push_run(Path(expand_path(ns.run)), ns.push_to_hub)
     print(f"[molf] uploaded to the Hub: {url}", flush=True)

@@ -9,7 +9,8 @@ import json
 import pytest
 
 from molf.cli import main
-from molf.train.modeling import CACHE_MARKER, DEFAULT_GGUF_FILE, default_model, resolve_model
+from molf.train.modeling import CACHE_MARKER, default_model, resolve_model
+from molf.train.packaged import DEFAULT_GGUF_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,10 @@ from molf.atomic import Terminated, atomic_directory, interrupt, replace_dir
 from molf.errors import MolfError
 from molf.ownership import claim
 from molf.train.args import resolve_args
+from molf.train.evaluation import write_predictions
 from molf.train.export import check_hub_token
 from molf.train.logs import RunLogger
-from molf.train.run import SigtermStop, write_predictions
+from molf.train.stop import SigtermStop
 from molf.yamlfile import MAX_NODES, load_yaml
 
 

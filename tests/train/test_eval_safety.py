@@ -73,7 +73,7 @@ def test_eval_refuses_to_write_into_a_training_run(run, tmp_path, shared_data, c
 
 
 def test_eval_of_a_run_holds_the_runs_lock(run, stories, shared_data, capsys):
-    from molf.train.run import holding_run
+    from molf.train.rundir import holding_run
 
     training = RunLock(run)  # the lock a training process holds on its run directory
     training.acquire()

@@ -20,7 +20,7 @@ from molf.atomic import atomic_directory, recover_dir, write_text_atomic
 from molf.cli import main
 from molf.errors import MolfError
 from molf.ownership import MANIFEST, TEMP_PREFIX, claim
-from molf.train import run as run_module
+from molf.train import job as job_module
 from molf.train.args import resolve_args
 from molf.train.rundir import LOCK_FILE, start_run_dir
 
@@ -108,7 +108,7 @@ def test_a_failed_setup_does_not_block_the_corrected_rerun(
     def crash(*_, **__):
         raise RuntimeError("simulated crash during the first evaluation")
 
-    monkeypatch.setattr(run_module, "_evaluate", crash)
+    monkeypatch.setattr(job_module, "evaluate", crash)
     with pytest.raises(RuntimeError):
         main(_args(out, stories, shared_data))
     monkeypatch.undo()
@@ -154,7 +154,7 @@ def test_a_failed_final_save_is_redone_with_resume(
     def disk_full(*_, **__):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_module, "save_final", disk_full)
+    monkeypatch.setattr(job_module, "save_final", disk_full)
     assert main(_args(out, stories, shared_data, "--method", "molf")) == 1
     assert "No space left on device" in capsys.readouterr().err
     monkeypatch.undo()
@@ -184,7 +184,7 @@ def test_a_run_without_its_model_keeps_metrics_logs_and_routing(
     """--no-save-model (what a sweep's val cells get): eval.json, logs and routing, no
     final/ and no checkpoint left. It counts as finished: a new run there needs
     --overwrite (which trains it again, here with its model), --resume says why not."""
-    from molf.sweep.runner import is_complete
+    from molf.train.rundir import RunDir
 
     out = tmp_path / "runs" / "run"
     assert main(_args(out, stories, shared_data, "--method", "molf", "--no-save-model")) == 0
@@ -192,7 +192,7 @@ def test_a_run_without_its_model_keeps_metrics_logs_and_routing(
     assert (out / "routing.jsonl").is_file() and (out / "train_log.jsonl").is_file()
     assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
     assert yaml.safe_load((out / "config.yaml").read_text())["save_model"] is False
-    assert is_complete(out)
+    assert RunDir(out).complete
     capsys.readouterr()
     assert main(["eval", "--run", str(out)]) == 2
     assert "save_model off" in capsys.readouterr().err
@@ -212,7 +212,7 @@ def test_resume_adds_or_drops_only_the_missing_model(tmp_path, stories, shared_d
     its model saves final/ (one results.csv row, config.yaml says so); a run whose final
     save failed, resumed with --no-save-model, is finished as such (and complete for a
     sweep)."""
-    from molf.sweep.runner import is_complete
+    from molf.train.rundir import RunDir
 
     def rows(run: Path) -> list[str]:
         lines = (run.parent / "results.csv").read_text().splitlines()[1:]
@@ -232,13 +232,13 @@ def test_resume_adds_or_drops_only_the_missing_model(tmp_path, stories, shared_d
     def disk_full(*_, **__):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(run_module, "save_final", disk_full)
+    monkeypatch.setattr(job_module, "save_final", disk_full)
     assert main(_args(failed, stories, shared_data, "--method", "molf")) == 1
     monkeypatch.undo()
-    assert not is_complete(failed) and len(rows(failed)) == 1
+    assert not RunDir(failed).complete and len(rows(failed)) == 1
     resume = ("--method", "molf", "--resume", "--no-save-model")
     assert main(_args(failed, stories, shared_data, *resume)) == 0
-    assert is_complete(failed) and not (failed / "final").exists()
+    assert RunDir(failed).complete and not (failed / "final").exists()
     assert not list(failed.glob("checkpoint-*")) and len(rows(failed)) == 1
 
 

@@ -44,24 +44,9 @@ from molf.sweep.results import (
     selection_json,
     write_summary,
 )
+from molf.train.rundir import RunDir
 
 RESULT_FILES = ("results.md", "selection.json", "failed.json")  # beside summary.csv
-
-
-def is_complete(run_dir: Path) -> bool:
-    """A run is complete when eval.json has "after" and final/ exists (or the run was
-    told not to save its model, as val cells are)."""
-    from molf.train.rundir import is_recorded
-
-    if not is_recorded(run_dir):
-        return False
-    if (run_dir / "final").is_dir():
-        return True
-    try:
-        settings = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return False
-    return settings.get("save_model", True) is False
 
 
 def _sidecar(run_dir: Path, suffix: str) -> Path:
@@ -131,8 +116,6 @@ class Runner:
         return self.only is None or name == self.only or fnmatch.fnmatchcase(name, self.only)
 
     def visit(self, cell: Cell) -> None:
-        from molf.train.checkpoint import list_checkpoints
-
         args = _args(cell, self.sweep)
         run_dir = Path(args.output_dir)
         expected = fingerprint(args.to_dict())
@@ -141,14 +124,14 @@ class Runner:
             self.listing.append((cell.name, "done", ""))
             return
         record = _check_run_dir(cell, args, expected, inputs)
-        if is_complete(run_dir):
+        if RunDir(run_dir).complete:
             wall = record.get("wall_seconds")
             self.rows[cell.name] = cell_row(cell, args, run_dir, wall)
             if self.execute:
                 write_summary(self.sweep.summary, self.rows)
             self.listing.append((cell.name, "done", ""))
             return
-        if list_checkpoints(run_dir):
+        if RunDir(run_dir).checkpoints:
             state = "resume"
         elif run_dir.is_dir() and any(run_dir.iterdir()):
             state = "restart"
@@ -233,7 +216,7 @@ class Runner:
         wall = float(record.get("wall_seconds", 0.0)) + time.monotonic() - start
         record.update(wall_seconds=round(wall, 2), returncode=code)
         write_text_atomic(record_path, json.dumps(record, indent=2))
-        if code == 0 and is_complete(run_dir):
+        if code == 0 and RunDir(run_dir).complete:
             row = cell_row(cell, args, run_dir, wall)
             metric = f"{cell.split}_{cell.group.primary_metric}"
             print(
@@ -262,15 +245,13 @@ def _args(cell: Cell, sweep: Sweep) -> Any:
 def _check_run_dir(cell: Cell, args: Any, expected: str, inputs: Row) -> dict[str, Any]:
     """Refuse a run dir made with other settings than the cell's now, or a finished or
     resumable one made with other data or another model; the run's ``D.sweep.json``."""
-    from molf.train.checkpoint import list_checkpoints
-
     run_dir = Path(args.output_dir)
     config = _sidecar(run_dir, ".yaml")  # the settings the cell last ran with
     if config.is_file() and run_dir.is_dir():
         saved = yaml.safe_load(config.read_text()) or {}
         _check_same(cell, fingerprint(saved), expected, f"the run in {run_dir}")
     record = _read_json(_sidecar(run_dir, ".sweep.json"))
-    if is_complete(run_dir) or list_checkpoints(run_dir):  # what the sweep would keep
+    if RunDir(run_dir).complete or RunDir(run_dir).checkpoints:  # what the sweep would keep
         _check_inputs(cell, args, record, inputs, f"the run in {run_dir}")
     return record
 
@@ -330,7 +311,7 @@ def _report(runner: Runner) -> None:
         if group.key in runner.choices:
             for cell in runner.sweep.stage2(group, runner.choices[group.key][0]):
                 run_dir = runner.sweep.output_dir / cell.name
-                if is_complete(run_dir):
+                if RunDir(run_dir).complete:
                     dirs.append(run_dir)
                     label = f"{group.key if several else group.method} s{cell.seed}"
                     labels.append(label)

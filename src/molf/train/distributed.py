@@ -10,6 +10,7 @@ rank dies.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -133,3 +134,24 @@ def barrier(ctx: DistContext) -> None:
 def shutdown(ctx: DistContext) -> None:
     if ctx.active and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def gather_for_saving(
+    model: nn.Module, ctx: DistContext, fresh_model: Callable[[], nn.Module]
+) -> nn.Module:
+    """The trained model as one plain (unsharded, unwrapped) module on rank 0.
+
+    FSDP2: every rank joins the gather of the full state dict; rank 0 loads it into
+    ``fresh_model()``, a newly built (unsharded) copy of the wrapped model on the CPU."""
+    if ctx.mode != "fsdp2":
+        return unwrap(model)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    if not ctx.is_main:
+        return model
+    fresh = fresh_model()
+    fresh.load_state_dict(full)
+    return fresh

@@ -1,4 +1,5 @@
-"""What a run writes besides checkpoints: JSONL logs, trackers and the results table."""
+"""What a run writes besides checkpoints: JSONL logs, trackers and the results table; and
+its console lines (:func:`say`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ from molf.errors import MolfError
 from molf.optim import Routing
 from molf.ownership import claim, locked_dir
 from molf.routing_stats import RoutingCounts
+
+
+def say(message: str, enabled: bool = True) -> None:
+    """Print one ``[molf]`` console line (``enabled`` False: say nothing, e.g. not rank 0)."""
+    if enabled:
+        print(f"[molf] {message}", flush=True)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """``name=value`` pairs for the console, four decimals."""
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
 class RunLogger:

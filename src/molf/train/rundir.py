@@ -11,10 +11,17 @@ starts writing until it ends.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from molf.atomic import recover_dir
 from molf.errors import MolfError
@@ -42,31 +49,64 @@ def foreign_entries(run_dir: Path) -> list[str]:
     )
 
 
-def holds_finished_or_resumable_run(run_dir: Path) -> bool:
-    """A run worth protecting: it has a final model, a checkpoint to resume from, or the
-    results of a run that finished without saving its model (all written by molf)."""
-    return run_dir.is_dir() and (
-        "final" in owned(run_dir)
-        or bool(list_checkpoints(run_dir))
-        or finished_without_model(run_dir)
-    )
+@dataclass(frozen=True)
+class RunDir:
+    """A run directory as molf reads it: the one place that says whether a run is
+    finished (train, ``molf sweep`` and ``molf eval --run`` ask it)."""
 
+    path: Path
 
-def is_recorded(run_dir: Path) -> bool:
-    """Whether the run in ``run_dir`` recorded its result: molf's eval.json has the
-    metrics after training."""
-    if "eval.json" not in owned(run_dir):
-        return False
-    try:
-        return "after" in json.loads((run_dir / "eval.json").read_text())
-    except (OSError, ValueError):
-        return False
+    @property
+    def config(self) -> dict[str, Any]:
+        """The run's own settings (its config.yaml); empty when missing or unreadable."""
+        try:
+            config = yaml.safe_load((self.path / "config.yaml").read_text())
+        except (OSError, ValueError, yaml.YAMLError):
+            return {}
+        return config if isinstance(config, dict) else {}
 
+    @property
+    def saves_model(self) -> bool:
+        """Whether the run was told to save its model (``save_model``, on by default)."""
+        return self.config.get("save_model", True) is not False
 
-def finished_without_model(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run that recorded its result without a final model
-    (``save_model`` off)."""
-    return is_recorded(run_dir) and not (run_dir / "final").exists()
+    @property
+    def recorded(self) -> bool:
+        """The run recorded its result: molf's eval.json has the metrics after training."""
+        if "eval.json" not in owned(self.path):
+            return False
+        try:
+            return "after" in json.loads((self.path / "eval.json").read_text())
+        except (OSError, ValueError):
+            return False
+
+    @property
+    def has_final(self) -> bool:
+        """The trained model is saved (``final/``)."""
+        return (self.path / "final").is_dir()
+
+    @property
+    def complete(self) -> bool:
+        """Nothing is left to do: recorded, with its final model unless told not to save
+        it (as a sweep's val cells are)."""
+        return self.recorded and (self.has_final or not self.saves_model)
+
+    @property
+    def finished_without_model(self) -> bool:
+        """Recorded with no final model (``save_model`` off, or its save failed)."""
+        return self.recorded and not (self.path / "final").exists()
+
+    @property
+    def checkpoints(self) -> list[Path]:
+        """Its ``checkpoint-N/`` directories, oldest first."""
+        return list_checkpoints(self.path)
+
+    def holds_finished_or_resumable_run(self) -> bool:
+        """A run worth protecting: it has a final model, a checkpoint to resume from, or
+        the results of a run that finished without saving its model (all molf's)."""
+        return self.path.is_dir() and (
+            "final" in owned(self.path) or bool(self.checkpoints) or self.finished_without_model
+        )
 
 
 def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
@@ -83,7 +123,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     _check_writable(run_dir)
     if resume:
         if not list_checkpoints(run_dir):
-            if finished_without_model(run_dir):
+            if RunDir(run_dir).finished_without_model:
                 raise MolfError(
                     f"--resume: {run_dir} finished without saving its model (save_model "
                     "off) and keeps no checkpoint, so there is nothing to resume; "
@@ -102,7 +142,7 @@ def check_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
             "--overwrite only replaces a run directory: move those files or pick "
             "another --output-dir"
         )
-    if not overwrite and holds_finished_or_resumable_run(run_dir):
+    if not overwrite and RunDir(run_dir).holds_finished_or_resumable_run():
         raise MolfError(
             f"--output-dir: {run_dir} already holds a run; pass --resume to "
             "continue it or --overwrite to replace it"
@@ -171,9 +211,46 @@ def start_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> RunLock:
     try:
         check_run_dir(run_dir, resume=resume, overwrite=overwrite)  # another run may have ended
         clean_temporaries(run_dir)
-        if not resume and (overwrite or not holds_finished_or_resumable_run(run_dir)):
+        if not resume and (overwrite or not RunDir(run_dir).holds_finished_or_resumable_run()):
             clear_run(run_dir)
     except BaseException:
         lock.release()
         raise
     return lock
+
+
+@contextmanager
+def holding_run(run_dir: Path | None) -> Iterator[None]:
+    """While ``molf eval --run`` reads a run: the run's lock, so that no ``molf train``
+    continues, replaces or deletes it meanwhile; refused (MolfError) while a training
+    process (or another evaluation of it) holds it. A directory that is not a run (let
+    :func:`run_settings` say so) or that this user cannot write is read unlocked."""
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        yield
+        return
+    lock = RunLock(run_dir)
+    try:
+        lock.acquire()
+    except MolfError:
+        holder = _lock_holder(lock.path)
+        raise MolfError(
+            f"--run: {run_dir} is in use by another molf process (pid {holder}): wait for "
+            "it to end, then evaluate the run"
+        ) from None
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        lock = None  # a read-only run: nothing of ours can be writing it
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _lock_holder(path: Path) -> str:
+    """The pid written in a lock file, or "unknown"."""
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"
