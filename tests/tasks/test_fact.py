@@ -10,6 +10,7 @@ import torch
 
 from molf.errors import DataError, MolfError
 from molf.tasks import get_task
+from molf.tasks.base import DataPath
 from molf.tasks.fact import FactRecord, builtin_rows, parse_fact_row
 from molf.tasks.fact_builtin import BUILTIN_FACTS
 from molf.tasks.scoring import completion_logprobs
@@ -235,3 +236,10 @@ def test_evaluate_matches_a_slow_one_by_one_recomputation(tiny) -> None:
     )
     specific = next(x for x in predictions if x["metric"] == "specificity")
     assert specific["correct"] == (specific["scores"]["true"] > specific["scores"]["new"])
+
+
+def test_data_path_is_the_named_file_or_none_for_the_builtin_edits(tmp_path: Path) -> None:
+    fact = get_task("fact")
+    assert fact.data_path("builtin") == DataPath(None)
+    assert fact.data_path(str(tmp_path / "cf.json")) == DataPath(tmp_path / "cf.json")
+    assert fact.data_path("~/counterfact") == DataPath(Path.home() / "counterfact")

@@ -8,6 +8,7 @@ import pytest
 
 from molf.errors import DataError, MolfError
 from molf.tasks import Example, get_task
+from molf.tasks.base import DataPath
 from molf.tasks.scoring import completion_logprobs, generate
 
 from .helpers import write_jsonl
@@ -210,3 +211,14 @@ def test_evaluate_agrees_with_generation_and_scoring(tiny) -> None:
     ]
     assert [x["logprob"] for x in predictions] == pytest.approx(scores, abs=1e-6)
     assert metrics["exact_match"] == sum(x["correct"] for x in predictions) / 3
+
+
+def test_data_path_is_the_named_path_or_none_for_a_hub_dataset_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    jsonl = get_task("jsonl")
+    monkeypatch.chdir(tmp_path)
+    assert jsonl.data_path("owner/name") == DataPath(None)  # a hub dataset id
+    (tmp_path / "owner" / "name").mkdir(parents=True)
+    assert jsonl.data_path("owner/name") == DataPath(Path("owner/name"))  # a local copy
+    assert jsonl.data_path(str(tmp_path / "pairs.jsonl")) == DataPath(tmp_path / "pairs.jsonl")

@@ -10,6 +10,7 @@ import pytest
 
 from molf.errors import DataError, MolfError
 from molf.tasks import Example, get_task, med
+from molf.tasks.base import DataPath
 from molf.tasks.med import MedRecord, med_example, parse_choice, parse_med_row
 from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import Origin
@@ -221,3 +222,10 @@ def test_evaluate_accuracy_is_the_argmax_of_option_scores(tiny) -> None:
     assert metrics["generation_accuracy"] == sum(
         x["generation_correct"] for x in predictions
     ) / len(records)
+
+
+def test_data_path_is_the_named_file_or_directory(tmp_path: Path) -> None:
+    med_task = get_task("med")
+    assert med_task.data_path(str(tmp_path)) == DataPath(tmp_path)
+    assert med_task.data_path("~/dev.jsonl") == DataPath(Path.home() / "dev.jsonl")
+    assert med_task.data_path("builtin") == DataPath(Path("builtin"))  # med has no built-in set

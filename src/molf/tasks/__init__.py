@@ -2,7 +2,9 @@
 
 ``get_task(name)`` gives a :class:`Task`; ``task.load(data)`` reads the hub dataset
 (``data=None``) or a local path into training pairs and evaluation records, and
-``task.evaluate(model, tokenizer, records)`` scores a model on those records.
+``task.evaluate(model, tokenizer, records)`` scores a model on those records, and
+``task.data_path(data)`` tells which local file or directory a ``--data`` value names
+(each task parses its own syntax: Spider's ``DIR#by-question`` is DIR).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""The types every task shares: a training pair, a loaded dataset, the task protocol."""
+"""The types every task shares: a training pair, a loaded dataset, what ``--data`` names,
+the task protocol."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 Prompt = str | tuple[dict[str, str], ...]  # text, or chat messages before the reply
@@ -28,6 +30,14 @@ class TaskData:
     source: str  # human-readable: the path or hub id the data came from
 
 
+@dataclass(frozen=True)
+class DataPath:
+    """What a ``--data`` value names, as its task reads it (``Task.data_path``)."""
+
+    path: Path | None  # the file or directory read; None: a name (built-in data, a hub id)
+    mode: str | None = None  # how the value asks the task to split it (Spider's ``#MODE``)
+
+
 class Task(Protocol):
     """An evaluation task: loads its data and scores a model on it."""
 
@@ -44,6 +54,11 @@ class Task(Protocol):
         seed: int = 0,
         split: str = "test",  # "val" or "test": which held-out records to evaluate on
     ) -> TaskData: ...
+
+    def data_path(self, data: str) -> DataPath:
+        """The local file or directory that ``load(data)`` reads (existing or not), and
+        the split mode ``data`` carries; MolfError for a value the task cannot read."""
+        ...
 
     def evaluate(
         self,

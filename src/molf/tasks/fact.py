@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
-from molf.tasks.base import Example, TaskData
+from molf.tasks.base import DataPath, Example, TaskData
 from molf.tasks.encoding import IGNORE_INDEX, collate, encode_example, ensure_pad_token
 from molf.tasks.fact_builtin import BUILTIN_FACTS
 from molf.tasks.metrics import mean, share_preferred
@@ -177,6 +177,10 @@ class FactTask:
     name = "fact"
     primary_metric = "efficacy"
     max_new_tokens = 16
+
+    def data_path(self, data: str) -> DataPath:
+        """The file or directory ``data`` names; none for the built-in edits."""
+        return DataPath(None if data == "builtin" else Path(data).expanduser())
 
     def load(
         self,

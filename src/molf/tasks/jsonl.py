@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
-from molf.tasks.base import Example, TaskData
+from molf.tasks.base import DataPath, Example, TaskData
 from molf.tasks.metrics import mean, text_exact_match, text_matches
 from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import (
@@ -141,6 +141,11 @@ class JsonlTask:
     name = "jsonl"
     primary_metric = "exact_match"
     max_new_tokens = 64
+
+    def data_path(self, data: str) -> DataPath:
+        """The file or directory ``data`` names; none for a hub dataset id."""
+        path = Path(data).expanduser()
+        return DataPath(None if not path.exists() and _is_dataset(data) else path)
 
     def load(
         self,

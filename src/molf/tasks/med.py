@@ -23,9 +23,10 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from molf.tasks.base import Example, TaskData
+from molf.tasks.base import DataPath, Example, TaskData
 from molf.tasks.metrics import choice_margin, majority_share, mean
 from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import (
@@ -171,6 +172,10 @@ class MedTask:
     name = "med"
     primary_metric = "accuracy"
     max_new_tokens = 16
+
+    def data_path(self, data: str) -> DataPath:
+        """The file or directory ``data`` names."""
+        return DataPath(Path(data).expanduser())
 
     def load(
         self,

@@ -15,6 +15,7 @@ import pytest
 
 from molf.errors import DataError, MolfError
 from molf.tasks import get_task
+from molf.tasks.base import DataPath
 from molf.tasks.scoring import generate
 from molf.tasks.sources import Origin, hash_fraction
 from molf.tasks.sql import sqlite
@@ -391,6 +392,18 @@ def test_spider_split_by_question_mode(tmp_path: Path) -> None:
         get_task("sql").load(f"{tmp_path}#by-row")
     with pytest.raises(MolfError, match="split must be one of val, test"):
         get_task("sql").load(str(tmp_path), split="train")
+
+
+def test_data_path_is_spiders_directory_and_split_mode(tmp_path: Path) -> None:
+    sql = get_task("sql")
+    assert sql.data_path(f"{tmp_path}#by-question") == DataPath(tmp_path, "by-question")
+    assert sql.data_path(str(tmp_path)) == DataPath(tmp_path)
+    assert sql.data_path("~/spider#by-database") == DataPath(Path.home() / "spider", "by-database")
+    odd = tmp_path / "a#by-question"
+    odd.mkdir()
+    assert sql.data_path(str(odd)) == DataPath(odd)  # an existing path is taken whole
+    with pytest.raises(MolfError, match="unknown split mode 'by-row'"):
+        sql.data_path(f"{tmp_path}#by-row")
 
 
 def test_spider_needs_tables_json(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
-from molf.tasks.base import Example, TaskData
+from molf.tasks.base import DataPath, Example, TaskData
 from molf.tasks.scoring import generate
 from molf.tasks.sources import (
     Origin,
@@ -249,6 +249,12 @@ class SqlTask:
     name = "sql"
     primary_metric = "exact_match"
     max_new_tokens = 256
+
+    def data_path(self, data: str) -> DataPath:
+        """The file or directory ``data`` names, and its split mode: Spider's
+        ``DIR#by-question`` is DIR split by question (see :mod:`molf.tasks.sql.split`)."""
+        path, mode = data_and_mode(data)
+        return DataPath(Path(path).expanduser(), mode)
 
     def load(
         self,
