@@ -278,17 +278,18 @@ def _train_args(values: dict[str, Any], where: str) -> Any:
 
 
 def _check_data(settings: dict[str, Any], where: str) -> None:
-    """A local ``data`` must exist (``DIR#MODE``, e.g. Spider's ``#by-question``: DIR)."""
-    from molf.tasks.sql.split import data_and_mode
+    """The file or directory that ``data`` names, as its task reads it (Spider's
+    ``DIR#by-question``: DIR), must exist."""
+    from molf.tasks import get_task
 
     data = settings.get("data")
-    if data is None or str(data) == "builtin":
+    if data is None:
         return
     try:
-        path, _ = data_and_mode(str(data))
+        path = get_task(str(settings["task"])).data_path(str(data)).path
     except MolfError as e:
         raise MolfError(f"{where}: {e}") from None
-    if not Path(path).exists():
+    if path is not None and not path.exists():
         raise MolfError(f"{where}: data {path} does not exist")
 
 

@@ -9,8 +9,10 @@ sweep identifies them by content instead, the same on every machine and checkout
   (``.git``, molf's manifest and locks, a hub download's ``.cache``) left out;
 - a file over :data:`LARGE` bytes (model weights): its size and the sha256 of its
   first and last MiB, so a sweep never reads gigabytes to start;
-- Spider's ``DIR#MODE``: DIR's fingerprint and the mode (a setting: it counts);
-- no data: the task's hub dataset; ``builtin``: the demo's facts;
+- a value the tasks read in their own ways (Spider's ``DIR#MODE``, the demo's
+  ``builtin``, a hub dataset id): the data each task finds in it, a path by its
+  fingerprint and split mode (a setting: it counts), a name by itself;
+- no data: the task's hub dataset;
 - a packaged short name (``smollm2-135m``): the name and its package's version (or
   the hub id it falls back to when the package is missing); a hub id: the id; a local
   model directory: its fingerprint, or only its GGUF file's with ``gguf_file``.
@@ -28,9 +30,12 @@ import json
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from molf.errors import MolfError
+
+if TYPE_CHECKING:
+    from molf.tasks import Task
 
 LARGE = 64 * 1024 * 1024  # bytes: above this only the size and both ends are hashed
 EDGE = 1024 * 1024  # bytes hashed at each end of a large file
@@ -92,18 +97,35 @@ def path_identity(path: Path) -> list[Any]:
 
 
 def data_identity(data: str | None) -> list[Any]:
-    """What ``--data`` stands for, independent of where it lies on this machine."""
-    from molf.tasks.sql.split import data_and_mode
+    """What ``--data`` stands for, independent of where it lies on this machine: the data
+    each task finds in it (:meth:`molf.tasks.Task.data_path`), once when those readings
+    agree (as on a plain path), else each distinct reading."""
+    from molf.tasks import TASK_NAMES, get_task
 
     if data is None:
         return ["hub"]
-    if str(data) == "builtin":
-        return ["builtin"]
+    readings: list[list[Any]] = []
+    for name in TASK_NAMES:
+        reading = _found(get_task(name), str(data))
+        if reading is not None and reading not in readings:
+            readings.append(reading)
+    if not readings:
+        return ["missing", None]  # load_sweep has refused it already
+    return readings[0] if len(readings) == 1 else readings
+
+
+def _found(task: Task, data: str) -> list[Any] | None:
+    """The data ``task`` finds in ``data``: a path's content and split mode, or the name;
+    None when it names no existing file or directory, or a value the task cannot read."""
     try:
-        path, mode = data_and_mode(str(data))
+        local = task.data_path(data)
     except MolfError:
-        return ["unknown", str(data)]  # load_sweep has refused it already
-    return [*path_identity(Path(path).expanduser()), mode]
+        return None
+    if local.path is None:
+        return [data]  # a name: the built-in edits, a hub dataset id
+    if not local.path.exists():
+        return None
+    return [*path_identity(local.path), local.mode]
 
 
 @functools.cache
