@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import molf
 import molf.layer
 from molf.cli import main
-from molf.tasks.sql_text import is_valid_sql, parse_trees
+from molf.tasks.sql.text import is_valid_sql, parse_trees
 from molf.train import checkpoint as checkpoint_module
 from molf.train.args import EVAL_FLAGS, FLAG_GROUPS, TrainArgs, choices
 
