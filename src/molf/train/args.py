@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
+from molf.train.method_names import METHOD_NAMES, default_train_non_linear
 from molf.yamlfile import load_yaml
 
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -30,11 +31,10 @@ SCORES = ("epd", "pfn")
 def choices() -> dict[str, tuple[str, ...]]:
     """The settings that take one of a few values, and those values."""
     from molf.tasks import TASK_NAMES
-    from molf.train.methods import METHODS
 
     return {
         "task": TASK_NAMES,
-        "method": tuple(METHODS),
+        "method": METHOD_NAMES,
         "score": SCORES,
         "scheduler": SCHEDULERS,
         "dtype": DTYPES,
@@ -294,7 +294,7 @@ class TrainArgs:
     @property
     def effective_train_non_linear(self) -> bool:
         if self.train_non_linear is None:
-            return self.method == "molf"
+            return default_train_non_linear(self.method)
         return self.train_non_linear
 
     def to_dict(self) -> dict[str, Any]:
