@@ -219,3 +219,11 @@ def test_args_does_not_import_the_methods():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_the_model_card_names_a_lora_learning_rate_only_for_methods_with_one(tmp_path):
+    from molf.train.model_card import model_card
+
+    for name in METHOD_NAMES:
+        card = model_card(TrainArgs(method=name, lr=1e-4, lora_lr=3e-3), "base", {}, tmp_path)
+        assert ("LoRA learning rate 0.003" in card) is (name != "fft"), name

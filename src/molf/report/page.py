@@ -111,7 +111,7 @@ def collapse_notes(routed: Sequence[tuple[Run, str, RoutingMatrix]]) -> list[str
             lr,
             float(c.get("lora_lr") or lr),
             lora,
-            has_fft=run.method != "molf-e",
+            has_fft="fft" in matrix.experts,  # molf's dense-weight expert; molf-e has none
             score=str(c.get("score") or "epd"),
         )
         text = collapse_warning(collapse, setup).removeprefix("warning: routing collapsed: ")

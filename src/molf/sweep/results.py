@@ -127,6 +127,8 @@ def cell_row(cell: Cell, args: Any, run_dir: Path, wall_seconds: float | None) -
 
 def base_row(cell: Cell, args: Any, status: str) -> Row:
     """The identifying columns of a cell's row (metrics left out)."""
+    from molf.train.methods import method_of
+
     return {
         "cell": cell.name,
         "status": status,
@@ -135,7 +137,7 @@ def base_row(cell: Cell, args: Any, status: str) -> Row:
         "method_label": cell.group.method,
         "method": args.method,
         "lr": _text(args.lr),
-        "lora_lr": "" if args.method == "fft" else _text(args.effective_lora_lr),
+        "lora_lr": _text(method_of(args).lora_lr(args)),
         "ranks": "+".join(str(r) for r in args.lora_ranks),
         "seed": _text(cell.seed),
         "split": cell.split,

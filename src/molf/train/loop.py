@@ -209,7 +209,7 @@ class RoutingWatch:
         a = self.args
         lora = [LoraExpert(r, al, a.use_rslora) for r, al in zip(a.lora_ranks, a.lora_alphas)]
         return RoutingSetup(
-            a.lr, a.effective_lora_lr, lora, has_fft=a.method != "molf-e", score=a.score
+            a.lr, a.effective_lora_lr, lora, has_fft=method_of(a).trains_base, score=a.score
         )
 
     def add(self, step: int, experts: list[str], wins: np.ndarray, decisions: int) -> None:

@@ -71,6 +71,7 @@ def model_card(args: TrainArgs, base_model: str, results: dict[str, Any], run_di
         "tags": ["molf", args.method, args.task],
     }
     what = method.describe(args)
+    lora_lr = method.lora_lr(args)
     lines = [
         "---",
         yaml.safe_dump(front, sort_keys=False).strip(),
@@ -81,7 +82,7 @@ def model_card(args: TrainArgs, base_model: str, results: dict[str, Any], run_di
         f"Trained with {what}.",
         "",
         f"- learning rate {args.lr:g}"
-        + ("" if args.method == "fft" else f", LoRA learning rate {args.effective_lora_lr:g}")
+        + ("" if lora_lr is None else f", LoRA learning rate {lora_lr:g}")
         + f"; {results.get('steps', '?')} steps of {args.batch_size * args.grad_accum} "
         f"examples per process; seed {args.seed}",
         f"- data: {args.data or 'the hub dataset'} (evaluated on its {args.eval_split} split)",
