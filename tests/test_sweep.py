@@ -155,6 +155,22 @@ def test_sweep_chooses_lr_on_val_and_writes_summary(finished):
         assert (out / "report" / "index.html").is_file()
 
 
+def test_each_finished_cell_keeps_its_per_example_outcomes(finished):
+    out, _ = finished
+    rows = _rows(out / "summary.csv")
+    outcomes = {
+        o["cell"]: o for o in map(json.loads, (out / "outcomes.jsonl").read_text().splitlines())
+    }
+    assert set(outcomes) == set(rows)
+    for name, row in rows.items():
+        bits = outcomes[name]["correct"]
+        metric = float(row[f"{row['split']}_efficacy"])
+        assert outcomes[name]["metric"] == "efficacy" and set(bits) <= {"0", "1"}
+        assert bits.count("1") / len(bits) == pytest.approx(metric)  # the same examples
+    prompts = {o["prompts"] for n, o in outcomes.items() if n.endswith("test-s0")}
+    assert len(prompts) == 1  # every method scored the same test edits
+
+
 def test_killed_sweep_resumes_to_the_same_numbers(tmp_path, facts, finished):
     reference = _rows(finished[0] / "summary.csv")
     out = tmp_path / "killed"

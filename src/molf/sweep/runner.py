@@ -29,6 +29,7 @@ import yaml
 from molf.errors import MolfError
 from molf.ownership import claim, refuse_foreign, remove_owned
 from molf.sweep.config import Cell, Group, LrPoint, Sweep
+from molf.sweep.outcomes import Outcome, cell_outcome, read_outcomes, write_outcomes
 from molf.sweep.process import SweepLock, run_child
 from molf.sweep.results import (
     INPUT_COLUMNS,
@@ -46,7 +47,9 @@ from molf.sweep.results import (
 )
 from molf.train.rundir import RunDir
 
-RESULT_FILES = ("results.md", "selection.json", "failed.json")  # beside summary.csv
+OUTCOMES = "outcomes.jsonl"  # per-example results of the finished cells (molf.sweep.outcomes)
+
+RESULT_FILES = ("results.md", "selection.json", "failed.json", OUTCOMES)  # beside summary.csv
 
 
 def _sidecar(run_dir: Path, suffix: str) -> Path:
@@ -73,6 +76,7 @@ class Runner:
     failed: list[str] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
     matched: int = 0
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
     seconds: float = 0.0  # estimated wall time of the cells to run
     unknown: int = 0  # cells to run without an estimate
 
@@ -121,12 +125,14 @@ class Runner:
         expected = fingerprint(args.to_dict())
         inputs = input_hashes(args)
         if self._done_in_summary(cell, args, expected, inputs):
+            self.keep_outcome(cell, run_dir)
             self.listing.append((cell.name, "done", ""))
             return
         record = _check_run_dir(cell, args, expected, inputs)
         if RunDir(run_dir).complete:
             wall = record.get("wall_seconds")
             self.rows[cell.name] = cell_row(cell, args, run_dir, wall)
+            self.keep_outcome(cell, run_dir)
             if self.execute:
                 write_summary(self.sweep.summary, self.rows)
             self.listing.append((cell.name, "done", ""))
@@ -142,6 +148,19 @@ class Runner:
             self.matched += 1
             if self.execute:
                 self.run_cell(cell, args, state)
+
+    def keep_outcome(self, cell: Cell, run_dir: Path) -> None:
+        """Copy a finished cell's per-example results into ``outcomes.jsonl`` (once; a
+        run directory that is gone, or kept no predictions, adds nothing)."""
+        if cell.name in self.outcomes or not RunDir(run_dir).complete:
+            return
+        outcome = cell_outcome(cell.name, run_dir, cell.group.primary_metric)
+        if outcome is None:
+            return
+        self.outcomes[cell.name] = outcome
+        if self.execute:
+            self.sweep.results_dir.mkdir(parents=True, exist_ok=True)
+            write_outcomes(self.sweep.results_dir / OUTCOMES, self.outcomes)
 
     def _done_in_summary(self, cell: Cell, args: Any, expected: str, inputs: Row) -> bool:
         """Whether the summary holds the cell's finished row, made as the cell is made now
@@ -218,6 +237,7 @@ class Runner:
         write_text_atomic(record_path, json.dumps(record, indent=2))
         if code == 0 and RunDir(run_dir).complete:
             row = cell_row(cell, args, run_dir, wall)
+            self.keep_outcome(cell, run_dir)
             metric = f"{cell.split}_{cell.group.primary_metric}"
             print(
                 f"[sweep] {cell.name}: {metric}={row.get(metric, '?')} ({wall:.0f} s)", flush=True
@@ -355,6 +375,7 @@ def _refuse_foreign_results(sweep: Sweep) -> None:
 def _look(sweep: Sweep, only: str | None) -> Runner:
     """Walk the grid without running anything (what --dry-run lists)."""
     look = Runner(sweep, execute=False, only=only, rows=read_summary(sweep.summary))
+    look.outcomes = read_outcomes(sweep.results_dir / OUTCOMES)
     look.walk()
     return look
 
@@ -372,9 +393,12 @@ def _check_only(look: Runner, only: str | None) -> None:
 
 
 def _collect(look: Runner) -> int:
-    """``--collect``: write summary.csv, results.md, selection.json and the report."""
+    """``--collect``: write summary.csv, outcomes.jsonl, results.md, selection.json and
+    the report."""
     sweep = look.sweep
     write_summary(sweep.summary, look.rows)
+    if look.outcomes:
+        write_outcomes(sweep.results_dir / OUTCOMES, look.outcomes)
     look._write("results.md", results_markdown(sweep, look.rows, look.choices))
     look._write("selection.json", selection_json(sweep, look.choices))
     _report(look)
@@ -385,6 +409,7 @@ def _collect(look: Runner) -> int:
 def _execute(sweep: Sweep, only: str | None) -> int:
     """Run the cells left to run (under the sweep's lock), then write the results."""
     runner = Runner(sweep, execute=True, only=only, rows=read_summary(sweep.summary))
+    runner.outcomes = read_outcomes(sweep.results_dir / OUTCOMES)
     runner.walk()
     write_summary(sweep.summary, runner.rows)
     runner._write("results.md", results_markdown(sweep, runner.rows, runner.choices))

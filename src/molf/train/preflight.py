@@ -22,7 +22,8 @@ from molf.train.checkpoint import list_checkpoints
 from molf.train.distributed import DistContext
 from molf.train.export import check_hub_token
 from molf.train.logs import say
-from molf.train.methods import check_method_settings, method_of
+from molf.train.method_names import default_train_non_linear
+from molf.train.methods import check_method_settings, method_of, preflight_warnings
 from molf.train.rundir import check_run_dir
 from molf.yamlfile import load_yaml
 
@@ -45,13 +46,8 @@ def preflight(args: TrainArgs, ctx: DistContext) -> tuple[list[str], dict[str, A
             "keeps fp32 weights and computes in bf16",
             ctx.is_main,
         )
-    if args.method == "molf-e" and len(args.lora_ranks) == 1:
-        say(
-            f"warning: --method molf-e with one rank ({args.lora_ranks[0]}) is plain rsLoRA: "
-            "there is nothing to route; give two ranks, e.g. --lora-ranks 32,128 "
-            "--lora-alphas 32,32",
-            ctx.is_main,
-        )
+    for warning in preflight_warnings(args):
+        say(warning, ctx.is_main)
     return changes, own
 
 
@@ -141,7 +137,7 @@ def _shape_settings(args: TrainArgs) -> tuple[str, ...]:
 def _effective(key: str, values: dict[str, Any]) -> Any:
     """A setting as it takes effect (``train_non_linear`` None is the method's default)."""
     if key == "train_non_linear" and values.get(key) is None:
-        return values.get("method") == "molf"
+        return default_train_non_linear(values.get("method"))
     return values.get(key)
 
 
