@@ -142,13 +142,13 @@ def test_triton_kernel_matches_foreach_on_a_language_model():
         return
     cases = ["epd-k2-three", "pfn-k1"]  # the interpreter is slow: two cases, both scores
     code = (
-        "import test_optim_kernels as t\n"
+        "import optim.test_kernels as t\n"
         f"for c in {cases}: t.compare_on_a_language_model('triton', c)"
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     out = subprocess.run(
         [sys.executable, "-c", code],
-        cwd=Path(__file__).parent,
+        cwd=Path(__file__).parents[1],  # tests/: helpers and this package
         env=env,
         capture_output=True,
         text=True,
