@@ -1,9 +1,11 @@
 """Helpers the tests share (import them: ``from helpers import tiny_model``): tiny real
-Hugging Face models and where the shared data lives."""
+Hugging Face models, a tokenizer trained in-process, and a saved model directory built
+from both (what ``molf train --model DIR`` reads), so no test needs a download or the
+shared data to run a real ``molf train``."""
 
 from __future__ import annotations
 
-import os
+import json
 from pathlib import Path
 
 import torch
@@ -12,6 +14,7 @@ from transformers import (
     Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
+    PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
@@ -42,6 +45,96 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides) -> torch.nn.Modu
     raise ValueError(arch)
 
 
-def data_dir() -> Path | None:
-    d = os.environ.get("MOLF_DATA_DIR")
-    return Path(d) if d else None
+# --- a tokenizer and a model directory, built in-process -----------------------------
+
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]  # ids 0, 1, 2: Llama's unk, bos and eos
+TOKENIZER_VOCAB = 384  # the 256 bytes, the 3 specials and about 125 merges
+
+_WORDS = """
+the a an of in on to is was are by for with from and or as at it its his her their
+capital city country river language name born plays play made owned works work job
+france paris berlin japan tokyo lima italy rome spain madrid london england english
+french german spanish italian planet sun moon mars jupiter earth water tom has cats
+dog cat sat mat ran say said tree one two three four five six seven eight nine ten
+how many what which who where when select from where count table create int text
+question answer patient doctor disease drug heart blood option correct because
+""".split()
+
+
+def _corpus() -> list[str]:
+    """Lines to train the tokenizer on: the built-in fact edits (the data most tests
+    train on) and a few hundred common words, so those texts take few tokens."""
+    from molf.tasks.fact_builtin import BUILTIN_FACTS
+
+    lines = [" ".join(fact) for fact in BUILTIN_FACTS]
+    lines += [" ".join(_WORDS[i : i + 12]) for i in range(0, len(_WORDS), 12)]
+    return lines * 4
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained here on a small corpus (no download): every
+    text round-trips through it, unknown words as bytes. It adds ``<s>`` before a text
+    and knows ``</s>``, like Llama's, and has no pad token (molf sets one, as for
+    most base models' tokenizers) and no chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_corpus(), trainer)
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny_model_dir(
+    out: Path, arch: str = "llama", tokenizer: PreTrainedTokenizerFast | None = None
+) -> Path:
+    """Save a tiny random ``arch`` model with ``tokenizer`` (default: a fresh
+    :func:`tiny_tokenizer`) into ``out``, as a Hub model directory would hold them.
+
+    Its embeddings are tied (as in stories260k and most small LMs), its config names the
+    tokenizer's bos and eos, and it has room for 256 positions (a fact prompt with its
+    answer takes about 20 tokens)."""
+    tokenizer = tokenizer or tiny_tokenizer()
+    vocab = -(-len(tokenizer) // 16) * 16  # rounded up, as embedding matrices often are
+    model = tiny_model(
+        arch,
+        vocab_size=vocab,
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def write_fact_file(path: Path, n: int) -> Path:
+    """``n`` made-up CounterFact-style edits (the fields of the shared
+    counterfact-val.json) as one JSON file: more edits than the 24 built-in ones."""
+    records = [
+        {
+            "case_id": i,
+            "prompt": f"The capital of country {i} is",
+            "target_new": f"city {i + 1}",
+            "subject": f"country {i}",
+            "ground_truth": f"city {i}",
+            "rephrase_prompt": f"Country {i} has its capital in",
+            "locality_prompt": f"The river of country {i} is",
+            "locality_ground_truth": f"river {i}",
+        }
+        for i in range(n)
+    ]
+    path.write_text(json.dumps(records))
+    return path

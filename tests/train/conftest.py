@@ -1,34 +1,20 @@
-"""Fixtures for end-to-end runs of the CLI on real (tiny) models and the shared data."""
+"""Fixtures for the train/ tests: a word-level tokenizer for the unit tests of batches
+and losses (the model directories and the shared data are in tests/conftest.py)."""
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+WORDS = ["<unk>", "<pad>", "</s>", *(f"w{i}" for i in range(40))]
 
 
 @pytest.fixture
-def stories(shared_data) -> Path:
-    return shared_data / "models" / "stories260k"
-
-
-@pytest.fixture
-def tiny_dir(tmp_path, stories):
-    """Save a tiny random model of an architecture, with stories260k's tokenizer."""
-
-    def make(arch: str) -> Path:
-        from helpers import tiny_model
-
-        out = tmp_path / f"tiny-{arch}"
-        model = tiny_model(arch, vocab_size=520)  # room for a pad token some classes add
-        model.save_pretrained(out)
-        for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-            shutil.copy(stories / name, out / name)
-        return out
-
-    return make
-
-
-def fact_file(shared_data) -> str:
-    return str(shared_data / "counterfact" / "counterfact-val.json")
+def tokenizer() -> PreTrainedTokenizerFast:
+    """A real fast tokenizer over the words ``w0`` ... ``w39``, with a pad token."""
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
