@@ -24,7 +24,7 @@ import yaml
 
 from molf.atomic import atomic_directory, write_text_atomic
 from molf.sweep import main
-from molf.sweep.config import format_lr
+from molf.sweep.grid import format_lr
 
 pytestmark = pytest.mark.slow
 

@@ -4,14 +4,17 @@ the same examples when the rows record it, then by the smaller lr; the rule is r
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import yaml
 
 from molf.errors import MolfError
 from molf.sweep.config import load_sweep
-from molf.sweep.results import base_row, choose_lr, results_markdown, selection_json
+from molf.sweep.results import base_row, choose_lr
 from molf.sweep.runner import Runner, _args
+from molf.sweep.stats import method_interval, paired_difference
+from molf.sweep.tables import results_markdown, selection_json
 
 
 def _sweep(tmp_path, shared_data):
@@ -110,3 +113,41 @@ def test_select_with_waits_for_the_choice(tmp_path, shared_data):
 def test_select_with_must_name_another_task(tmp_path, shared_data, select_with, message):
     with pytest.raises(MolfError, match=message):
         _two_task_sweep(tmp_path, shared_data, select_with=select_with)
+
+
+def test_results_md_gives_intervals_and_molf_minus_the_better_baseline(tmp_path, shared_data):
+    cfg = {
+        "output_dir": str(tmp_path / "runs"),
+        "models": {"stories": {"model": str(shared_data / "models" / "stories260k")}},
+        "tasks": {"med": {"data": str(shared_data / "medmcqa" / "dev.jsonl")}},
+        "methods": {m: {"lr": 1e-4} for m in ("fft", "lora", "molf")},
+        "seeds": [0, 1],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    sweep = load_sweep(path)
+    rng = random.Random(0)
+    hits = {"fft": 0.5, "lora": 0.7, "molf": 0.65}
+    runner = Runner(sweep, execute=False)
+    for group in sweep.groups:
+        for cell in sweep.stage2(group, group.points[0]):
+            bits = "".join("1" if rng.random() < hits[group.method] else "0" for _ in range(60))
+            runner.rows[cell.name] = {
+                **base_row(cell, _args(cell, sweep), "ok"),
+                "test_accuracy": str(bits.count("1") / 60),
+            }
+            runner.outcomes[cell.name] = {"cell": cell.name, "prompts": "p", "correct": bits}
+    runner.walk()
+    md = results_markdown(sweep, runner.rows, runner.choices, runner.outcomes)
+    pooled = {
+        g.method: [runner.outcomes[c.name]["correct"] for c in sweep.stage2(g, g.points[0])]
+        for g in sweep.groups
+    }
+    lora = method_interval(pooled["lora"])
+    assert f"{lora.mean:.4f} [{lora.low:.4f}, {lora.high:.4f}]" in md
+    assert method_interval(pooled["fft"]).mean < lora.mean  # lora is the better baseline
+    diff = paired_difference(pooled["molf"], pooled["lora"])
+    assert f"- molf − lora: {diff.points()} points; the interval lies {diff.verdict()}" in md
+    runner.outcomes["stories/med/fft/lr1e-04/test-s0"]["prompts"] = "other examples"
+    md = results_markdown(sweep, runner.rows, runner.choices, runner.outcomes)
+    assert "molf − lora" not in md  # not the same examples: nothing is paired

@@ -13,7 +13,8 @@ import sys
 from typing import Any
 
 from molf.errors import MolfError
-from molf.sweep.config import Cell, Group, LrPoint, Sweep, load_sweep
+from molf.sweep.config import load_sweep
+from molf.sweep.grid import Cell, Group, LrPoint, Sweep
 from molf.sweep.runner import run_sweep
 
 __all__ = [

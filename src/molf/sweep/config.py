@@ -28,11 +28,11 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
+from molf.sweep.grid import Group, LrPoint, Sweep, all_possible_cells
 
 TOP_KEYS = (
     "output_dir",
@@ -51,114 +51,6 @@ SWEEP_OWNED = frozenset({"output_dir", "resume", "overwrite", "seed", "eval_spli
 SECTION_FIELD = {"models": "model", "tasks": "task", "methods": "method"}
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-
-
-def format_lr(value: float) -> str:
-    """A short, lossless, stable spelling of a learning rate: 1e-05, 3.5e-05, 0.0002 -> 2e-04."""
-    mantissa, exponent = f"{value:.12e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{exponent}"
-
-
-@dataclass(frozen=True)
-class LrPoint:
-    """One point of a method's learning-rate grid (``lora_lr`` None: the method's default)."""
-
-    lr: float
-    lora_lr: float | None = None
-
-    @property
-    def label(self) -> str:
-        text = f"lr{format_lr(self.lr)}"
-        return text if self.lora_lr is None else f"{text}-llr{format_lr(self.lora_lr)}"
-
-
-@dataclass(frozen=True)
-class Group:
-    """A (model, task, method entry): its lr grid is searched on val, then run on test."""
-
-    model: str  # the models section's name
-    task: str  # the tasks section's name
-    method: str  # the methods section's name (the "method label")
-    settings: dict[str, Any]  # merged settings without lr, lora_lr, seed, eval_split
-    points: tuple[LrPoint, ...]
-    primary_metric: str  # the task's primary metric: what the lr choice maximises
-    select_with: str | None = None  # the group (same model and method) whose choice it reuses
-
-    @property
-    def key(self) -> str:
-        return f"{self.model}/{self.task}/{self.method}"
-
-    @property
-    def needs_selection(self) -> bool:
-        """Whether the group runs val cells of its own to choose its lr."""
-        return len(self.points) > 1 and self.select_with is None
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run: a group at one lr point, one seed, evaluated on one split."""
-
-    group: Group
-    point: LrPoint
-    seed: int
-    split: str  # "val" (stage 1) or "test" (stage 2)
-
-    @property
-    def name(self) -> str:
-        return f"{self.group.key}/{self.point.label}/{self.split}-s{self.seed}"
-
-    def values(self, sweep_dir: Path) -> dict[str, Any]:
-        """Every setting of this cell, as given to TrainArgs (None: the field's default).
-        Val cells do not save their model: only their metric is needed."""
-        return {
-            **self.group.settings,
-            **({"save_model": False} if self.split == "val" else {}),
-            "lr": self.point.lr,
-            "lora_lr": self.point.lora_lr,
-            "seed": self.seed,
-            "eval_split": self.split,
-            "output_dir": str(sweep_dir / self.name),
-        }
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """A loaded, validated sweep file."""
-
-    path: Path
-    output_dir: Path
-    launcher: tuple[str, ...]  # the command that runs molf; train arguments follow it
-    summary: Path
-    groups: tuple[Group, ...]
-    seeds: tuple[int, ...]
-    select_seed: int
-
-    @property
-    def results_dir(self) -> Path:
-        """Where summary.csv, selection.json, results.md (and failed.json) are kept."""
-        return self.summary.parent
-
-    @property
-    def ordered_groups(self) -> list[Group]:
-        """The groups in file order, those that reuse another group's choice last."""
-        return sorted(self.groups, key=lambda g: g.select_with is not None)
-
-    def chooser(self, group: Group) -> Group:
-        """The group whose val cells choose ``group``'s lr: itself, or its ``select_with``."""
-        if group.select_with is None:
-            return group
-        return next(g for g in self.groups if g.key == group.select_with)
-
-    def stage1(self, group: Group) -> list[Cell]:
-        """The val cells that choose the group's lr (none for a single-point grid)."""
-        if not group.needs_selection:
-            return []
-        return [Cell(group, p, self.select_seed, "val") for p in group.points]
-
-    def stage2(self, group: Group, point: LrPoint) -> list[Cell]:
-        """The test cells of the group at its chosen lr, one per seed."""
-        return [Cell(group, point, seed, "test") for seed in self.seeds]
 
 
 def expand_env(value: Any, where: str) -> Any:
@@ -319,8 +211,6 @@ def _select_with(tasks: dict[str, dict[str, Any]]) -> dict[str, str]:
 
 def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
     """Read and validate a sweep file; raises MolfError naming the bad key or value."""
-    from molf.tasks import get_task
-    from molf.train.args import TrainArgs
     from molf.yamlfile import load_yaml
 
     path = Path(path).expanduser()
@@ -334,18 +224,36 @@ def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
         )
     if not raw.get("output_dir"):
         raise MolfError(f"{path}: output_dir (the sweep directory) is required")
+    seeds = _seeds(raw.get("seeds", [0]), "seeds")
+    select_seed = raw.get("select_seed", seeds[0])
+    if isinstance(select_seed, bool) or not isinstance(select_seed, int):
+        raise MolfError(f"select_seed: must be an integer, got {select_seed!r}")
+    sweep_dir = Path(str(raw["output_dir"]))
+    launcher = raw.get("launcher")
+    sweep = Sweep(
+        path=path,
+        output_dir=sweep_dir,
+        launcher=tuple(shlex.split(str(launcher))) if launcher else (sys.executable, "-m", "molf"),
+        summary=Path(summary or raw.get("summary") or sweep_dir / "summary.csv"),
+        groups=_groups(raw),
+        seeds=seeds,
+        select_seed=select_seed,
+    )
+    _check_cells(sweep)
+    return sweep
+
+
+def _groups(raw: dict[str, Any]) -> tuple[Group, ...]:
+    """Every (model, task, method entry) of the file, with its merged settings (later
+    sections win: settings, model, task, method) and lr points."""
+    from molf.train.args import TrainArgs
+
     fields = {f.name for f in dataclasses.fields(TrainArgs)}
     owned_by_section = set(SECTION_FIELD.values()) | {"lr", "lora_lr"}
     shared = _settings(
         _mapping(raw.get("settings"), "settings"), "settings", fields - owned_by_section
     )
     models, tasks, methods = (_section(raw, k) for k in ("models", "tasks", "methods"))
-    seeds = _seeds(raw.get("seeds", [0]), "seeds")
-    select_seed = raw.get("select_seed", seeds[0])
-    if isinstance(select_seed, bool) or not isinstance(select_seed, int):
-        raise MolfError(f"select_seed: must be an integer, got {select_seed!r}")
-
-    sweep_dir = Path(str(raw["output_dir"]))
     select_with = _select_with(tasks)
     groups = []
     for model, m_raw in models.items():
@@ -356,49 +264,25 @@ def load_sweep(path: str | Path, summary: str | None = None) -> Sweep:
             t.setdefault("task", task)
             _check_data({**shared, **m, **t}, f"tasks.{task}")
             for method, e_raw in methods.items():
-                where = f"methods.{method}"
-                e = _settings(e_raw, where, fields - {"model", "task"})
+                e = _settings(e_raw, f"methods.{method}", fields - {"model", "task"})
                 e.setdefault("method", method)
-                points = _points(e, where)
-                settings = {
-                    k: v for k, v in {**shared, **m, **t, **e}.items() if k not in ("lr", "lora_lr")
-                }
-                key = f"{model}/{task}/{method}"
-                args = _train_args({**settings, "lr": points[0].lr}, key)
                 source = select_with.get(task)
-                groups.append(
-                    Group(
-                        model,
-                        task,
-                        method,
-                        settings,
-                        points,
-                        get_task(args.task).primary_metric,
-                        select_with=f"{model}/{source}/{method}" if source else None,
-                    )
-                )
-    launcher = raw.get("launcher")
-    sweep = Sweep(
-        path=path,
-        output_dir=sweep_dir,
-        launcher=tuple(shlex.split(str(launcher))) if launcher else (sys.executable, "-m", "molf"),
-        summary=Path(summary or raw.get("summary") or sweep_dir / "summary.csv"),
-        groups=tuple(groups),
-        seeds=seeds,
-        select_seed=select_seed,
-    )
-    _check_cells(sweep)
-    return sweep
+                chooser = f"{model}/{source}/{method}" if source else None
+                groups.append(_group(model, task, method, {**shared, **m, **t, **e}, chooser))
+    return tuple(groups)
 
 
-def all_possible_cells(sweep: Sweep) -> list[Cell]:
-    """Every cell the sweep could run: stage 1, and stage 2 at every lr point."""
-    cells = []
-    for g in sweep.groups:
-        cells += sweep.stage1(g)
-        for p in g.points:
-            cells += sweep.stage2(g, p)
-    return cells
+def _group(
+    model: str, task: str, method: str, merged: dict[str, Any], select_with: str | None
+) -> Group:
+    """One group from its merged settings (``lr`` and ``lora_lr`` become its points)."""
+    from molf.tasks import get_task
+
+    points = _points(merged, f"methods.{method}")
+    settings = {k: v for k, v in merged.items() if k not in ("lr", "lora_lr")}
+    args = _train_args({**settings, "lr": points[0].lr}, f"{model}/{task}/{method}")
+    metric = get_task(args.task).primary_metric
+    return Group(model, task, method, settings, points, metric, select_with=select_with)
 
 
 def _check_cells(sweep: Sweep) -> None:

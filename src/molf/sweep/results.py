@@ -1,4 +1,5 @@
-"""What a sweep records: ``summary.csv`` rows, the lr choice, and ``results.md``.
+"""What a sweep records: ``summary.csv`` rows and the lr choice (``results.md`` and
+``selection.json`` are written by :mod:`molf.sweep.tables`).
 
 Rows are kept as strings, exactly as they read back from the CSV, so a summary
 committed in one session and read in the next gives the same choices and tables.
@@ -12,12 +13,11 @@ import hashlib
 import io
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
-from molf.sweep.config import Cell, Group, LrPoint, Sweep, format_lr
+from molf.sweep.grid import Cell, Group, LrPoint, Sweep
 
 Row = dict[str, str]
 LEAD = (
@@ -285,115 +285,3 @@ def choose_lr(
         rule = f"{len(tied)} tied on {column}; the smaller lr"
     best["chosen_by"] = rule
     return LrPoint(best["lr"], best["lora_lr"]), table
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return ""
-    mean = statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.4f}"
-    return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
-
-
-def _point_text(point: LrPoint) -> str:
-    text = format_lr(point.lr)
-    return text if point.lora_lr is None else f"{text} (lora {format_lr(point.lora_lr)})"
-
-
-def results_markdown(sweep: Sweep, rows: dict[str, Row], choices: dict[str, Any]) -> str:
-    """The comparison table: per model/task, each method at its chosen lr on test,
-    mean ± sample std over seeds; then the val tables the lrs were chosen from."""
-    lines = [
-        f"# Sweep results ({sweep.path.name})",
-        "",
-        "Test split; mean ± sample standard deviation over seeds (n = finished seeds); "
-        "each method's lr was chosen on the val split (seed "
-        f"{sweep.select_seed}; `selection.json`), never on test.",
-    ]
-    by_pair: dict[tuple[str, str], list[Group]] = {}
-    for g in sweep.groups:
-        by_pair.setdefault((g.model, g.task), []).append(g)
-    for (model, task), groups in by_pair.items():
-        test_rows = {
-            g.key: [
-                rows[c.name]
-                for c in sweep.stage2(g, choices[g.key][0])
-                if c.name in rows and rows[c.name].get("status") == "ok"
-            ]
-            for g in groups
-            if g.key in choices
-        }
-        metrics = sorted(
-            {
-                k
-                for rs in test_rows.values()
-                for r in rs
-                for k in r
-                if k.startswith("test_") and not k.endswith("_before") and r[k]
-            }
-        )
-        primary = f"test_{groups[0].primary_metric}"
-        metrics = ([primary] if primary in metrics else []) + [m for m in metrics if m != primary]
-        lines += [
-            "",
-            f"## {model} / {task}",
-            "",
-            "| method | lr (chosen on val) | n | " + " | ".join(metrics) + " | train s |",
-            "|---|---|---|" + "---|" * len(metrics) + "---|",
-        ]
-        for g in groups:
-            if g.key not in choices:
-                lines.append(f"| {g.method} | pending | 0 |" + " |" * len(metrics) + " |")
-                continue
-            rs = test_rows[g.key]
-            cols = [_mean_std([number(r.get(m)) for r in rs if r.get(m)]) for m in metrics]
-            train = [number(r.get("train_seconds")) for r in rs]
-            chosen = _point_text(choices[g.key][0])
-            if g.select_with:
-                chosen += f" (chosen on {sweep.chooser(g).task})"
-            lines.append(
-                f"| {g.method} | {chosen} | {len(rs)} | "
-                + " | ".join(cols)
-                + (f" | {statistics.fmean(train):.1f} |" if train else " | |")
-            )
-    val_lines = []
-    for g in sweep.groups:
-        if g.key in choices and choices[g.key][1]:
-            point, table = choices[g.key]
-            column = f"val_{g.primary_metric}"
-            cells = ", ".join(
-                f"{_point_text(LrPoint(e['lr'], e['lora_lr']))}: {e[column]:.4f}"
-                + (f" (chosen: {e['chosen_by']})" if "chosen_by" in e else "")
-                for e in table
-            )
-            val_lines.append(f"- {g.key}, {column}: {cells}")
-    if val_lines:
-        lines += ["", "## Learning-rate choice (val)", "", *val_lines]
-    return "\n".join(lines) + "\n"
-
-
-def selection_json(sweep: Sweep, choices: dict[str, Any]) -> str:
-    """``selection.json``: each group's chosen lr point and the val table behind it (a
-    group that reuses another's choice names that group instead)."""
-    reused = {g.key: g.select_with for g in sweep.groups if g.select_with}
-    out = {}
-    for key, (point, table) in choices.items():
-        if key in reused:
-            note = f"the lr chosen on val for {reused[key]}"
-        elif table:
-            note = "best val primary metric; ties: its margin when recorded, then the smaller lr"
-        else:
-            note = "single lr point: nothing to choose"
-        out[key] = {
-            "lr": point.lr,
-            "lora_lr": point.lora_lr,
-            "label": point.label,
-            "val": [
-                {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in e.items()}
-                for e in table
-            ],
-            "note": note,
-            "chosen_by": next((e["chosen_by"] for e in table if "chosen_by" in e), None),
-        }
-    return json.dumps(out, indent=2)

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import shlex
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from molf.errors import MolfError
-from molf.ownership import claim, refuse_foreign, remove_owned
-from molf.sweep.config import Cell, Group, LrPoint, Sweep
+from molf.ownership import refuse_foreign, remove_owned
+from molf.sweep.cells import check_inputs, check_run_dir, check_same, launch
+from molf.sweep.estimate import estimate_text, reference, size_text
+from molf.sweep.grid import Cell, Group, LrPoint, Sweep, all_possible_cells
 from molf.sweep.outcomes import Outcome, cell_outcome, read_outcomes, write_outcomes
-from molf.sweep.process import SweepLock, run_child
+from molf.sweep.process import SweepLock
 from molf.sweep.results import (
     INPUT_COLUMNS,
     Row,
@@ -39,28 +37,15 @@ from molf.sweep.results import (
     choose_lr,
     fingerprint,
     input_hashes,
-    number,
     read_summary,
-    results_markdown,
-    selection_json,
     write_summary,
 )
+from molf.sweep.tables import results_markdown, selection_json
 from molf.train.rundir import RunDir
 
 OUTCOMES = "outcomes.jsonl"  # per-example results of the finished cells (molf.sweep.outcomes)
 
 RESULT_FILES = ("results.md", "selection.json", "failed.json", OUTCOMES)  # beside summary.csv
-
-
-def _sidecar(run_dir: Path, suffix: str) -> Path:
-    return run_dir.with_name(run_dir.name + suffix)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 @dataclass
@@ -116,6 +101,11 @@ class Runner:
         self.sweep.results_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.sweep.results_dir / name, text)
 
+    def write_results_md(self) -> None:
+        """results.md from the rows, choices and outcomes walked so far."""
+        md = results_markdown(self.sweep, self.rows, self.choices, self.outcomes)
+        self._write("results.md", md)
+
     def _matches(self, name: str) -> bool:
         return self.only is None or name == self.only or fnmatch.fnmatchcase(name, self.only)
 
@@ -128,7 +118,7 @@ class Runner:
             self.keep_outcome(cell, run_dir)
             self.listing.append((cell.name, "done", ""))
             return
-        record = _check_run_dir(cell, args, expected, inputs)
+        record = check_run_dir(cell, args, expected, inputs)
         if RunDir(run_dir).complete:
             wall = record.get("wall_seconds")
             self.rows[cell.name] = cell_row(cell, args, run_dir, wall)
@@ -170,71 +160,33 @@ class Runner:
         if row is None or row.get("status") != "ok":
             return False
         where = f"its row in {self.sweep.summary}"
-        _check_same(cell, row.get("settings_hash"), expected, where)
-        _check_inputs(cell, args, row, inputs, where)
+        check_same(cell, row.get("settings_hash"), expected, where)
+        check_inputs(cell, args, row, inputs, where)
         self.rows[cell.name] = {**row, **{k: inputs[k] for k in INPUT_COLUMNS if not row.get(k)}}
         return True
 
     def estimate(self, cell: Cell, args: Any) -> str:
-        """steps x batch, and seconds scaled from a finished cell of the same model/task
-        (the same method entry preferred): its training time per example, plus its
-        other time (start-up, evaluation, saving) as it was."""
-        batch = args.batch_size * args.grad_accum
-        size = (
-            f"{args.max_steps} x {batch}" if args.max_steps else f"{args.epochs:g} epochs x {batch}"
-        )
-        same = [
-            r
-            for r in self.rows.values()
-            if r.get("status") == "ok"
-            and r.get("model") == cell.group.model
-            and r.get("task") == cell.group.task
-            and r.get("train_seconds")
-        ]
-        same.sort(key=lambda r: r.get("method_label") == cell.group.method)
-        if not same:
+        """The cell's size and, from a finished cell of the same model and task, its
+        estimated seconds (:mod:`molf.sweep.estimate`); counted into :attr:`seconds`."""
+        kinds = {g.task: g.settings.get("task", g.task) for g in self.sweep.groups}
+        cells = {c.name: c for c in all_possible_cells(self.sweep)}
+
+        def args_of(name: str) -> Any:
+            return _args(cells[name], self.sweep) if name in cells else None
+
+        rates = reference(cell, self.rows.values(), kinds.get, args_of)
+        if rates is None:
             self.unknown += 1
-            return size
-        ref = same[-1]
-        train = number(ref["train_seconds"])
-        ref_examples = number(ref.get("steps")) * number(ref.get("batch"))
-        if args.max_steps and ref_examples == ref_examples:  # both known (not NaN)
-            train = train * args.max_steps * batch / ref_examples
-        overhead = max(0.0, number(ref.get("wall_seconds")) - number(ref["train_seconds"]))
-        wall = train + (overhead if overhead == overhead else 0.0)
+            return size_text(args)
+        text, wall = estimate_text(args, rates)
         self.seconds += wall
-        return f"{size}, ~{wall:.0f} s (train ~{train:.0f} s, from {ref['cell']})"
+        return text
 
     def run_cell(self, cell: Cell, args: Any, state: str) -> None:
-        """Run one cell as ``<launcher> train --config D.yaml [--resume | --overwrite]``."""
-        from molf.atomic import write_text_atomic
-
+        """Run one cell (:func:`~molf.sweep.cells.launch`) and record its row, or its
+        failure with the end of its log."""
         run_dir = Path(args.output_dir)
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        config = _sidecar(run_dir, ".yaml")
-        settings = {k: v for k, v in args.to_dict().items() if k not in ("resume", "overwrite")}
-        write_text_atomic(config, yaml.safe_dump(settings, sort_keys=False))
-        flags = {"resume": ["--resume"], "restart": ["--overwrite"], "new": []}[state]
-        cmd = [*self.sweep.launcher, "train", "--config", str(config), *flags]
-        record_path = _sidecar(run_dir, ".sweep.json")
-        record = _read_json(record_path)
-        attempt = int(record.get("attempts", 0)) + 1
-        record = {**record, "attempts": attempt, "command": cmd, **input_hashes(args)}
-        write_text_atomic(record_path, json.dumps(record, indent=2))  # counts killed attempts
-        print(
-            f"[sweep] {cell.name}: {'new' if state == 'new' else state} run (attempt {attempt})",
-            flush=True,
-        )
-        log_path = _sidecar(run_dir, ".log")
-        claim(log_path)
-        start = time.monotonic()
-        with open(log_path, "a") as log:
-            log.write(f"=== attempt {attempt}: {shlex.join(cmd)}\n")
-            log.flush()
-            code = run_child(cmd, log)  # stopped with the sweep, never left running
-        wall = float(record.get("wall_seconds", 0.0)) + time.monotonic() - start
-        record.update(wall_seconds=round(wall, 2), returncode=code)
-        write_text_atomic(record_path, json.dumps(record, indent=2))
+        code, wall, log_path = launch(self.sweep, cell, args, state)
         if code == 0 and RunDir(run_dir).complete:
             row = cell_row(cell, args, run_dir, wall)
             self.keep_outcome(cell, run_dir)
@@ -260,43 +212,6 @@ def _args(cell: Cell, sweep: Sweep) -> Any:
     from molf.train.args import resolve_args
 
     return resolve_args(None, cell.values(sweep.output_dir))
-
-
-def _check_run_dir(cell: Cell, args: Any, expected: str, inputs: Row) -> dict[str, Any]:
-    """Refuse a run dir made with other settings than the cell's now, or a finished or
-    resumable one made with other data or another model; the run's ``D.sweep.json``."""
-    run_dir = Path(args.output_dir)
-    config = _sidecar(run_dir, ".yaml")  # the settings the cell last ran with
-    if config.is_file() and run_dir.is_dir():
-        saved = yaml.safe_load(config.read_text()) or {}
-        _check_same(cell, fingerprint(saved), expected, f"the run in {run_dir}")
-    record = _read_json(_sidecar(run_dir, ".sweep.json"))
-    if RunDir(run_dir).complete or RunDir(run_dir).checkpoints:  # what the sweep would keep
-        _check_inputs(cell, args, record, inputs, f"the run in {run_dir}")
-    return record
-
-
-def _check_inputs(cell: Cell, args: Any, found: dict[str, Any], now: Row, where: str) -> None:
-    """Refuse a result whose data or model content differs from what the cell reads now
-    (``found`` without a hash: made before hashes were recorded, accepted)."""
-    for column, what, value in (
-        ("data_hash", "data", args.data or "the task's hub dataset"),
-        ("model_hash", "model", args.model or "the default model"),
-    ):
-        if found.get(column) and found[column] != now[column]:
-            raise MolfError(
-                f"{cell.name}: {where} was made with other {what} than {value} holds now "
-                f"({column} {found[column]}, now {now[column]}); restore the {what}, or "
-                "delete that run (or row) to redo it"
-            )
-
-
-def _check_same(cell: Cell, found: str | None, expected: str, where: str) -> None:
-    if found and found != expected:
-        raise MolfError(
-            f"{cell.name}: {where} was made with other settings than the sweep file now "
-            "gives this cell; restore the file, or delete that run (or row) to redo it"
-        )
 
 
 def _duration(seconds: float) -> str:
@@ -399,7 +314,7 @@ def _collect(look: Runner) -> int:
     write_summary(sweep.summary, look.rows)
     if look.outcomes:
         write_outcomes(sweep.results_dir / OUTCOMES, look.outcomes)
-    look._write("results.md", results_markdown(sweep, look.rows, look.choices))
+    look.write_results_md()
     look._write("selection.json", selection_json(sweep, look.choices))
     _report(look)
     print(f"[sweep] collected {len(look.rows)} finished cells into {sweep.summary}")
@@ -412,7 +327,7 @@ def _execute(sweep: Sweep, only: str | None) -> int:
     runner.outcomes = read_outcomes(sweep.results_dir / OUTCOMES)
     runner.walk()
     write_summary(sweep.summary, runner.rows)
-    runner._write("results.md", results_markdown(sweep, runner.rows, runner.choices))
+    runner.write_results_md()
     _report(runner)
     if runner.failed or runner.blocked:
         runner._write(

@@ -1,0 +1,207 @@
+"""What a reader of a sweep sees: ``results.md`` and ``selection.json``.
+
+results.md: per model and task, each method at its chosen lr on test (mean ± sample
+std over seeds, and the primary metric's 95% bootstrap interval over examples, seeds
+together); then, per model and task, each MoLF method (a routed one) minus the better
+of the other methods on the same examples, with its paired interval read against -1.5
+points (:mod:`molf.sweep.stats`); then the val tables the lrs were chosen from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from typing import Any
+
+from molf.sweep.grid import Group, LrPoint, Sweep, format_lr
+from molf.sweep.outcomes import Outcome
+from molf.sweep.results import Row, number
+from molf.sweep.stats import MARGIN, Interval, method_interval, paired_difference
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return ""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.4f}"
+    return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
+
+
+def _point_text(point: LrPoint) -> str:
+    text = format_lr(point.lr)
+    return text if point.lora_lr is None else f"{text} (lora {format_lr(point.lora_lr)})"
+
+
+def _interval_text(interval: Interval | None) -> str:
+    if interval is None:
+        return ""
+    return f"{interval.mean:.4f} [{interval.low:.4f}, {interval.high:.4f}]"
+
+
+class _Pair:
+    """One model and task: its groups, their finished test rows and outcomes."""
+
+    def __init__(self, sweep: Sweep, groups: list[Group], rows, choices, outcomes) -> None:
+        self.groups = groups
+        self.chosen = {g.key: choices[g.key][0] for g in groups if g.key in choices}
+        self.rows: dict[str, list[Row]] = {}
+        self.outcomes: dict[str, list[Outcome]] = {}
+        for g in groups:
+            if g.key not in self.chosen:
+                continue
+            cells = sweep.stage2(g, self.chosen[g.key])
+            done = [c for c in cells if rows.get(c.name, {}).get("status") == "ok"]
+            self.rows[g.key] = [rows[c.name] for c in done]
+            self.outcomes[g.key] = [outcomes[c.name] for c in done if c.name in outcomes]
+
+    def pooled(self, group: Group) -> list[str] | None:
+        """The group's outcome strings when every finished seed has one."""
+        found = self.outcomes.get(group.key, [])
+        if not found or len(found) != len(self.rows[group.key]):
+            return None
+        return [o["correct"] for o in found]
+
+    def comparable(self) -> bool:
+        """Whether every group with outcomes scored the same examples in one order."""
+        prompts = {o["prompts"] for found in self.outcomes.values() for o in found}
+        return len(prompts) == 1
+
+    def metrics(self) -> list[str]:
+        """The test metric columns, the primary one first."""
+        found = sorted(
+            {
+                k
+                for rs in self.rows.values()
+                for r in rs
+                for k in r
+                if k.startswith("test_") and not k.endswith("_before") and r[k]
+            }
+        )
+        primary = f"test_{self.groups[0].primary_metric}"
+        return ([primary] if primary in found else []) + [m for m in found if m != primary]
+
+
+def _method_rows(sweep: Sweep, pair: _Pair, metrics: list[str]) -> list[str]:
+    ci = pair.comparable()
+    lines = []
+    for g in pair.groups:
+        if g.key not in pair.chosen:
+            lines.append(f"| {g.method} | pending | 0 |" + " |" * (len(metrics) + 1) + " |")
+            continue
+        rs = pair.rows[g.key]
+        cols = [_mean_std([number(r.get(m)) for r in rs if r.get(m)]) for m in metrics]
+        outcomes = pair.pooled(g) if ci else None
+        cols.append(_interval_text(method_interval(outcomes) if outcomes else None))
+        train = [number(r.get("train_seconds")) for r in rs]
+        chosen = _point_text(pair.chosen[g.key])
+        if g.select_with:
+            chosen += f" (chosen on {sweep.chooser(g).task})"
+        lines.append(
+            f"| {g.method} | {chosen} | {len(rs)} | "
+            + " | ".join(cols)
+            + (f" | {statistics.fmean(train):.1f} |" if train else " | |")
+        )
+    return lines
+
+
+def _difference_lines(pair: _Pair) -> list[str]:
+    """Each routed (MoLF) group minus the best other group on test, paired by example."""
+    from molf.train.methods import METHODS
+
+    if not pair.comparable():
+        return []
+    pooled = {g.key: pair.pooled(g) for g in pair.groups}
+    scored = [g for g in pair.groups if pooled[g.key]]
+    routed = [g for g in scored if METHODS[g.settings["method"]].routed]
+    others = [g for g in scored if not METHODS[g.settings["method"]].routed]
+    if not others:
+        return []
+    best = max(others, key=lambda g: method_interval(pooled[g.key]).mean)
+    lines = []
+    for g in routed:
+        diff = paired_difference(pooled[g.key], pooled[best.key])
+        lines.append(
+            f"- {g.method} − {best.method}: {diff.points()} points; the interval lies "
+            f"{diff.verdict()} {100 * MARGIN:+.1f} points"
+        )
+    return lines
+
+
+def _val_lines(sweep: Sweep, choices: dict[str, Any]) -> list[str]:
+    lines = []
+    for g in sweep.groups:
+        if g.key in choices and choices[g.key][1]:
+            _, table = choices[g.key]
+            column = f"val_{g.primary_metric}"
+            cells = ", ".join(
+                f"{_point_text(LrPoint(e['lr'], e['lora_lr']))}: {e[column]:.4f}"
+                + (f" (chosen: {e['chosen_by']})" if "chosen_by" in e else "")
+                for e in table
+            )
+            lines.append(f"- {g.key}, {column}: {cells}")
+    return ["", "## Learning-rate choice (val)", "", *lines] if lines else []
+
+
+def results_markdown(
+    sweep: Sweep,
+    rows: dict[str, Row],
+    choices: dict[str, Any],
+    outcomes: dict[str, Outcome] | None = None,
+) -> str:
+    """results.md (see the module docstring); ``outcomes``: per cell, its per-example
+    results (``outcomes.jsonl``), for the intervals."""
+    lines = [
+        f"# Sweep results ({sweep.path.name})",
+        "",
+        "Test split; mean ± sample standard deviation over seeds (n = finished seeds), and "
+        "the primary metric's 95% bootstrap interval over examples (seeds together); each "
+        f"method's lr was chosen on the val split (seed {sweep.select_seed}; "
+        "`selection.json`), never on test.",
+    ]
+    by_pair: dict[tuple[str, str], list[Group]] = {}
+    for g in sweep.groups:
+        by_pair.setdefault((g.model, g.task), []).append(g)
+    for (model, task), groups in by_pair.items():
+        pair = _Pair(sweep, groups, rows, choices, outcomes or {})
+        metrics = pair.metrics()
+        lines += [
+            "",
+            f"## {model} / {task}",
+            "",
+            "| method | lr (chosen on val) | n | " + " | ".join(metrics) + " | 95% CI | train s |",
+            "|---|---|---|" + "---|" * (len(metrics) + 1) + "---|",
+            *_method_rows(sweep, pair, metrics),
+        ]
+        differences = _difference_lines(pair)
+        if differences:
+            lines += ["", "MoLF minus the best other method, paired by example (95% CI):"]
+            lines += ["", *differences]
+    return "\n".join(lines + _val_lines(sweep, choices)) + "\n"
+
+
+def selection_json(sweep: Sweep, choices: dict[str, Any]) -> str:
+    """``selection.json``: each group's chosen lr point and the val table behind it (a
+    group that reuses another's choice names that group instead)."""
+    reused = {g.key: g.select_with for g in sweep.groups if g.select_with}
+    out = {}
+    for key, (point, table) in choices.items():
+        if key in reused:
+            note = f"the lr chosen on val for {reused[key]}"
+        elif table:
+            note = "best val primary metric; ties: its margin when recorded, then the smaller lr"
+        else:
+            note = "single lr point: nothing to choose"
+        out[key] = {
+            "lr": point.lr,
+            "lora_lr": point.lora_lr,
+            "label": point.label,
+            "val": [
+                {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in e.items()}
+                for e in table
+            ],
+            "note": note,
+            "chosen_by": next((e["chosen_by"] for e in table if "chosen_by" in e), None),
+        }
+    return json.dumps(out, indent=2)
