@@ -34,7 +34,8 @@ from molf.train.methods import after_optimizer_step, method_of
 
 @dataclass
 class LoopContext:
-    """What the loop needs besides model, optimizer and data (set up by ``run.py``)."""
+    """What the loop needs besides model, optimizer and data (set up by
+    :class:`~molf.train.job.TrainJob`)."""
 
     run_dir: Path
     device: torch.device
@@ -108,9 +109,7 @@ def train_loop(
     The loss of a step is the sum of token losses over the whole global batch divided
     by its number of target tokens, accumulated over micro-batches (and ranks).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    world = ctx.dist.world_size  # DDP and FSDP2 average gradients over ranks: undo that
-    model.train()
+    steps = Steps(model, optimizer, scheduler, args, ctx, total_steps)
     bar = tqdm(
         total=total_steps,
         initial=start_step,
@@ -118,69 +117,23 @@ def train_loop(
         disable=not ctx.dist.is_main,
         dynamic_ncols=True,
     )
-    # --compile: a compiled view of the same module (same parameters) for training only
-    forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
-    # amp-bf16: fp32 weights and optimizer, the forward (and so the backward) in bf16
-    autocast = torch.autocast(
-        ctx.device.type, dtype=torch.bfloat16, enabled=args.dtype == "amp-bf16"
-    )
-    target_logits = keeps_target_logits(model, args)
     summary_every = max(1, total_steps // 10)  # a routing line at most ~10 times a run
     next_summary = start_step + summary_every
-    watch = RoutingWatch(args, total_steps, enabled=ctx.dist.is_main)
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
-        micro, num_targets = batches.step(step)
-        loss = torch.zeros((), device=ctx.device)
-        tokens = torch.zeros((), device=ctx.device)
-        for mb in micro:
-            positions = target_positions(mb["labels"]) if target_logits else None
-            mb = {k: v.to(ctx.device) for k, v in mb.items()}
-            with autocast:
-                if positions is None:
-                    micro_loss = forward(**mb, num_items_in_batch=num_targets).loss
-                else:
-                    micro_loss = target_loss(forward, mb, positions, num_targets)
-            (micro_loss * world).backward()
-            loss += micro_loss.detach()
-            tokens += mb["attention_mask"].sum()
-        grad_norm = None
-        if args.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        if isinstance(optimizer, MoLFAdamW):
-            # The global norm: under FSDP2 every rank then skips a non-finite step alike.
-            optimizer.step(grad_norm=grad_norm)
-        else:
-            optimizer.step()
-        after_optimizer_step(model, args, step)
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss, tokens = steps.accumulate(*batches.step(step))
+        grad_norm = steps.update(step)
         done = step + 1
-        if isinstance(optimizer, MoLFAdamW) and optimizer.last_routing is not None:
-            if args.check_routing:
-                check_routing_agrees(optimizer, ctx.dist)
-            wins, decisions = ctx.logger.log_routing(done, optimizer.last_routing)
-            watch.add(done, optimizer.last_routing.experts, wins, decisions)
+        steps.record_routing(done)
         if done % args.logging_steps == 0 or done == total_steps:
-            loss, tokens = all_reduce_sum(torch.stack([loss, tokens]), ctx.dist).tolist()
-            seconds = time.perf_counter() - t0
-            if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
-            record = {
-                "step": done,
-                "loss": loss,
-                "lr": float(scheduler.get_last_lr()[0]),
-                **_lora_lr(optimizer),
-                "grad_norm": None if grad_norm is None else float(grad_norm),
-                "tokens_per_s": tokens / seconds,
-                "step_time": seconds,
-            }
-            ctx.logger.log_train(record)
+            record = steps.log(done, loss, tokens, grad_norm, time.perf_counter() - t0)
             bar.set_postfix(
-                loss=f"{loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}"
+                loss=f"{record['loss']:.4f}",
+                lr=f"{record['lr']:.2e}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
             )
             if done >= next_summary or done == total_steps:
-                watch.summarize(ctx.logger.routing_total)
+                steps.watch.summarize(ctx.logger.routing_total)
                 next_summary = done + summary_every
         bar.update(1)
         stop = done < total_steps and _agreed(ctx.stop_requested(), ctx)
@@ -190,7 +143,99 @@ def train_loop(
             bar.close()
             raise Interrupted(done, saved=True)
     bar.close()
-    watch.finish()
+    steps.watch.finish()
+
+
+class Steps:
+    """One optimizer step's parts, on the loop's model, optimizer and schedule."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        args: TrainArgs,
+        ctx: LoopContext,
+        total_steps: int,
+    ) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.args, self.ctx = args, ctx
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.world = ctx.dist.world_size  # DDP and FSDP2 average gradients over ranks: undo
+        model.train()
+        # --compile: a compiled view of the same module (same parameters), training only
+        self.forward = torch.compile(model, backend=args.compile_backend) if args.compile else model
+        # amp-bf16: fp32 weights and optimizer, the forward (and so the backward) in bf16
+        self.autocast = torch.autocast(
+            ctx.device.type, dtype=torch.bfloat16, enabled=args.dtype == "amp-bf16"
+        )
+        self.target_logits = keeps_target_logits(model, args)
+        self.watch = RoutingWatch(args, total_steps, enabled=ctx.dist.is_main)
+        self.routed = isinstance(optimizer, MoLFAdamW)
+
+    def accumulate(self, micro: list[dict[str, Tensor]], num_targets: int) -> tuple[Tensor, Tensor]:
+        """Forward and backward over the step's micro-batches; the summed loss and the
+        number of tokens (on the device: nothing waits for them)."""
+        device = self.ctx.device
+        loss, tokens = torch.zeros((), device=device), torch.zeros((), device=device)
+        for mb in micro:
+            positions = target_positions(mb["labels"]) if self.target_logits else None
+            mb = {k: v.to(device) for k, v in mb.items()}
+            with self.autocast:
+                if positions is None:
+                    micro_loss = self.forward(**mb, num_items_in_batch=num_targets).loss
+                else:
+                    micro_loss = target_loss(self.forward, mb, positions, num_targets)
+            (micro_loss * self.world).backward()
+            loss += micro_loss.detach()
+            tokens += mb["attention_mask"].sum()
+        return loss, tokens
+
+    def update(self, step: int) -> Tensor | None:
+        """Clip, step the optimizer (MoLFAdamW gets the global norm: under FSDP2 every
+        rank then skips a non-finite step alike), the method's hook and the schedule;
+        returns the gradient norm before clipping (None without clipping)."""
+        args = self.args
+        grad_norm = None
+        if args.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, args.max_grad_norm)
+        if self.routed:
+            self.optimizer.step(grad_norm=grad_norm)
+        else:
+            self.optimizer.step()
+        after_optimizer_step(self.model, args, step)
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def record_routing(self, done: int) -> None:
+        """The step's routing into routing.jsonl and the collapse watch (MoLF methods)."""
+        routing = self.optimizer.last_routing if self.routed else None
+        if routing is None:
+            return
+        if self.args.check_routing:
+            check_routing_agrees(self.optimizer, self.ctx.dist)
+        wins, decisions = self.ctx.logger.log_routing(done, routing)
+        self.watch.add(done, routing.experts, wins, decisions)
+
+    def log(
+        self, done: int, loss: Tensor, tokens: Tensor, grad_norm: Tensor | None, seconds: float
+    ) -> dict[str, float | None]:
+        """train_log.jsonl's record of the step (loss and tokens summed over ranks)."""
+        loss, tokens = all_reduce_sum(torch.stack([loss, tokens]), self.ctx.dist).tolist()
+        if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        record = {
+            "step": done,
+            "loss": loss,
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            **_lora_lr(self.optimizer),
+            "grad_norm": None if grad_norm is None else float(grad_norm),
+            "tokens_per_s": tokens / seconds,
+            "step_time": seconds,
+        }
+        self.ctx.logger.log_train(record)
+        return record
 
 
 class RoutingWatch:
