@@ -51,46 +51,75 @@ class Reference:
     ) -> tuple[Tensor, Tensor]:
         skip = bool(found_inf)
         cells = layout.cell_index.tolist()
-        device = found_inf.device
-        # 1. Every expert's moments: m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, t <- t+1.
         if not skip:
-            for g, m, v, t in zip(grads, exp_avgs, exp_avg_sqs, state_steps):
-                g64 = g.double()
-                m.copy_(beta1 * m.double() + (1.0 - beta1) * g64)
-                v.copy_(beta2 * v.double() + (1.0 - beta2) * g64 * g64)
-                t += 1
-        # 2. Score sums per [module, expert] cell, on the raw moments.
-        sums = torch.zeros(layout.num_cells, dtype=torch.float64, device=device)
+            _moments(grads, exp_avgs, exp_avg_sqs, state_steps, beta1, beta2)
+        sums = torch.zeros(layout.num_cells, dtype=torch.float64, device=found_inf.device)
         for cell, m, v, lr in zip(cells, exp_avgs, exp_avg_sqs, lrs):
-            ratio = m.double() / (v.double().sqrt() + eps)
-            sums[cell] += lr * (m.double() * ratio).sum() if score == "epd" else (ratio**2).sum()
+            sums[cell] += _score_sum(m, v, lr, eps, score)
         if all_reduce is not None:
             all_reduce(sums)
         # S_e = lr/N_e * sum(m^2/(sqrt(v)+eps))  or  sqrt(sum((m/(sqrt(v)+eps))^2) / N_e).
         scores = (sums / layout.cell_sizes.double()).view_as(layout.participating)
         if score == "pfn":
             scores = scores.sqrt()
-        # 3. Each module's Top-K among its participating experts with a finite score.
         selected = torch.zeros_like(layout.participating)
         if not skip:
-            participating = layout.participating.tolist()
-            for module, row in enumerate(scores.tolist()):
-                eligible = [
-                    e for e, s in enumerate(row) if participating[module][e] and math.isfinite(s)
-                ]
-                ranked = sorted(eligible, key=lambda e: (-row[e], e))  # ties: lower index
-                for e in ranked[:top_k]:
-                    selected[module, e] = True
-        # 4. The winners' AdamW update:
-        #    p <- p (1 - lr wd) - lr * m_hat / (sqrt(v_hat) + eps), m_hat = m / (1 - b1^t).
+            _select(scores, layout.participating, top_k, selected)
         winning = selected.flatten().tolist()
-        for cell, p, m, v, t, lr, wd in zip(
-            cells, params, exp_avgs, exp_avg_sqs, state_steps, lrs, weight_decays
-        ):
-            if not winning[cell]:
-                continue
-            steps = float(t)
-            m_hat = m.double() / (1.0 - beta1**steps)
-            v_hat = v.double() / (1.0 - beta2**steps)
-            p.copy_(p.double() * (1.0 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps))
+        per_tensor = zip(cells, params, exp_avgs, exp_avg_sqs, state_steps, lrs, weight_decays)
+        for cell, p, m, v, t, lr, wd in per_tensor:
+            if winning[cell]:
+                _adamw_update(p, m, v, float(t), lr, wd, beta1, beta2, eps)
         return scores, selected
+
+
+def _moments(
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    state_steps: list[Tensor],
+    beta1: float,
+    beta2: float,
+) -> None:
+    """1. Every expert's moments: m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, t <- t+1."""
+    for g, m, v, t in zip(grads, exp_avgs, exp_avg_sqs, state_steps):
+        g64 = g.double()
+        m.copy_(beta1 * m.double() + (1.0 - beta1) * g64)
+        v.copy_(beta2 * v.double() + (1.0 - beta2) * g64 * g64)
+        t += 1
+
+
+def _score_sum(m: Tensor, v: Tensor, lr: float, eps: float, score: str) -> Tensor:
+    """2. One tensor's share of its cell's score sum, on the raw moments:
+    ``lr * sum(m^2 / (sqrt(v) + eps))`` (EPD) or ``sum((m / (sqrt(v) + eps))^2)`` (PFN)."""
+    ratio = m.double() / (v.double().sqrt() + eps)
+    return lr * (m.double() * ratio).sum() if score == "epd" else (ratio**2).sum()
+
+
+def _select(scores: Tensor, participating: Tensor, top_k: int, selected: Tensor) -> None:
+    """3. Mark in ``selected`` each module's Top-K among its participating experts with
+    a finite score (ties to the lower index)."""
+    eligible_cells = participating.tolist()
+    for module, row in enumerate(scores.tolist()):
+        eligible = [e for e, s in enumerate(row) if eligible_cells[module][e] and math.isfinite(s)]
+        ranked = sorted(eligible, key=lambda e: (-row[e], e))  # ties: lower index
+        for e in ranked[:top_k]:
+            selected[module, e] = True
+
+
+def _adamw_update(
+    p: Tensor,
+    m: Tensor,
+    v: Tensor,
+    steps: float,
+    lr: float,
+    wd: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> None:
+    """4. A winner's AdamW update:
+    ``p <- p (1 - lr wd) - lr * m_hat / (sqrt(v_hat) + eps)``, ``m_hat = m / (1 - b1^t)``."""
+    m_hat = m.double() / (1.0 - beta1**steps)
+    v_hat = v.double() / (1.0 - beta2**steps)
+    p.copy_(p.double() * (1.0 - lr * wd) - lr * m_hat / (v_hat.sqrt() + eps))
