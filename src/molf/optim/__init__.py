@@ -49,9 +49,16 @@ with four implementations that compute the same thing (to float32 rounding):
   weights; float32 on the CPU (other dtypes use foreach);
 * ``"triton"`` (:mod:`molf.optim.triton_kernel`): one kernel launch per pass over all
   tensors; float32 on a GPU.
+
+Around them: :mod:`molf.optim.optimizer` (the :class:`MoLFAdamW` class: state and
+the step), :mod:`molf.optim.groups` (parameter groups and the routing table's cells),
+:mod:`molf.optim.validation` (what the optimizer refuses: hyperparameters, float16,
+state that does not fit), :mod:`molf.optim.implementations` (which routed step runs),
+:mod:`molf.optim.skips` (the skipped-step count, kept without syncs).
 """
 
 from molf.optim.functional import Routing, select_top_k
-from molf.optim.optimizer import IMPLEMENTATIONS, MoLFAdamW
+from molf.optim.implementations import IMPLEMENTATIONS
+from molf.optim.optimizer import MoLFAdamW
 
 __all__ = ["IMPLEMENTATIONS", "MoLFAdamW", "Routing", "select_top_k"]

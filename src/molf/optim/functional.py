@@ -163,6 +163,16 @@ def to_device(values: list[float] | list[int], dtype: torch.dtype, device: torch
     return host.to(device, non_blocking=True)
 
 
+def is_dtensor(t: Tensor) -> bool:
+    """Whether ``t`` is an FSDP2 DTensor (by name: torch.distributed may be absent)."""
+    return type(t).__name__ == "DTensor"
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """The local shard of an FSDP2 DTensor (a view), or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 _PLAIN_TYPES = (Tensor, torch.nn.Parameter)
 
 
