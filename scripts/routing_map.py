@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from molf.atomic import write_text_atomic
-from molf.report.modules import group_modules
-from molf.report.routing import routing_matrix
+from molf.routing_log import routing_matrix
+from molf.routing_stats import group_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "runs" / "routing-map"

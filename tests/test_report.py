@@ -14,10 +14,11 @@ from PIL import Image
 from molf.cli import main
 from molf.errors import MolfError
 from molf.report import heatmap_rows, load_run, routing_matrix, share_series, write_report
-from molf.report.modules import TYPE_ORDER, group_modules, layer_index, module_type
 from molf.report.plots import _rolling
-from molf.report.routing import NONE, SEVERAL, bin_columns
+from molf.report.routing import bin_columns
 from molf.report.tables import comparison_table, single_run_table, to_markdown
+from molf.routing_log import NONE, SEVERAL
+from molf.routing_stats import TYPE_ORDER, group_modules, layer_index, module_type
 from molf.train import checkpoint as checkpoint_module
 
 METHODS = ("fft", "lora", "molf", "molf-e")

@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 from molf import MoLFConfig, get_molf_model
 from molf.cli import main
 from molf.integrations.hf import MoLFTrainer
-from molf.report.routing import TIE, routing_matrix
+from molf.routing_log import TIE, routing_matrix
 from molf.routing_stats import (
     Collapse,
     CollapseWatch,

@@ -5,10 +5,12 @@ The data behind each figure is exposed so it can be checked against the logs:
 ``eval.json``, ``config.yaml``) and :func:`metrics_tables`.
 """
 
+from molf.jsonl import read_jsonl
 from molf.report.page import write_report
-from molf.report.routing import RoutingMatrix, heatmap_rows, routing_matrix, share_series
-from molf.report.runs import Run, load_run, read_jsonl
+from molf.report.routing import heatmap_rows, share_series
+from molf.report.runs import Run, load_run
 from molf.report.tables import metrics_tables
+from molf.routing_log import RoutingMatrix, routing_matrix
 
 __all__ = [
     "Run",

@@ -12,9 +12,9 @@ from molf.atomic import write_text_atomic
 from molf.errors import MolfError
 from molf.ownership import refuse_foreign
 from molf.report.plots import plot_routing_heatmap, plot_routing_shares, plot_training
-from molf.report.routing import RoutingMatrix, routing_matrix
 from molf.report.runs import Run, load_run
 from molf.report.tables import metrics_tables, to_html, to_markdown
+from molf.routing_log import RoutingMatrix, routing_matrix
 from molf.routing_stats import LoraExpert, RoutingSetup, collapse_warning
 
 STYLE = """

@@ -10,16 +10,9 @@ import numpy as np
 
 from molf.atomic import atomic_file
 from molf.errors import MolfError
-from molf.report.routing import (
-    NONE,
-    SEVERAL,
-    TIE,
-    RoutingMatrix,
-    bin_columns,
-    heatmap_rows,
-    share_series,
-)
+from molf.report.routing import bin_columns, heatmap_rows, share_series
 from molf.report.runs import Run, lr_keys, series
+from molf.routing_log import NONE, SEVERAL, TIE, RoutingMatrix
 
 DPI = 80
 MAX_HEATMAP_COLUMNS = 400

@@ -24,7 +24,7 @@ def routing_summary(run_dir: Path) -> str | None:
     """One sentence: each expert's share of the decided layer-steps, and where the
     minority experts won most (module types), from ``routing.jsonl``; None without
     routing. Module-steps without a decision (all scores 0) are left out and counted."""
-    from molf.report.routing import routing_matrix
+    from molf.routing_log import routing_matrix
 
     if not (run_dir / "routing.jsonl").is_file():
         return None
