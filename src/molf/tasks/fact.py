@@ -301,32 +301,50 @@ def contest_scores(
         for completion in (wanted, other)
     ]
     answers = [completion for _, wanted, other in contests for completion in (wanted, other)]
+    rivals = _rival_first_tokens(encoded, answers)
+    if not share_prefix:
+        return _padded_contest_scores(model, tokenizer, encoded, rivals, batch_size)
+    prompts = [prompt for prompt, _, _ in contests for _ in range(2)]
+    scored = score_completions(
+        model,
+        tokenizer,
+        prompts,
+        answers,
+        batch_size,
+        alternatives=[[rivals[i]] if i % 2 == 0 else [] for i in range(len(answers))],
+    )
+    return [
+        ContestScore(
+            scored[2 * k].mean,
+            scored[2 * k + 1].mean,
+            scored[2 * k].first,
+            scored[2 * k].alternatives[0],
+        )
+        for k in range(len(contests))
+    ]
+
+
+def _rival_first_tokens(encoded: list[dict[str, Any]], answers: list[str]) -> list[int]:
+    """Per encoded answer, the first token of the other answer of its contest (answers
+    come in (wanted, other) pairs); an answer without tokens is a MolfError."""
     firsts = []
     for item, completion in zip(encoded, answers, strict=True):
         tokens = [label for label in item["labels"] if label != IGNORE_INDEX]
         if not tokens:
             raise MolfError(f"completion {completion!r} has no tokens to score; make it non-empty")
         firsts.append(tokens[0])
-    rivals = [firsts[i ^ 1] for i in range(len(encoded))]  # wanted <-> other of one contest
-    if share_prefix:
-        prompts = [prompt for prompt, _, _ in contests for _ in range(2)]
-        scored = score_completions(
-            model,
-            tokenizer,
-            prompts,
-            answers,
-            batch_size,
-            alternatives=[[rivals[i]] if i % 2 == 0 else [] for i in range(len(answers))],
-        )
-        return [
-            ContestScore(
-                scored[2 * k].mean,
-                scored[2 * k + 1].mean,
-                scored[2 * k].first,
-                scored[2 * k].alternatives[0],
-            )
-            for k in range(len(contests))
-        ]
+    return [firsts[i ^ 1] for i in range(len(encoded))]  # wanted <-> other of one contest
+
+
+def _padded_contest_scores(
+    model: Any,
+    tokenizer: Any,
+    encoded: list[dict[str, Any]],
+    rivals: list[int],
+    batch_size: int,
+) -> list[ContestScore]:
+    """The evaluation as it was before prefix sharing: one right-padded row per answer,
+    logits at every position (the baseline of ``benchmarks/b6_eval_scoring.py``)."""
     pad_id = ensure_pad_token(tokenizer)
     means: list[float] = []
     own_first: list[float] = []
@@ -353,7 +371,7 @@ def contest_scores(
             rival_first.extend((logits[rows, at, rival] - norm[rows, at]).tolist())
     return [
         ContestScore(means[2 * k], means[2 * k + 1], own_first[2 * k], rival_first[2 * k])
-        for k in range(len(contests))
+        for k in range(len(means) // 2)
     ]
 
 

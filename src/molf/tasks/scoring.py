@@ -104,44 +104,17 @@ def score_completions(
     read from the distribution that predicts pair ``i``'s first token (e.g. a rival
     answer's first token, for first-token contests).
 
-    Pairs with the same prompt tokens share work; every score equals (up to float
-    rounding) scoring the pair alone:
-
-    - each distinct prompt gets one left-padded row (positions from the mask) of the
-      prompt and its longest completion but that completion's last token; the
-      vocabulary is projected only at the row's last positions (``logits_to_keep``),
-      which predict that completion's tokens, and the first of them also predicts the
-      first token of every other completion: one-token completions cost nothing more;
-    - ``share_prefix`` (the default): a prompt's other longer completions (all tokens
-      but the last, right-padded) then run in one pass over the batch's cached keys and
-      values (the prompt's row gathered once per completion, the first completion's
-      positions masked out), so the prompt is run once. Under a sliding window or
-      attention chunks this is done only where the row and the completion fit in the
-      window (elsewhere the extra distance would change what is attended to); a model
-      whose config has no ``use_cache``, or that returns no cache, takes rows instead;
-    - rows: each other longer completion gets a row of its own, prompt included.
-
-    A batch whose prompts each have at most one longer completion is thus one forward
-    pass either way. The pass after the cache runs only where the prompt tokens it
-    saves feeding again reach ``SHARE_MIN_SAVING`` of the first pass's padded positions
-    (a pass has a cost of its own); otherwise those completions take rows in the first.
-    Distinct prompts are batched ``batch_size`` at a time, shortest first. A progress
-    bar shows on a terminal (tqdm's ``disable=None``).
+    Pairs with the same prompt tokens share work (each distinct prompt runs once, its
+    completions read from its row or its cached keys and values: :class:`_Scorer`);
+    every score equals (up to float rounding) scoring the pair alone. Distinct prompts
+    are batched ``batch_size`` at a time, shortest first. A progress bar shows on a
+    terminal (tqdm's ``disable=None``).
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if alternatives is not None and len(alternatives) != len(prompts):
         raise ValueError(f"{len(prompts)} pairs but {len(alternatives)} alternatives")
-    limit = context_length(model)
-    heads: list[tuple[int, ...]] = []
-    tails: list[list[int]] = []
-    for prompt, completion in zip(prompts, completions, strict=True):
-        item = encode_example(tokenizer, prompt, completion, max_length=limit, add_eos=False)
-        tail = [t for t in item["labels"] if t != IGNORE_INDEX]
-        if not tail:
-            raise MolfError(f"completion {completion!r} has no tokens to score; make it non-empty")
-        heads.append(tuple(item["input_ids"][: len(item["input_ids"]) - len(tail)]))
-        tails.append(tail)
+    heads, tails = _encode_pairs(tokenizer, prompts, completions, context_length(model))
     groups: dict[tuple[int, ...], list[int]] = {}  # prompt tokens -> its pairs
     for index, head in enumerate(heads):
         groups.setdefault(head, []).append(index)
@@ -162,6 +135,23 @@ def score_completions(
                 )
             )
     return [scores[i] for i in range(len(prompts))]
+
+
+def _encode_pairs(
+    tokenizer: Any, prompts: list[Any], completions: list[str], limit: int
+) -> tuple[list[tuple[int, ...]], list[list[int]]]:
+    """Each pair encoded as for training (no EOS, cut at ``limit`` from the left): its
+    prompt tokens and its completion tokens; a completion without tokens is a MolfError."""
+    heads: list[tuple[int, ...]] = []
+    tails: list[list[int]] = []
+    for prompt, completion in zip(prompts, completions, strict=True):
+        item = encode_example(tokenizer, prompt, completion, max_length=limit, add_eos=False)
+        tail = [t for t in item["labels"] if t != IGNORE_INDEX]
+        if not tail:
+            raise MolfError(f"completion {completion!r} has no tokens to score; make it non-empty")
+        heads.append(tuple(item["input_ids"][: len(item["input_ids"]) - len(tail)]))
+        tails.append(tail)
+    return heads, tails
 
 
 def _takes_cache(model: Any) -> bool:
@@ -185,7 +175,27 @@ _Row = tuple[list[int], int, list[_Pair]]  # (ids, tokens scored at its end, pai
 
 
 class _Scorer:
-    """Scores one batch of distinct prompts and their pairs (see :func:`score_completions`)."""
+    """Scores one batch of distinct prompts and their pairs (see :func:`score_completions`):
+
+    - each distinct prompt gets one left-padded row (positions from the mask) of the
+      prompt and its longest completion but that completion's last token; the
+      vocabulary is projected only at the row's last positions (``logits_to_keep``),
+      which predict that completion's tokens, and the first of them also predicts the
+      first token of every other completion: one-token completions cost nothing more;
+    - ``share_prefix`` (the default): a prompt's other longer completions (all tokens
+      but the last, right-padded) then run in one pass over the batch's cached keys and
+      values (the prompt's row gathered once per completion, the first completion's
+      positions masked out), so the prompt is run once. Under a sliding window or
+      attention chunks this is done only where the row and the completion fit in the
+      window (elsewhere the extra distance would change what is attended to); a model
+      whose config has no ``use_cache``, or that returns no cache, takes rows instead;
+    - rows: each other longer completion gets a row of its own, prompt included.
+
+    A batch whose prompts each have at most one longer completion is thus one forward
+    pass either way. The pass after the cache runs only where the prompt tokens it
+    saves feeding again reach ``SHARE_MIN_SAVING`` of the first pass's padded positions
+    (a pass has a cost of its own); otherwise those completions take rows in the first.
+    """
 
     def __init__(self, model: Any, pad_id: int, cached: bool) -> None:
         self.model = model
