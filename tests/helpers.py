@@ -102,15 +102,19 @@ def save_tiny_model_dir(
     """Save a tiny random ``arch`` model with ``tokenizer`` (default: a fresh
     :func:`tiny_tokenizer`) into ``out``, as a Hub model directory would hold them.
 
-    Its embeddings are tied (as in stories260k and most small LMs), its config names the
-    tokenizer's bos and eos, and it has room for 256 positions (a fact prompt with its
-    answer takes about 20 tokens)."""
+    Its embeddings are tied (as in stories260k and most small LMs), its weights are about
+    as large as a trained model's (bf16 rounds small updates away as it would there), its
+    config names the tokenizer's bos and eos, and it has room for 256 positions (a fact
+    prompt with its answer takes about 20 tokens; ``molf train`` cuts its default
+    --max-length 512 to the model's positions)."""
     tokenizer = tokenizer or tiny_tokenizer()
-    vocab = -(-len(tokenizer) // 16) * 16  # rounded up, as embedding matrices often are
+    # room for a pad token some tokenizer classes add (Qwen2's <|endoftext|>), rounded up
+    vocab = -(-(len(tokenizer) + 1) // 16) * 16
     model = tiny_model(
         arch,
         vocab_size=vocab,
         tie_word_embeddings=True,
+        initializer_range=0.1,  # weights of a trained small LM's size (stories260k's ~0.1)
         max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -48,16 +48,16 @@ def _train(tmp_path: Path, name: str, *extra: str) -> Path:
 
 
 @pytest.mark.parametrize("method", ["fft", "lora", "dora", "adalora", "molf", "molf-e"])
-def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_data, method):
+def test_every_method_trains_and_writes_the_run_dir(tmp_path, tiny_model_dir, method):
     out = _train(
         tmp_path,
         method,
         "--model",
-        str(stories),
+        str(tiny_model_dir),
         "--task",
         "fact",
         "--data",
-        str(shared_data / "counterfact" / "counterfact-val.json"),
+        "builtin",
         "--method",
         method,
         "--max-steps",
@@ -103,7 +103,7 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
                 "--task",
                 "fact",
                 "--data",
-                str(shared_data / "counterfact" / "counterfact-val.json"),
+                "builtin",
                 "--max-train-samples",
                 "8",
                 "--max-eval-samples",
@@ -119,15 +119,15 @@ def test_every_method_trains_and_writes_the_run_dir(tmp_path, stories, shared_da
         assert again[k] == pytest.approx(v, abs=1e-5 if k.endswith("_margin") else 1e-6), k
 
 
-def test_the_model_card_records_method_routing_and_metrics(tmp_path, stories, shared_data):
-    data = str(shared_data / "counterfact" / "counterfact-val.json")
+def test_the_model_card_records_method_routing_and_metrics(tmp_path, tiny_model_dir):
+    data = "builtin"
     out = _train(
-        tmp_path, "card", "--model", str(stories), "--data", data, "--method", "molf-e",
+        tmp_path, "card", "--model", str(tiny_model_dir), "--data", data, "--method", "molf-e",
         "--max-steps", "3",
     )  # fmt: skip
     card = (out / "final" / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
-    assert front["base_model"] == str(stories) and front["library_name"] == "peft"
+    assert front["base_model"] == str(tiny_model_dir) and front["library_name"] == "peft"
     assert "MoLF-Efficient" in card and "4+8" in card
     routing = [json.loads(x) for x in (out / "routing.jsonl").read_text().splitlines()]
     wins = sum(len(w) for r in routing[1:] for w in r["winners"] if w == [0])
@@ -137,9 +137,11 @@ def test_the_model_card_records_method_routing_and_metrics(tmp_path, stories, sh
     assert "| efficacy | " in card and f"{after['efficacy']:.4f} |" in card
 
 
-def test_eval_of_a_run_scores_the_runs_own_records(tmp_path, stories, shared_data, capsys):
-    data = str(shared_data / "counterfact" / "counterfact-val.json")
-    out = _train(tmp_path, "run", "--model", str(stories), "--data", data, "--max-steps", "2")
+def test_eval_of_a_run_scores_the_runs_own_records(tmp_path, tiny_model_dir, capsys):
+    data = "builtin"
+    out = _train(
+        tmp_path, "run", "--model", str(tiny_model_dir), "--data", data, "--max-steps", "2"
+    )
     evals = json.loads((out / "eval.json").read_text())
     # predictions.jsonl: one line per contest, its correct flags average to each metric
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -178,7 +180,7 @@ def test_tiny_random_architectures(tmp_path, tiny_dir, arch):
         "--lora-alphas",
         "8",
     )
-    assert (out / "final" / "model.safetensors").exists()  # --max-length 512 > 64 positions
+    assert (out / "final" / "model.safetensors").exists()  # --max-length 512 > 256 positions
 
 
 @pytest.mark.parametrize(
@@ -231,7 +233,7 @@ def test_paper_tasks_on_local_files(tmp_path, stories, shared_data, task, data, 
             assert evals[stage]["unparsable"] == pytest.approx(unparsable), stage
 
 
-def test_jsonl_task_and_yaml_config(tmp_path, stories):
+def test_jsonl_task_and_yaml_config(tmp_path, tiny_model_dir):
     data = tmp_path / "pairs.jsonl"
     data.write_text(
         "".join(
@@ -243,7 +245,7 @@ def test_jsonl_task_and_yaml_config(tmp_path, stories):
     cfg.write_text(
         yaml.safe_dump(
             {
-                "model": str(stories),
+                "model": str(tiny_model_dir),
                 "task": "jsonl",
                 "data": str(data),
                 "method": "molf-e",
@@ -283,14 +285,12 @@ class Crash(Exception):
 
 
 @pytest.mark.parametrize("method", ["molf", "lora", "adalora"])
-def test_resume_ends_with_the_uninterrupted_weights(
-    tmp_path, stories, shared_data, method, monkeypatch
-):
+def test_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_model_dir, method, monkeypatch):
     args = [
         "--model",
-        str(stories),
+        str(tiny_model_dir),
         "--data",
-        str(shared_data / "counterfact" / "counterfact-val.json"),
+        "builtin",
         "--method",
         method,
         "--max-steps",
@@ -335,8 +335,8 @@ def _fails(capsys, argv, *needles):
     return err
 
 
-def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_data, capsys):
-    base = ["train", "--model", str(stories), "--output-dir", str(tmp_path / "r")]
+def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, tiny_model_dir, capsys):
+    base = ["train", "--model", str(tiny_model_dir), "--output-dir", str(tmp_path / "r")]
     _fails(capsys, [*base, "--task", "poems"], "--task", "poems", "fact, med, sql, jsonl")
     _fails(capsys, [*base, "--method", "qlora"], "--method", "qlora")
     _fails(
@@ -374,7 +374,7 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
         _fails(capsys, [*base, "--data", "builtin", *bad_value], bad_value[0], "finite")
     truncated = tmp_path / "truncated"
     truncated.mkdir()
-    for f in stories.iterdir():
+    for f in tiny_model_dir.iterdir():
         (truncated / f.name).write_bytes(f.read_bytes())
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
@@ -386,11 +386,11 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
     assert not (tmp_path / "r").exists(), "a failed run left a half-written directory"
 
     out = _train(
-        tmp_path, "taken", "--model", str(stories), "--data", "builtin", "--max-steps", "1"
+        tmp_path, "taken", "--model", str(tiny_model_dir), "--data", "builtin", "--max-steps", "1"
     )
     _fails(
         capsys,
-        ["train", "--model", str(stories), "--data", "builtin", "--output-dir", str(out)],
+        ["train", "--model", str(tiny_model_dir), "--data", "builtin", "--output-dir", str(out)],
         "already holds a run",
         "--resume",
         "--overwrite",
@@ -400,7 +400,7 @@ def test_bad_input_is_one_clear_message_and_exit_2(tmp_path, stories, shared_dat
         [
             "train",
             "--model",
-            str(stories),
+            str(tiny_model_dir),
             "--data",
             "builtin",
             "--output-dir",
@@ -478,12 +478,12 @@ def test_eval_help_lists_only_evaluation_flags_and_version_is_printed(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.strip() == f"molf {molf.__version__}"
 
 
-def test_chat_data_trains_on_the_reply_through_the_models_template(tmp_path, stories):
+def test_chat_data_trains_on_the_reply_through_the_models_template(tmp_path, tiny_model_dir):
     """`{"messages": [...]}` rows with a model whose tokenizer has a chat template: the
     run trains and evaluates, and the template's text reaches the predictions."""
     model = tmp_path / "chat-model"
     model.mkdir()
-    for f in stories.iterdir():
+    for f in tiny_model_dir.iterdir():
         (model / f.name).write_bytes(f.read_bytes())
     config = json.loads((model / "tokenizer_config.json").read_text())
     config["chat_template"] = (
@@ -518,16 +518,17 @@ def test_chat_data_trains_on_the_reply_through_the_models_template(tmp_path, sto
                  "--chat-template", "none"]) == 2  # fmt: skip
 
 
-def test_amp_bf16_keeps_every_small_update_that_pure_bf16_loses(tmp_path, stories, capsys):
+def test_amp_bf16_keeps_every_small_update_that_pure_bf16_loses(tmp_path, tiny_model_dir, capsys):
     """At lr 5e-5 an Adam step moves a weight by about 5e-5, below bf16's resolution for
     most weights: pure bf16 drops those updates, amp-bf16 (fp32 weights, bf16 compute)
     keeps every one, and its forward really runs in bf16 (its loss differs from fp32's)."""
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(stories).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
     name = "model.layers.0.mlp.up_proj.weight"
-    common = ["--model", str(stories), "--data", "builtin", "--method", "fft", "--lr", "5e-5",
-              "--max-steps", "3", "--no-eval-before", "--max-eval-samples", "2"]  # fmt: skip
+    common = ["--model", str(tiny_model_dir), "--data", "builtin", "--method", "fft",
+              "--lr", "5e-5", "--max-steps", "3", "--no-eval-before",
+              "--max-eval-samples", "2"]  # fmt: skip
     changed, first_loss = {}, {}
     for dtype in ("fp32", "bf16", "amp-bf16"):
         out = _train(tmp_path, dtype, *common, "--dtype", dtype)
@@ -543,13 +544,13 @@ def test_amp_bf16_keeps_every_small_update_that_pure_bf16_loses(tmp_path, storie
     assert abs(first_loss["amp-bf16"] - first_loss["fp32"]) < 0.05 * first_loss["fp32"]
 
 
-def test_compile_trains_without_graph_breaks_and_like_eager(tmp_path, stories):
+def test_compile_trains_without_graph_breaks_and_like_eager(tmp_path, tiny_model_dir):
     """`--compile`: dynamo traces every MoLF layer, forward and backward, in one graph
     per shape (the eager backend keeps the suite fast; inductor compiles the same
     graphs), and the weights match an eager run's."""
     import torch._dynamo
 
-    args = ["--model", str(stories), "--data", "builtin", "--max-steps", "2",
+    args = ["--model", str(tiny_model_dir), "--data", "builtin", "--max-steps", "2",
             "--lora-ranks", "4,8", "--lora-alphas", "8,8", "--no-eval-before",
             "--max-eval-samples", "2"]  # fmt: skip
     torch._dynamo.reset()

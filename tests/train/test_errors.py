@@ -218,11 +218,11 @@ def test_a_predictions_file_molf_did_not_write_is_refused_unread(tmp_path):
     assert path.read_text() == "my own notes\n"
 
 
-def _template_model(tmp_path: Path, stories: Path, template: str, jinja: bool) -> Path:
-    """stories260k's tokenizer with ``template`` as its chat template (in
-    tokenizer_config.json, or as chat_template.jinja)."""
+def _template_model(tmp_path: Path, model: Path, template: str, jinja: bool) -> Path:
+    """A copy of the model directory ``model`` with ``template`` as its tokenizer's chat
+    template (in tokenizer_config.json, or as chat_template.jinja)."""
     out = tmp_path / "templated"
-    shutil.copytree(stories, out)
+    shutil.copytree(model, out)
     if jinja:
         (out / "chat_template.jinja").write_text(template)
     else:
@@ -245,12 +245,12 @@ def _template_model(tmp_path: Path, stories: Path, template: str, jinja: bool) -
     ],
 )
 def test_a_chat_template_that_fails_is_one_line_with_its_error_and_line(
-    tmp_path, stories, template, jinja, needles
+    tmp_path, tiny_model_dir, template, jinja, needles
 ):
     from molf.tasks.encoding import use_chat_template
     from molf.train.modeling import load_tokenizer
 
-    model = _template_model(tmp_path, stories, template, jinja)
+    model = _template_model(tmp_path, tiny_model_dir, template, jinja)
     tokenizer = load_tokenizer(str(model), None)
     with pytest.raises(MolfError) as info:
         use_chat_template(tokenizer, "auto")

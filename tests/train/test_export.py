@@ -20,16 +20,18 @@ QUICK = [
 ]  # fmt: skip
 
 
-def _run(tmp_path: Path, stories: Path, name: str, *extra: str) -> Path:
+def _run(tmp_path: Path, model: Path, name: str, *extra: str) -> Path:
     out = tmp_path / "runs" / name
-    argv = ["train", "--model", str(stories), "--output-dir", str(out), *QUICK, *extra]
+    argv = ["train", "--model", str(model), "--output-dir", str(out), *QUICK, *extra]
     assert main(argv) == 0
     return out / "final"
 
 
-def test_cast_saved_weights_halves_floats_keeps_integers_and_records_the_dtype(tmp_path, stories):
-    model = AutoModelForCausalLM.from_pretrained(stories)
-    model.save_pretrained(tmp_path, max_shard_size="200KB")  # several shards and an index
+def test_cast_saved_weights_halves_floats_keeps_integers_and_records_the_dtype(
+    tmp_path, tiny_model_dir
+):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.save_pretrained(tmp_path, max_shard_size="40KB")  # several shards and an index
     shards = sorted(tmp_path.glob("*.safetensors"))
     assert len(shards) > 1
     before = {k: v for p in shards for k, v in load_file(p).items()}
@@ -50,9 +52,9 @@ def test_cast_saved_weights_halves_floats_keeps_integers_and_records_the_dtype(t
 
 
 @pytest.mark.parametrize("method", ["molf", "lora"])
-def test_save_dtype_bf16_writes_the_trained_weights_in_bf16(tmp_path, stories, method):
-    full = _run(tmp_path, stories, "fp32", "--method", method)
-    half = _run(tmp_path, stories, "bf16", "--method", method, "--save-dtype", "bf16")
+def test_save_dtype_bf16_writes_the_trained_weights_in_bf16(tmp_path, tiny_model_dir, method):
+    full = _run(tmp_path, tiny_model_dir, "fp32", "--method", method)
+    half = _run(tmp_path, tiny_model_dir, "bf16", "--method", method, "--save-dtype", "bf16")
     name = "model.safetensors" if method == "molf" else "adapter_model.safetensors"
     a, b = load_file(full / name), load_file(half / name)
     assert a.keys() == b.keys()
@@ -61,14 +63,14 @@ def test_save_dtype_bf16_writes_the_trained_weights_in_bf16(tmp_path, stories, m
 
 
 def test_push_to_hub_uploads_final_and_a_missing_token_fails_before_training(
-    tmp_path, stories, monkeypatch, capsys
+    tmp_path, tiny_model_dir, monkeypatch, capsys
 ):
     from huggingface_hub import HfApi
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored token
     monkeypatch.delenv("HF_TOKEN", raising=False)
     out = tmp_path / "runs" / "pushed"
-    argv = ["train", "--model", str(stories), "--output-dir", str(out), *QUICK,
+    argv = ["train", "--model", str(tiny_model_dir), "--output-dir", str(out), *QUICK,
             "--push-to-hub", "me/molf-facts"]  # fmt: skip
     assert main(argv) == 2
     assert "HF_TOKEN" in capsys.readouterr().err and not out.exists()

@@ -85,7 +85,7 @@ def test_logger_sends_window_shares_to_tensorboard_and_keeps_routing_jsonl(tmp_p
 
 
 @pytest.mark.slow
-def test_training_prints_a_short_routing_summary(tmp_path, stories, capsys):
+def test_training_prints_a_short_routing_summary(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "pairs.jsonl"
     data.write_text(
         "".join(json.dumps({"prompt": f"{i} plus one is", "completion": f" {i + 1}"}) + "\n"
@@ -93,7 +93,7 @@ def test_training_prints_a_short_routing_summary(tmp_path, stories, capsys):
     )  # fmt: skip
     out = tmp_path / "run"
     argv = [
-        "train", "--model", str(stories), "--task", "jsonl", "--data", str(data),
+        "train", "--model", str(tiny_model_dir), "--task", "jsonl", "--data", str(data),
         "--method", "molf", "--lora-ranks", "4", "--lora-alphas", "8", "--batch-size", "2",
         "--max-steps", "20", "--lr", "1e-3", "--output-dir", str(out), "--no-eval-before",
         "--max-new-tokens", "2",
@@ -146,13 +146,12 @@ def test_a_torn_last_log_line_does_not_block_truncation(tmp_path):
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2]
 
 
-def test_a_run_sends_lora_lr_and_its_results_to_tensorboard(tmp_path, shared_data):
+def test_a_run_sends_lora_lr_and_its_results_to_tensorboard(tmp_path, tiny_model_dir):
     """The LoRA lr as a scalar, and metrics before/after with the settings as hparams."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    data = str(shared_data / "counterfact" / "counterfact-val.json")
-    argv = ["train", "--model", str(shared_data / "models" / "stories260k"), "--data", data,
+    argv = ["train", "--model", str(tiny_model_dir), "--data", "builtin",
             "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4",
             "--max-train-samples", "8", "--max-eval-samples", "4", "--lora-ranks", "4",
             "--lora-alphas", "8", "--lr", "1e-4", "--lora-lr", "1e-3",

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import TINY, tiny_model
 
 from molf import MoLFConfig, MolfError, get_molf_model, merge_and_unload, molf_modules
 from molf.cli import main
@@ -49,19 +49,20 @@ def test_two_linear_layers_sharing_one_weight_are_refused_naming_both():
 
 
 def test_training_refuses_a_model_whose_weights_do_not_fill_its_config(
-    tmp_path, stories, shared_data, capsys
+    tmp_path, tiny_model_dir, capsys
 ):
     edited = tmp_path / "edited"
-    shutil.copytree(stories, edited)
+    shutil.copytree(tiny_model_dir, edited)
     config = json.loads((edited / "config.json").read_text())
-    (edited / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 6}))
+    layers = TINY["num_hidden_layers"]
+    (edited / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers + 1}))
     out = tmp_path / "runs" / "run"
     argv = ["train", "--model", str(edited), "--output-dir", str(out), "--data",
-            str(shared_data / "counterfact" / "counterfact-val.json"), "--max-train-samples",
+            "builtin", "--max-train-samples",
             "4", "--max-eval-samples", "2", "--batch-size", "4", "--max-steps", "1",
             "--lora-ranks", "2", "--lora-alphas", "4"]  # fmt: skip
     assert main(argv) == 2
     line = capsys.readouterr().err.splitlines()[-1]
     assert line.startswith(f"molf: error: --model: the weights in {edited} do not fit"), line
-    assert "model.layers.5.input_layernorm.weight is missing from the weights" in line
+    assert f"model.layers.{layers}.input_layernorm.weight is missing from the weights" in line
     assert not out.exists()

@@ -18,11 +18,11 @@ QUICK = [
 CHANGE = ["--resume", "--allow-changed-settings"]
 
 
-def _train(out: Path, stories: Path, shared_data: Path, *extra: str) -> list[str]:
-    """The command line of a small run in ``out`` (run it with ``main``)."""
-    data = shared_data / "counterfact" / "counterfact-val.json"
-    return ["train", "--output-dir", str(out), "--model", str(stories), "--task", "fact",
-            "--data", str(data), *QUICK, *extra]  # fmt: skip
+def _train(out: Path, model: Path, *extra: str) -> list[str]:
+    """The command line of a small run of ``model`` on the built-in edits in ``out`` (run
+    it with ``main``)."""
+    return ["train", "--output-dir", str(out), "--model", str(model), "--task", "fact",
+            "--data", "builtin", *QUICK, *extra]  # fmt: skip
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -43,14 +43,14 @@ def _refused(capsys, argv: list[str], *needles: str) -> str:
 
 
 def test_resume_refuses_every_change_of_shape_even_when_changes_are_allowed(
-    tmp_path, stories, shared_data, tiny_dir, capsys
+    tmp_path, tiny_model_dir, tiny_dir, capsys
 ):
     out = tmp_path / "runs" / "molf"
     run = ("--method", "molf", "--lora-ranks", "1", "--lora-alphas", "8")
-    assert main([*_train(out, stories, shared_data, *run, "--max-steps", "2")]) == 0
+    assert main([*_train(out, tiny_model_dir, *run, "--max-steps", "2")]) == 0
     before = _tree(out)
-    longer = [*_train(out, stories, shared_data, *run, "--max-steps", "3"), *CHANGE]
-    other_model = tiny_dir("llama")
+    longer = [*_train(out, tiny_model_dir, *run, "--max-steps", "3"), *CHANGE]
+    other_model = tiny_dir("qwen2")
     for change, needle in [
         (["--lora-ranks", "8"], "--lora-ranks [8] (the run used [1])"),
         (["--method", "molf-e"], "--method 'molf-e' (the run used 'molf')"),
@@ -69,23 +69,23 @@ def test_resume_refuses_every_change_of_shape_even_when_changes_are_allowed(
     ]  # fmt: skip
 
 
-def test_resume_may_change_the_alphas_a_scale_not_a_shape(tmp_path, stories, shared_data, capsys):
+def test_resume_may_change_the_alphas_a_scale_not_a_shape(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "runs" / "lora"
     run = ("--method", "lora", "--lora-ranks", "2", "--max-steps", "2")
-    assert main(_train(out, stories, shared_data, *run, "--lora-alphas", "8")) == 0
-    again = [*_train(out, stories, shared_data, *run), *CHANGE]
+    assert main(_train(out, tiny_model_dir, *run, "--lora-alphas", "8")) == 0
+    again = [*_train(out, tiny_model_dir, *run), *CHANGE]
     _refused(capsys, [*again, "--lora-ranks", "4"], "--lora-ranks [4] (the run used [2])")
     assert main([*again, "--lora-alphas", "16", "--max-steps", "3"]) == 0
     changes = yaml.safe_load((out / "config.yaml").read_text())["resume_changes"][0]["changes"]
     assert "--lora-alphas [16.0] (the run used [8.0])" in changes
 
 
-def test_resume_refuses_to_end_before_its_checkpoint(tmp_path, stories, shared_data, capsys):
+def test_resume_refuses_to_end_before_its_checkpoint(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "runs" / "run"
     run = ("--lora-ranks", "2", "--lora-alphas", "8")
-    assert main(_train(out, stories, shared_data, *run, "--max-steps", "2")) == 0
+    assert main(_train(out, tiny_model_dir, *run, "--max-steps", "2")) == 0
     before = _tree(out)
-    shorter = [*_train(out, stories, shared_data, *run, "--max-steps", "1"), *CHANGE]
+    shorter = [*_train(out, tiny_model_dir, *run, "--max-steps", "1"), *CHANGE]
     _refused(
         capsys, shorter, "--max-steps 1", "checkpoint-2 (step 2)", "--max-steps 2 or more",
         "start a new run",

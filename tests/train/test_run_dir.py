@@ -31,10 +31,10 @@ QUICK = [
 ]  # fmt: skip
 
 
-def _args(out: Path, stories: Path, shared_data: Path, *extra: str) -> list[str]:
-    data = shared_data / "counterfact" / "counterfact-val.json"
-    return ["train", "--output-dir", str(out), "--model", str(stories), "--task", "fact",
-            "--data", str(data), *QUICK, *extra]  # fmt: skip
+def _args(out: Path, model: Path, *extra: str) -> list[str]:
+    """``molf train`` of a two-step run of ``model`` on the built-in edits into ``out``."""
+    return ["train", "--output-dir", str(out), "--model", str(model), "--task", "fact",
+            "--data", "builtin", *QUICK, *extra]  # fmt: skip
 
 
 def _tree(path: Path) -> dict[str, bytes]:
@@ -44,17 +44,17 @@ def _tree(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def finished(tmp_path, stories, shared_data) -> Path:
+def finished(tmp_path, tiny_model_dir) -> Path:
     out = tmp_path / "runs" / "run"
-    assert main(_args(out, stories, shared_data, "--method", "fft")) == 0
+    assert main(_args(out, tiny_model_dir, "--method", "fft")) == 0
     return out
 
 
 @pytest.mark.slow
-def test_overwrite_refuses_a_directory_holding_other_files(finished, stories, shared_data):
+def test_overwrite_refuses_a_directory_holding_other_files(finished, tiny_model_dir):
     (finished / "train.jsonl").write_text('{"prompt": "mine", "completion": "keep"}\n')
     before = _tree(finished)
-    assert main(_args(finished, stories, shared_data, "--overwrite")) == 2
+    assert main(_args(finished, tiny_model_dir, "--overwrite")) == 2
     assert _tree(finished) == before
 
 
@@ -78,11 +78,11 @@ def test_a_run_never_replaces_a_users_file_named_like_its_own(tmp_path, monkeypa
 
 
 @pytest.mark.slow
-def test_overwrite_replaces_only_the_old_run(finished, stories, shared_data):
+def test_overwrite_replaces_only_the_old_run(finished, tiny_model_dir):
     claim(finished / "checkpoint-9")  # as molf's writers do before writing
     (finished / "checkpoint-9").mkdir()
     (finished / "checkpoint-9" / "meta.json").write_text('{"step": 9}')
-    assert main(_args(finished, stories, shared_data, "--overwrite", "--method", "lora")) == 0
+    assert main(_args(finished, tiny_model_dir, "--overwrite", "--method", "lora")) == 0
     assert not (finished / "checkpoint-9").exists()
     assert (finished / "final" / "adapter_config.json").is_file()
 
@@ -91,18 +91,16 @@ def test_overwrite_replaces_only_the_old_run(finished, stories, shared_data):
 @pytest.mark.parametrize(
     "bad", [["--lr=-1e-3"], ["--lr", "nan"], ["--report-to", "wandb"], ["--max-grad-norm", "nan"]]
 )
-def test_a_late_error_never_costs_the_previous_run(finished, stories, shared_data, bad):
+def test_a_late_error_never_costs_the_previous_run(finished, tiny_model_dir, bad):
     if bad == ["--report-to", "wandb"] and __import__("importlib").util.find_spec("wandb"):
         pytest.skip("wandb is installed here, so that input is not an error")
     before = _tree(finished)
-    assert main(_args(finished, stories, shared_data, "--overwrite", *bad)) == 2
+    assert main(_args(finished, tiny_model_dir, "--overwrite", *bad)) == 2
     assert _tree(finished) == before
 
 
 @pytest.mark.slow
-def test_a_failed_setup_does_not_block_the_corrected_rerun(
-    tmp_path, stories, shared_data, monkeypatch
-):
+def test_a_failed_setup_does_not_block_the_corrected_rerun(tmp_path, tiny_model_dir, monkeypatch):
     out = tmp_path / "run"
 
     def crash(*_, **__):
@@ -110,23 +108,23 @@ def test_a_failed_setup_does_not_block_the_corrected_rerun(
 
     monkeypatch.setattr(job_module, "evaluate", crash)
     with pytest.raises(RuntimeError):
-        main(_args(out, stories, shared_data))
+        main(_args(out, tiny_model_dir))
     monkeypatch.undo()
-    assert main(_args(out, stories, shared_data)) == 0  # no --overwrite needed
+    assert main(_args(out, tiny_model_dir)) == 0  # no --overwrite needed
     assert (out / "final").is_dir()
 
 
 @pytest.mark.slow
 def test_molf_e_with_tied_embeddings_exports_an_adapter_that_reproduces_the_model(
-    tmp_path, stories, shared_data
+    tmp_path, tiny_model_dir
 ):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    args = _args(out, stories, shared_data, "--method", "molf-e", "--train-non-linear")
+    args = _args(out, tiny_model_dir, "--method", "molf-e", "--train-non-linear")
     assert main([*args, "--save-merged"]) == 0
-    original = AutoModelForCausalLM.from_pretrained(stories).eval()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert original.config.tie_word_embeddings  # the case under test
     merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged").eval()
     # training changed the (tied) embeddings, so the adapter must carry them
@@ -134,7 +132,7 @@ def test_molf_e_with_tied_embeddings_exports_an_adapter_that_reproduces_the_mode
         merged.get_input_embeddings().weight, original.get_input_embeddings().weight
     )
     adapter = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(stories), out / "final"
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), out / "final"
     ).eval()
     ids = torch.arange(1, 40).unsqueeze(0)
     with torch.no_grad():
@@ -142,11 +140,9 @@ def test_molf_e_with_tied_embeddings_exports_an_adapter_that_reproduces_the_mode
 
 
 @pytest.mark.slow
-def test_a_failed_final_save_is_redone_with_resume(
-    tmp_path, stories, shared_data, monkeypatch, capsys
-):
+def test_a_failed_final_save_is_redone_with_resume(tmp_path, tiny_model_dir, monkeypatch, capsys):
     reference = tmp_path / "reference"
-    assert main(_args(reference, stories, shared_data, "--method", "molf")) == 0
+    assert main(_args(reference, tiny_model_dir, "--method", "molf")) == 0
     assert not list(reference.glob("checkpoint-*"))  # --save-steps 0: removed once final/ is safe
 
     out = tmp_path / "run"
@@ -155,11 +151,11 @@ def test_a_failed_final_save_is_redone_with_resume(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(job_module, "save_final", disk_full)
-    assert main(_args(out, stories, shared_data, "--method", "molf")) == 1
+    assert main(_args(out, tiny_model_dir, "--method", "molf")) == 1
     assert "No space left on device" in capsys.readouterr().err
     monkeypatch.undo()
     assert (out / "checkpoint-2" / "meta.json").is_file() and not (out / "final").exists()
-    assert main(_args(out, stories, shared_data, "--method", "molf", "--resume")) == 0
+    assert main(_args(out, tiny_model_dir, "--method", "molf", "--resume")) == 0
     got = load_file(out / "final" / "model.safetensors")
     want = load_file(reference / "final" / "model.safetensors")
     assert got.keys() == want.keys()
@@ -168,26 +164,24 @@ def test_a_failed_final_save_is_redone_with_resume(
 
 
 @pytest.mark.slow
-def test_resuming_a_finished_run_changes_nothing(tmp_path, stories, shared_data):
+def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_model_dir):
     out = tmp_path / "runs" / "run"
-    assert main(_args(out, stories, shared_data, "--save-steps", "1")) == 0
+    assert main(_args(out, tiny_model_dir, "--save-steps", "1")) == 0
     before = _tree(out)
     csv_before = (out.parent / "results.csv").read_text()
-    assert main(_args(out, stories, shared_data, "--save-steps", "1", "--resume")) == 0
+    assert main(_args(out, tiny_model_dir, "--save-steps", "1", "--resume")) == 0
     assert _tree(out) == before
     assert (out.parent / "results.csv").read_text() == csv_before
 
 
-def test_a_run_without_its_model_keeps_metrics_logs_and_routing(
-    tmp_path, stories, shared_data, capsys
-):
+def test_a_run_without_its_model_keeps_metrics_logs_and_routing(tmp_path, tiny_model_dir, capsys):
     """--no-save-model (what a sweep's val cells get): eval.json, logs and routing, no
     final/ and no checkpoint left. It counts as finished: a new run there needs
     --overwrite (which trains it again, here with its model), --resume says why not."""
     from molf.train.rundir import RunDir
 
     out = tmp_path / "runs" / "run"
-    assert main(_args(out, stories, shared_data, "--method", "molf", "--no-save-model")) == 0
+    assert main(_args(out, tiny_model_dir, "--method", "molf", "--no-save-model")) == 0
     assert "after" in json.loads((out / "eval.json").read_text())
     assert (out / "routing.jsonl").is_file() and (out / "train_log.jsonl").is_file()
     assert not (out / "final").exists() and not list(out.glob("checkpoint-*"))
@@ -198,16 +192,16 @@ def test_a_run_without_its_model_keeps_metrics_logs_and_routing(
     assert "save_model off" in capsys.readouterr().err
     before = _tree(out)
     for extra in ((), ("--resume",)):
-        assert main(_args(out, stories, shared_data, "--method", "molf", *extra)) == 2
+        assert main(_args(out, tiny_model_dir, "--method", "molf", *extra)) == 2
         assert _tree(out) == before
     assert "finished without saving its model" in capsys.readouterr().err
-    assert main(_args(out, stories, shared_data, "--method", "molf", "--overwrite")) == 0
+    assert main(_args(out, tiny_model_dir, "--method", "molf", "--overwrite")) == 0
     assert (out / "final" / "model.safetensors").is_file()
     with pytest.raises(MolfError, match="--push-to-hub"):
         resolve_args(None, {"save_model": False, "push_to_hub": "me/model"})
 
 
-def test_resume_adds_or_drops_only_the_missing_model(tmp_path, stories, shared_data, monkeypatch):
+def test_resume_adds_or_drops_only_the_missing_model(tmp_path, tiny_model_dir, monkeypatch):
     """A finished record is never redone: resuming a run that kept checkpoints but not
     its model saves final/ (one results.csv row, config.yaml says so); a run whose final
     save failed, resumed with --no-save-model, is finished as such (and complete for a
@@ -220,9 +214,9 @@ def test_resume_adds_or_drops_only_the_missing_model(tmp_path, stories, shared_d
 
     kept = tmp_path / "kept" / "run"
     common = ("--method", "molf", "--save-steps", "1")
-    assert main(_args(kept, stories, shared_data, *common, "--no-save-model")) == 0
+    assert main(_args(kept, tiny_model_dir, *common, "--no-save-model")) == 0
     record = (kept / "eval.json").read_text()
-    assert main(_args(kept, stories, shared_data, *common, "--resume")) == 0
+    assert main(_args(kept, tiny_model_dir, *common, "--resume")) == 0
     assert (kept / "final" / "model.safetensors").is_file()
     assert (kept / "eval.json").read_text() == record and len(rows(kept)) == 1
     assert yaml.safe_load((kept / "config.yaml").read_text())["save_model"] is True
@@ -233,37 +227,35 @@ def test_resume_adds_or_drops_only_the_missing_model(tmp_path, stories, shared_d
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(job_module, "save_final", disk_full)
-    assert main(_args(failed, stories, shared_data, "--method", "molf")) == 1
+    assert main(_args(failed, tiny_model_dir, "--method", "molf")) == 1
     monkeypatch.undo()
     assert not RunDir(failed).complete and len(rows(failed)) == 1
     resume = ("--method", "molf", "--resume", "--no-save-model")
-    assert main(_args(failed, stories, shared_data, *resume)) == 0
+    assert main(_args(failed, tiny_model_dir, *resume)) == 0
     assert RunDir(failed).complete and not (failed / "final").exists()
     assert not list(failed.glob("checkpoint-*")) and len(rows(failed)) == 1
 
 
 @pytest.mark.slow
 def test_resume_refuses_changed_settings_unless_asked_and_records_them(
-    tmp_path, stories, shared_data, monkeypatch, capsys
+    tmp_path, tiny_model_dir, monkeypatch, capsys
 ):
     out = tmp_path / "runs" / "run"
-    assert main(_args(out, stories, shared_data, "--save-steps", "1")) == 0
+    assert main(_args(out, tiny_model_dir, "--save-steps", "1")) == 0
     first_seconds = json.loads((out / "eval.json").read_text())["train_seconds"]
     before = _tree(out)
-    assert (
-        main(_args(out, stories, shared_data, "--save-steps", "1", "--resume", "--lr", "5e-3")) == 2
-    )
+    assert main(_args(out, tiny_model_dir, "--save-steps", "1", "--resume", "--lr", "5e-3")) == 2
     err = capsys.readouterr().err
     assert "--lr 0.005 (the run used 0.001)" in err and "--allow-changed-settings" in err
     assert _tree(out) == before
     # the same files spelled another way (from another directory) are the same settings
-    stories, shared_data = stories.resolve(), shared_data.resolve()
-    same = _args(out, stories, shared_data, "--save-steps", "1", "--resume")
     monkeypatch.chdir(tmp_path)
+    model = Path(os.path.relpath(tiny_model_dir, tmp_path))
+    same = _args(out, model, "--save-steps", "1", "--resume")
     assert main(same) == 0
     assert _tree(out) == before
 
-    more = [*_args(out, stories, shared_data, "--save-steps", "1", "--resume"), "--max-steps", "3"]
+    more = [*_args(out, model, "--save-steps", "1", "--resume"), "--max-steps", "3"]
     assert main([*more, "--allow-changed-settings"]) == 0
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["max_steps"] == 3
@@ -310,15 +302,11 @@ def test_outputs_respect_the_umask(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_cleans_crash_leftovers_and_skips_a_corrupt_checkpoint(
-    tmp_path, stories, shared_data
-):
+def test_resume_cleans_crash_leftovers_and_skips_a_corrupt_checkpoint(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
-    args = _args(out, stories, shared_data, "--save-steps", "1", "--max-steps", "3")
+    args = _args(out, tiny_model_dir, "--save-steps", "1", "--max-steps", "3")
     reference = tmp_path / "reference"
-    assert (
-        main(_args(reference, stories, shared_data, "--save-steps", "1", "--max-steps", "3")) == 0
-    )
+    assert main(_args(reference, tiny_model_dir, "--save-steps", "1", "--max-steps", "3")) == 0
     assert main(args) == 0
     (out / f"{TEMP_PREFIX}checkpoint-7-abcd1234").mkdir()
     (out / f"{TEMP_PREFIX}final-zz9").mkdir()
@@ -366,15 +354,13 @@ def test_a_second_run_in_a_locked_directory_is_refused_naming_the_holder(tmp_pat
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_the_current_step_and_resume_ends_exactly(
-    tmp_path, stories, shared_data
-):
+def test_sigterm_checkpoints_the_current_step_and_resume_ends_exactly(tmp_path, tiny_model_dir):
     reference = tmp_path / "reference"
     steps = ["--max-steps", "40", "--method", "molf"]
-    assert main(_args(reference, stories, shared_data, *steps)) == 0
+    assert main(_args(reference, tiny_model_dir, *steps)) == 0
     out = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "molf", *_args(out, stories, shared_data, *steps)],
+        [sys.executable, "-m", "molf", *_args(out, tiny_model_dir, *steps)],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -391,7 +377,7 @@ def test_sigterm_checkpoints_the_current_step_and_resume_ends_exactly(
     step = int(stopped.name.split("-")[1])
     assert 2 <= step < 40 and f"interrupted after step {step}" in err and "Traceback" not in err
     assert not (out / "final").exists()
-    assert main([*_args(out, stories, shared_data, *steps), "--resume"]) == 0
+    assert main([*_args(out, tiny_model_dir, *steps), "--resume"]) == 0
     got = load_file(out / "final" / "model.safetensors")
     want = load_file(reference / "final" / "model.safetensors")
     assert all(torch.equal(got[k], want[k]) for k in want)
