@@ -78,6 +78,21 @@ EVAL_SETTINGS = (
 )  # fmt: skip
 EVAL_FLAGS = ("model", "gguf_file", "output_dir", *EVAL_SETTINGS)
 
+# What a run's config.yaml records beside its settings (molf.train.records): what they
+# resolved to and how the run went. A --config file may hold them (a run's own
+# config.yaml replays the run); they are read as records, never as settings.
+RECORDED_KEYS = frozenset(
+    {
+        "resolved_model",
+        "resolved_gguf_file",
+        "hub_id",
+        "absolute_paths",
+        "world_size",
+        "parallel_mode",
+        "resume_changes",
+    }
+)
+
 
 # Settings that name a file or directory: a leading ``~`` is the home directory whether
 # the value came from a flag (where the shell may not expand it: --output-dir=~/x) or
@@ -347,6 +362,8 @@ def resolve_args(
         config_path = expand_path(config_path)
         for key, value in load_yaml(config_path, "--config").items():
             name = str(key).replace("-", "_")
+            if name in RECORDED_KEYS:
+                continue
             if name not in fields:
                 raise MolfError(f"--config: {config_path}: unknown setting {key!r}")
             values[name] = _coerce(fields[name], value)

@@ -27,7 +27,9 @@ def write_config(
     resume_changes: list[dict[str, Any]],
 ) -> None:
     """config.yaml: the resolved settings, what they resolved to, and (after a resume
-    with --allow-changed-settings) the step and list of each change."""
+    with --allow-changed-settings) the step and list of each change; the keys beyond
+    the settings are :data:`~molf.train.args.RECORDED_KEYS`, so the file is a valid
+    ``--config`` that replays the run."""
     config = {
         **args.to_dict(),
         "resolved_model": ref.name,
