@@ -1,4 +1,4 @@
-"""Fixtures for the adversarial pass: real runs on stories260k next to a user's files."""
+"""Fixtures for the adversarial pass: real runs of a tiny model next to a user's files."""
 
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ QUICK = [
 ]  # fmt: skip
 
 
-def train_args(out: Path, shared_data: Path, *extra: str) -> list[str]:
-    """``molf train`` of a two-step run on stories260k into ``out``."""
-    model = shared_data / "models" / "stories260k"
-    data = shared_data / "counterfact" / "counterfact-val.json"
-    return ["train", "--output-dir", str(out), "--model", str(model), "--data", str(data),
+def train_args(out: Path, model: Path, *extra: str) -> list[str]:
+    """``molf train`` of a two-step run of ``model`` on the built-in edits into ``out``."""
+    return ["train", "--output-dir", str(out), "--model", str(model), "--data", "builtin",
             *QUICK, *extra]  # fmt: skip
 
 
@@ -31,8 +29,8 @@ def tree(path: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def molf_run(tmp_path_factory, shared_data) -> Path:
+def molf_run(tmp_path_factory, tiny_model_dir) -> Path:
     """A finished molf run (routing logged), shared by the module's tests (read only)."""
     out = tmp_path_factory.mktemp("adversarial") / "run"
-    assert main(train_args(out, shared_data, "--method", "molf")) == 0
+    assert main(train_args(out, tiny_model_dir, "--method", "molf")) == 0
     return out

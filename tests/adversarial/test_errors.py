@@ -1,5 +1,5 @@
 """One line instead of a traceback, end to end: ``molf train`` / ``eval`` / ``report`` /
-``push`` on stories260k (the shared data) meeting hostile settings files, out-of-range
+``push`` on a tiny model (tests/conftest.py) meeting hostile settings files, out-of-range
 seeds, a full or read-only disk, damaged logs and predictions, a broken chat template,
 SIGTERM after training and a Hub that cannot be reached.
 
@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_fact_file
 
 from molf.cli import main
 
@@ -61,20 +62,20 @@ def _molf(*argv: str, env: dict[str, str] | None = None, limit_mb: int | None = 
 # --- 1. settings files --------------------------------------------------------------
 
 
-def test_a_hostile_config_file_is_one_line_and_exit_2(tmp_path, shared_data, capsys):
+def test_a_hostile_config_file_is_one_line_and_exit_2(tmp_path, tiny_model_dir, capsys):
     out = tmp_path / "run"
     latin1 = tmp_path / "latin1.yaml"
     latin1.write_bytes(b"lr: 1.0e-3\nmethod: caf\xe9\n")
     deep = tmp_path / "deep.yaml"
     deep.write_text("wandb_project: " + "[" * 50_000 + "]" * 50_000 + "\n")
     for config, needle in [(latin1, f"{latin1}:2: not UTF-8"), (deep, f"{deep}:1: nested")]:
-        assert main(train_args(out, shared_data, "--config", str(config))) == 2
+        assert main(train_args(out, tiny_model_dir, "--config", str(config))) == 2
         line = _last_line(capsys)
         assert line.startswith("molf: error: --config: ") and needle in line, line
     assert not out.exists()
 
 
-def test_an_alias_bomb_config_is_refused_without_growing_memory(tmp_path, shared_data):
+def test_an_alias_bomb_config_is_refused_without_growing_memory(tmp_path, tiny_model_dir):
     """Nine lines of anchors on real settings, each repeating the one before nine times:
     9**9 strings once expanded. Refused from the file alone, in a process capped far
     below what the expansion would take."""
@@ -86,7 +87,7 @@ def test_an_alias_bomb_config_is_refused_without_growing_memory(tmp_path, shared
     bomb.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     started = time.perf_counter()
-    done = _molf(*train_args(out, shared_data, "--config", str(bomb)), limit_mb=1500)
+    done = _molf(*train_args(out, tiny_model_dir, "--config", str(bomb)), limit_mb=1500)
     assert done.returncode == 2, done.stderr[-2000:]
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith(f"molf: error: --config: {bomb}:") and "alias" in line, line
@@ -96,14 +97,14 @@ def test_an_alias_bomb_config_is_refused_without_growing_memory(tmp_path, shared
 # --- 9. ~ in path settings ----------------------------------------------------------
 
 
-def test_a_home_relative_output_dir_in_yaml_is_under_home(tmp_path, shared_data, monkeypatch):
+def test_a_home_relative_output_dir_in_yaml_is_under_home(tmp_path, tiny_model_dir, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
     config = home / "run.yaml"
     config.write_text("output_dir: ~/runs/tilde\n")
-    argv = train_args(tmp_path / "unused", shared_data)
+    argv = train_args(tmp_path / "unused", tiny_model_dir)
     argv = argv[:1] + argv[3:]  # no --output-dir flag: the YAML's applies
     assert main([*argv, "--config=~/run.yaml"]) == 0
     assert (home / "runs" / "tilde" / "final").is_dir()
@@ -116,9 +117,9 @@ def test_a_home_relative_output_dir_in_yaml_is_under_home(tmp_path, shared_data,
 
 
 @pytest.mark.parametrize("seed", ["-1", str(2**40)])
-def test_an_out_of_range_seed_is_refused_before_any_work(tmp_path, shared_data, capsys, seed):
+def test_an_out_of_range_seed_is_refused_before_any_work(tmp_path, tiny_model_dir, capsys, seed):
     out = tmp_path / "run"
-    assert main(train_args(out, shared_data, f"--seed={seed}")) == 2
+    assert main(train_args(out, tiny_model_dir, f"--seed={seed}")) == 2
     assert _last_line(capsys) == (
         "molf: error: --seed must be in [0, 4294967295] (the range numpy, torch and random "
         f"all accept), got {seed}"
@@ -137,12 +138,15 @@ def _logged_last_step(run: Path, step: int) -> bool:
     return any(f'"step": {step},' in line for line in lines)
 
 
-def test_sigterm_during_the_final_evaluation_exits_130_and_resume_finishes(tmp_path, shared_data):
+def test_sigterm_during_the_final_evaluation_exits_130_and_resume_finishes(
+    tmp_path, tiny_model_dir
+):
     """The last step is logged, the run evaluates 400 edits: SIGTERM then used to kill
     it (exit 143, no hint). Now it stops with exit 130 and the resume hint, keeps its
     checkpoint, leaves no temporary, and --resume finishes it."""
     run = tmp_path / "run"
-    argv = train_args(run, shared_data, "--max-train-samples", "400",
+    facts = write_fact_file(tmp_path / "facts.json", 1000)  # about 500 are val edits
+    argv = train_args(run, tiny_model_dir, "--data", str(facts), "--max-train-samples", "400",
                       "--max-eval-samples", "400", "--save-steps", "1")  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "molf", *argv],
@@ -175,11 +179,13 @@ def test_sigterm_during_the_final_evaluation_exits_130_and_resume_finishes(tmp_p
 # --- 10. the Hub --------------------------------------------------------------------
 
 
-def test_a_malformed_repo_id_is_refused_before_training(tmp_path, shared_data, capsys, monkeypatch):
+def test_a_malformed_repo_id_is_refused_before_training(
+    tmp_path, tiny_model_dir, capsys, monkeypatch
+):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no token either: the id
     monkeypatch.delenv("HF_TOKEN", raising=False)  # is checked first
     out = tmp_path / "run"
-    assert main(train_args(out, shared_data, "--push-to-hub", "me/not a name")) == 2
+    assert main(train_args(out, tiny_model_dir, "--push-to-hub", "me/not a name")) == 2
     line = _last_line(capsys)
     assert "--push-to-hub 'me/not a name': not a Hub repo id" in line, line
     assert not out.exists()
@@ -198,10 +204,10 @@ def _offline_hub_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_an_upload_that_fails_is_one_line_and_molf_push_retries(tmp_path, shared_data):
+def test_an_upload_that_fails_is_one_line_and_molf_push_retries(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     env = _offline_hub_env(tmp_path)
-    done = _molf(*train_args(run, shared_data, "--push-to-hub", "me/molf-facts"), env=env)
+    done = _molf(*train_args(run, tiny_model_dir, "--push-to-hub", "me/molf-facts"), env=env)
     assert done.returncode == 1, done.stderr[-3000:]
     line = done.stderr.strip().splitlines()[-1]
     assert line.startswith("molf: error: --push-to-hub me/molf-facts: upload failed ("), line
@@ -226,12 +232,12 @@ def test_an_upload_that_fails_is_one_line_and_molf_push_retries(tmp_path, shared
 
 
 def test_a_full_disk_during_a_checkpoint_says_how_to_go_on(
-    tmp_path, shared_data, capsys, monkeypatch
+    tmp_path, tiny_model_dir, capsys, monkeypatch
 ):
     """torch.save fills the disk while writing checkpoint-2: one line naming it, exit 1,
     nothing half-written; the earlier checkpoint is kept and --resume finishes."""
     run = tmp_path / "run"
-    argv = train_args(run, shared_data, "--save-steps", "1")
+    argv = train_args(run, tiny_model_dir, "--save-steps", "1")
     real_save = torch.save
 
     def fill_disk(obj, f, *a, **kw):
@@ -254,7 +260,7 @@ def test_a_full_disk_during_a_checkpoint_says_how_to_go_on(
 
 
 def test_a_read_only_disk_during_the_final_save_is_exit_2_naming_the_path(
-    tmp_path, shared_data, capsys, monkeypatch
+    tmp_path, tiny_model_dir, capsys, monkeypatch
 ):
     """The file system turns read-only while final/ is written (safetensors, inside
     save_pretrained): exit 2 naming final/, the checkpoint kept, --resume finishes."""
@@ -266,7 +272,7 @@ def test_a_read_only_disk_during_the_final_save_is_exit_2_naming_the_path(
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), filename)
 
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", read_only)
-    assert main(train_args(run, shared_data, "--method", "fft")) == 2
+    assert main(train_args(run, tiny_model_dir, "--method", "fft")) == 2
     assert _last_line(capsys) == (
         f"molf: error: --output-dir: cannot write {run / 'final'}: read-only file system; "
         "make it writable and continue with --resume (from checkpoint-2), or give a "
@@ -274,7 +280,7 @@ def test_a_read_only_disk_during_the_final_save_is_exit_2_naming_the_path(
     )
     assert not _leftovers(run) and not (run / "final").exists()
     monkeypatch.undo()
-    assert main(train_args(run, shared_data, "--method", "fft", "--resume")) == 0
+    assert main(train_args(run, tiny_model_dir, "--method", "fft", "--resume")) == 0
 
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
@@ -287,15 +293,17 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     return done.returncode == 0
 
 
-def test_a_really_full_disk_is_one_line_whichever_writer_hits_it(tmp_path, shared_data, capsys):
-    """On a real 2 MB file system torch.save fails with its own RuntimeError (no errno):
-    still one line, exit 1, naming the checkpoint, nothing left behind."""
+def test_a_really_full_disk_is_one_line_whichever_writer_hits_it(tmp_path, tiny_model_dir, capsys):
+    """On a real 256 KB file system (less than one checkpoint of the tiny model: its
+    weights and two Adam moments, 128 KB each) torch.save fails with its own
+    RuntimeError (no errno): still one line, exit 1, naming the checkpoint, nothing left
+    behind."""
     small = tmp_path / "small"
-    if not _mount_tmpfs(small, "2m"):
+    if not _mount_tmpfs(small, "256k"):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         run = small / "run"
-        assert main(train_args(run, shared_data)) == 1
+        assert main(train_args(run, tiny_model_dir)) == 1
         line = _last_line(capsys)
         assert line.startswith("molf: error: No space left on device while writing "), line
         assert str(run / "checkpoint-2") in line and "start the run again" in line, line
@@ -308,11 +316,11 @@ def test_a_really_full_disk_is_one_line_whichever_writer_hits_it(tmp_path, share
 # --- 6, 5. damaged predictions and logs ---------------------------------------------
 
 
-def test_a_predictions_file_that_is_not_jsonl_is_named_with_its_line(tmp_path, shared_data, capsys):
-    model = shared_data / "models" / "stories260k"
-    data = shared_data / "counterfact" / "counterfact-val.json"
+def test_a_predictions_file_that_is_not_jsonl_is_named_with_its_line(
+    tmp_path, tiny_model_dir, capsys
+):
     out = tmp_path / "eval"
-    argv = ["eval", "--model", str(model), "--task", "fact", "--data", str(data),
+    argv = ["eval", "--model", str(tiny_model_dir), "--task", "fact", "--data", "builtin",
             "--max-eval-samples", "4", "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     predictions = out / "predictions.jsonl"
@@ -323,9 +331,9 @@ def test_a_predictions_file_that_is_not_jsonl_is_named_with_its_line(tmp_path, s
     assert line.startswith(f"molf: error: {predictions}:2: not valid JSON ("), line
 
 
-def test_a_log_that_is_not_utf8_is_named_by_resume_and_report(tmp_path, shared_data, capsys):
+def test_a_log_that_is_not_utf8_is_named_by_resume_and_report(tmp_path, tiny_model_dir, capsys):
     run = tmp_path / "run"
-    argv = train_args(run, shared_data, "--max-steps", "3", "--save-steps", "1")
+    argv = train_args(run, tiny_model_dir, "--max-steps", "3", "--save-steps", "1")
     assert main(argv) == 0
     log = run / "train_log.jsonl"
     lines = log.read_bytes().splitlines(keepends=True)
@@ -342,16 +350,16 @@ def test_a_log_that_is_not_utf8_is_named_by_resume_and_report(tmp_path, shared_d
 # --- 7. a broken chat template ------------------------------------------------------
 
 
-def test_a_chat_template_that_raises_is_one_line_before_training(tmp_path, shared_data, capsys):
+def test_a_chat_template_that_raises_is_one_line_before_training(tmp_path, tiny_model_dir, capsys):
     model = tmp_path / "templated"
-    shutil.copytree(shared_data / "models" / "stories260k", model)
+    shutil.copytree(tiny_model_dir, model)
     (model / "chat_template.jinja").write_text(
         "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
         "{% if messages[0]['role'] != 'system' %}{{ raise_exception('needs a system turn') }}"
         "{% endif %}\n"
     )
     out = tmp_path / "run"
-    argv = train_args(out, shared_data)
+    argv = train_args(out, tiny_model_dir)
     argv[argv.index("--model") + 1] = str(model)
     assert main(argv) == 2
     assert _last_line(capsys) == (

@@ -1,7 +1,7 @@
 """molf replaces or deletes only what it wrote itself: a user's files beside or under
 molf's output paths survive every command, and the refusal is one line naming the path.
 
-End to end on stories260k (the shared data), each case as a careful user would meet it.
+End to end on a tiny model (tests/conftest.py), each case as a careful user would meet it.
 """
 
 from __future__ import annotations
@@ -31,33 +31,33 @@ def _hf_trainer_output(root: Path) -> Path:
 
 
 def test_train_into_a_hugging_face_trainer_output_is_refused_untouched(
-    tmp_path, shared_data, capsys
+    tmp_path, tiny_model_dir, capsys
 ):
     out = _hf_trainer_output(tmp_path / "hf")
     before = tree(out)
-    assert main(train_args(out, shared_data, "--method", "lora")) == 2
+    assert main(train_args(out, tiny_model_dir, "--method", "lora")) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "checkpoint-500" in err and "not written by molf" in err
     assert tree(out) == before
-    assert main(train_args(out, shared_data, "--method", "lora", "--overwrite")) == 2
+    assert main(train_args(out, tiny_model_dir, "--method", "lora", "--overwrite")) == 2
     assert tree(out) == before
 
 
-def test_a_user_file_named_like_molfs_temporaries_is_not_swept_away(tmp_path, shared_data):
+def test_a_user_file_named_like_molfs_temporaries_is_not_swept_away(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     out.mkdir()
     (out / ".eval.json-notes").write_text("mine")  # matched molf's old temporary names
     (out / ".final-backup").mkdir()
-    assert main(train_args(out, shared_data, "--method", "fft")) == 0
-    assert main(train_args(out, shared_data, "--method", "fft", "--overwrite")) == 2  # foreign
+    assert main(train_args(out, tiny_model_dir, "--method", "fft")) == 0
+    assert main(train_args(out, tiny_model_dir, "--method", "fft", "--overwrite")) == 2  # foreign
     assert (out / ".eval.json-notes").read_text() == "mine"
     assert (out / ".final-backup").is_dir()
 
 
-def test_results_csv_that_molf_did_not_write_is_refused(tmp_path, shared_data, capsys):
+def test_results_csv_that_molf_did_not_write_is_refused(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "results.csv").write_text("my,own,table\n1,2,3\n")
     out = tmp_path / "run"
-    assert main(train_args(out, shared_data, "--method", "fft")) == 2
+    assert main(train_args(out, tiny_model_dir, "--method", "fft")) == 2
     assert "results.csv" in capsys.readouterr().err
     assert (tmp_path / "results.csv").read_text() == "my,own,table\n1,2,3\n"
 
@@ -93,12 +93,11 @@ def test_report_out_naming_a_file_is_one_line(molf_run, tmp_path, capsys):
     assert target.read_text() == "mine"
 
 
-def test_eval_never_replaces_a_users_eval_json(molf_run, tmp_path, shared_data, capsys):
+def test_eval_never_replaces_a_users_eval_json(molf_run, tmp_path, capsys):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "eval.json").write_text('{"my": "numbers"}')
-    data = shared_data / "counterfact" / "counterfact-val.json"
-    argv = ["eval", "--model", str(molf_run / "final"), "--task", "fact", "--data", str(data),
+    argv = ["eval", "--model", str(molf_run / "final"), "--task", "fact", "--data", "builtin",
             "--max-eval-samples", "2", "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 2
     assert "eval.json" in capsys.readouterr().err
