@@ -36,10 +36,9 @@ def _facts_batch(shared_data, tokenizer, n=8):
     ],
     ids=["molf", "molf-e"],
 )
-def test_stories260k_learns_counterfact_facts(shared_data, cfg):
-    path = shared_data / "models" / "stories260k"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = get_molf_model(AutoModelForCausalLM.from_pretrained(path), cfg).train()
+def test_stories260k_learns_counterfact_facts(shared_data, stories, cfg):
+    tokenizer = AutoTokenizer.from_pretrained(stories)
+    model = get_molf_model(AutoModelForCausalLM.from_pretrained(stories), cfg).train()
     input_ids, mask, labels = _facts_batch(shared_data, tokenizer)
     opt = MoLFAdamW(model, lr=3e-3, lora_lr=3e-3, weight_decay=0.0)
     wins = Counter()

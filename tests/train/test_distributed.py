@@ -83,16 +83,15 @@ def _assert_close(a: dict, b: dict, rtol: float = 1e-4) -> None:
 
 
 @pytest.fixture(scope="module")
-def single(tmp_path_factory, shared_data):
+def single(tmp_path_factory, tiny_model_dir):
     """The one-process reference: global batch 4."""
     out = tmp_path_factory.mktemp("single") / "run"
-    stories = shared_data / "models" / "stories260k"
     assert (
         main(
             [
                 "train",
                 "--model",
-                str(stories),
+                str(tiny_model_dir),
                 "--output-dir",
                 str(out),
                 "--batch-size",
@@ -106,12 +105,12 @@ def single(tmp_path_factory, shared_data):
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_two_processes_route_and_train_like_one(tmp_path, shared_data, single, mode):
+def test_two_processes_route_and_train_like_one(tmp_path, tiny_model_dir, single, mode):
     out = tmp_path / mode
     res = torchrun(
         [
             "--model",
-            str(shared_data / "models" / "stories260k"),
+            str(tiny_model_dir),
             "--output-dir",
             str(out),
             "--batch-size",
@@ -130,10 +129,10 @@ def test_two_processes_route_and_train_like_one(tmp_path, shared_data, single, m
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_sharded_checkpoint_resume_reproduces_the_run(tmp_path, shared_data, mode):
+def test_sharded_checkpoint_resume_reproduces_the_run(tmp_path, tiny_model_dir, mode):
     args = [
         "--model",
-        str(shared_data / "models" / "stories260k"),
+        str(tiny_model_dir),
         "--batch-size",
         "2",
         "--parallel",
@@ -176,7 +175,7 @@ DIST_TIMEOUT = 20.0
 AGENT_GRACE = 30.0
 
 
-def test_a_dead_rank_ends_the_run_with_an_error(tmp_path, shared_data):
+def test_a_dead_rank_ends_the_run_with_an_error(tmp_path, tiny_model_dir):
     """A rank that stops answering (SIGSTOP: its sockets stay open and torchrun's agent
     sees a live process) must end the run through the survivors' collective timeout,
     ``--dist-timeout`` after it stopped: not before, and not never."""
@@ -193,7 +192,7 @@ def test_a_dead_rank_ends_the_run_with_an_error(tmp_path, shared_data):
         "molf",
         "train",
         "--model",
-        str(shared_data / "models" / "stories260k"),
+        str(tiny_model_dir),
         "--output-dir",
         str(out),
         "--batch-size",
