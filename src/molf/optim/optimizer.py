@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.optim.adamw import adamw as functional_adamw
 from torch.profiler import record_function
 
+from molf import defaults
 from molf.errors import MolfError
 from molf.model import molf_modules
 from molf.optim.functional import AllReduce, Layout, RoutedStep, Routing, is_dtensor, local_shard
@@ -83,10 +84,10 @@ class MoLFAdamW(torch.optim.Optimizer):
         model: nn.Module,
         lr: float = 1e-3,
         lora_lr: float | None = None,
-        weight_decay: float = 0.01,
+        weight_decay: float = defaults.WEIGHT_DECAY,
         lora_weight_decay: float | None = None,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
+        betas: tuple[float, float] = defaults.BETAS,
+        eps: float = defaults.EPS,
         implementation: str = "auto",
     ) -> None:
         config = getattr(model, "molf_config", None)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from molf import defaults
 from molf.errors import MolfError
 from molf.train.method_names import METHOD_NAMES, default_train_non_linear
 from molf.yamlfile import load_yaml
@@ -132,7 +133,9 @@ class TrainArgs:
     grad_accum: int = _f(1, "micro-batches per optimizer step")
     lr: float = _f(5e-5, "learning rate (FFT expert / full fine-tuning)")
     lora_lr: float | None = _f(None, "learning rate of LoRA experts and adapters; default: --lr")
-    weight_decay: float = _f(0.0, "decoupled weight decay (FFT expert, 2-D weights)")
+    weight_decay: float = _f(
+        defaults.WEIGHT_DECAY, "decoupled weight decay (FFT expert, 2-D weights)"
+    )
     lora_weight_decay: float | None = _f(
         None, "weight decay of LoRA parameters; default: --weight-decay"
     )
