@@ -42,6 +42,8 @@ class MoLFConfig:
       trained (MoLF), or stay frozen (MoLF-Efficient: routing among LoRA experts only).
     - ``train_non_linear``: whether parameters outside the target layers (embeddings,
       norms, ``lm_head``) are trained too, with plain AdamW (they are never routed).
+      Default (``None``): the same as ``train_base``, as ``molf train`` does: MoLF
+      trains them, MoLF-Efficient freezes them (``True`` to opt in).
     - ``top_k``: experts updated per module and step (1 = pure routing; the number of
       experts = plain AdamW on all of them).
     - ``score``: ``"epd"`` (expected preconditioned descent,
@@ -68,7 +70,7 @@ class MoLFConfig:
     use_rslora: bool = True
     lora_dropout: float = 0.0
     train_base: bool = True
-    train_non_linear: bool = True
+    train_non_linear: bool | None = None
     top_k: int = 1
     score: str = "epd"
     lora_grad_path: str = "auto"
@@ -81,6 +83,8 @@ class MoLFConfig:
             self.exclude_modules = tuple(self.exclude_modules)
         self.lora_ranks = tuple(self.lora_ranks)
         self.lora_alphas = tuple(self.lora_alphas)
+        if self.train_non_linear is None:
+            self.train_non_linear = self.train_base
         self._validate()
 
     def _validate(self) -> None:

@@ -348,6 +348,20 @@ class MoLFLinear(nn.Module):
         return _merge(w.float(), a32, b32, self.scalings).to(w.dtype)
 
     @torch.no_grad()
+    def merged_linear_state(
+        self, state: Mapping[str, torch.Tensor] | None = None, prefix: str = ""
+    ) -> dict[str, torch.Tensor]:
+        """The state dict of the plain ``nn.Linear`` this layer merges into, under
+        ``prefix``: ``weight`` (:meth:`merged_weight`) and ``bias`` (``b``, a copy; absent
+        without a bias), on the CPU, from the layer's own tensors or from ``state``."""
+        out = {prefix + "weight": self.merged_weight(state, prefix).to("cpu")}
+        bias_key = self.state_keys(prefix).bias
+        if bias_key is not None:
+            bias = self.base_layer.bias if state is None else state[bias_key]
+            out[prefix + "bias"] = bias.detach().to("cpu", copy=True)
+        return out
+
+    @torch.no_grad()
     def stacked_lora(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The experts as one LoRA ``(A, B)`` of rank ``R = sum_i r_i`` and scaling 1, as
         the export to a PEFT adapter writes it: ``A = [A_0; A_1; ...]`` (``R x d_in``),

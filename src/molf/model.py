@@ -1,4 +1,5 @@
-"""Wrap a model's linear layers as MoLF layers, merge them back, export MoLF-E as PEFT."""
+"""Wrap a model's linear layers as MoLF layers, merge them back (or save them merged),
+export MoLF-E as PEFT."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,7 +95,11 @@ def get_molf_model(model: nn.Module, config: MoLFConfig) -> nn.Module:
 
     Sets ``requires_grad``: the base weights follow ``config.train_base``, the LoRA
     experts are trained, and every other parameter follows ``config.train_non_linear``.
-    The config is kept as ``model.molf_config``. Returns ``model``.
+    The config is kept as ``model.molf_config``. A model with ``save_pretrained`` (a
+    Hugging Face model) gets its own, :class:`MergedSavePretrained`, which writes the
+    merged model, so every route that saves it (``Trainer.save_model``, its checkpoints,
+    ``push_to_hub``, a direct call) writes what ``from_pretrained`` loads. Returns
+    ``model``.
     """
     if any(True for _ in molf_modules(model)) or hasattr(model, "molf_config"):
         raise MolfError(
@@ -131,6 +137,7 @@ def get_molf_model(model: nn.Module, config: MoLFConfig) -> nn.Module:
         )
         setattr(parent, child, layer)
     model.molf_config = config
+    _install_merged_save(model)
     return model
 
 
@@ -171,7 +178,8 @@ def parameter_summary(model: nn.Module) -> str:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every LoRA expert into its base weight (in fp32, cast back) and restore the
-    plain ``nn.Linear`` layers, so the result is a vanilla model. In place; returns it."""
+    plain ``nn.Linear`` layers (and the model's own ``save_pretrained``), so the result
+    is a vanilla model. In place; returns it."""
     for name, layer in list(molf_modules(model)):
         with torch.no_grad():
             layer.base_layer.weight.copy_(layer.merged_weight())
@@ -180,7 +188,117 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         setattr(parent, child, layer.base_layer)
     if hasattr(model, "molf_config"):
         del model.molf_config
+    if isinstance(model.__dict__.get("save_pretrained"), MergedSavePretrained):
+        del model.save_pretrained
     return model
+
+
+# transformers' Trainer names its checkpoints f"{PREFIX_CHECKPOINT_DIR}-{step}" and finds
+# them (resume_from_checkpoint=True, load_best_model_at_end) by this name.
+TRAINER_CHECKPOINT = re.compile(r"checkpoint-\d+")
+MOLF_CONFIG_NAME = "molf_config.json"
+
+
+def merged_state(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    *,
+    keep_experts: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The merged model's state dict (:func:`merge_and_unload`'s, to the bit), without
+    changing ``model``: in ``state_dict`` (default ``model.state_dict()``; e.g. one
+    gathered from FSDP) each MoLF layer's tensors (:meth:`~molf.layer.MoLFLinear.state_keys`)
+    become ``weight`` (``W' = W + sum_i s_i B_i A_i``) and ``bias`` (on the CPU), in place
+    in the key order. With ``keep_experts`` the MoLF tensors stay too, so the dict loads
+    into the MoLF model (exactly) and, by name, into the plain model. A layer none of
+    whose tensors are there, or whose ``weight`` already is (merged before), is left
+    alone."""
+    sd = model.state_dict() if state_dict is None else state_dict
+    order = {k: i for i, k in enumerate(sd)}
+    replace: dict[str, dict[str, torch.Tensor]] = {}  # first key of a layer -> new entries
+    drop: set[str] = set()
+    for name, layer in molf_modules(model):
+        prefix = f"{name}." if name else ""
+        needed = layer.state_keys(prefix).all()
+        present = [k for k in needed if k in sd]
+        if not present or prefix + "weight" in sd:
+            continue
+        if len(present) < len(needed):
+            raise MolfError(
+                f"merged_state_dict: the state dict lacks {sorted(set(needed) - set(present))}"
+            )
+        replace[min(present, key=order.__getitem__)] = layer.merged_linear_state(sd, prefix)
+        if not keep_experts:
+            drop.update(needed)
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        if key in replace:
+            out.update(replace[key])
+        if key not in drop:
+            out[key] = value
+    return out
+
+
+class MergedSavePretrained:
+    """``save_pretrained`` of a model wrapped by :func:`get_molf_model`: the model's own
+    ``save_pretrained`` (config, sharding, safetensors, ``push_to_hub``) given the merged
+    state dict (:func:`merged_state`), so ``AutoModelForCausalLM.from_pretrained`` loads
+    the trained model with no missing key. This is what ``Trainer.save_model`` (any
+    Trainer, TRL's included), ``push_to_hub`` and ``accelerator.unwrap_model(model)
+    .save_pretrained(d, state_dict=accelerator.get_state_dict(model))`` call.
+
+    ``keep_experts`` (default: whether the directory is named like a Trainer checkpoint,
+    ``checkpoint-<step>``) keeps the MoLF tensors in the same file too, with
+    ``molf_config.json``: Trainer's ``resume_from_checkpoint`` and
+    ``load_best_model_at_end`` read only ``model.safetensors`` into the MoLF model, which
+    takes them exactly; a plain ``from_pretrained`` takes the merged weights."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(
+        self,
+        save_directory: str | os.PathLike,
+        *args: Any,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        keep_experts: bool | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        model = self.model
+        if keep_experts is None:
+            keep_experts = TRAINER_CHECKPOINT.fullmatch(Path(save_directory).name) is not None
+        state = merged_state(model, state_dict, keep_experts=keep_experts)
+        result = type(model).save_pretrained(
+            model, save_directory, *args, state_dict=state, **kwargs
+        )
+        if keep_experts and kwargs.get("is_main_process", True):
+            write_molf_config(model.molf_config, Path(save_directory))
+        return result
+
+
+def write_molf_config(config: MoLFConfig, directory: Path) -> None:
+    """``molf_config.json`` in ``directory`` (wrap a fresh model with it to resume)."""
+    (directory / MOLF_CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+
+
+def _install_merged_save(model: nn.Module) -> None:
+    """Give ``model`` a :class:`MergedSavePretrained` (when its class has
+    ``save_pretrained``) and have ``load_state_dict`` not report the merged weights of a
+    checkpoint it saved as unexpected."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = MergedSavePretrained(model)
+    model.register_load_state_dict_post_hook(_ignore_merged_keys)
+
+
+def _ignore_merged_keys(model: nn.Module, incompatible: Any) -> None:
+    """Drop the merged ``weight``/``bias`` of each MoLF layer from the unexpected keys of
+    a load that also found the layer's MoLF tensors (a checkpoint kept both)."""
+    merged = set()
+    for name, layer in molf_modules(model):
+        prefix = f"{name}." if name else ""
+        if layer.state_keys(prefix).weight not in incompatible.missing_keys:
+            merged.update((prefix + "weight", prefix + "bias"))
+    incompatible.unexpected_keys[:] = [k for k in incompatible.unexpected_keys if k not in merged]
 
 
 def _trained_non_molf_modules(model: nn.Module) -> list[str]:
@@ -249,7 +367,7 @@ def write_peft_adapter(model: nn.Module, directory: Path) -> None:
     )
     peft_config.save_pretrained(directory)
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (directory / "molf_config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    write_molf_config(config, directory)
 
 
 def _adapter_tensors(

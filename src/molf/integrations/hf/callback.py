@@ -49,6 +49,7 @@ class MoLFRoutingCallback(TrainerCallback):
         self._seen: Routing | None = None
         self._attached = False
         self._warned = False
+        self._warned_optim = False
         self._watch: CollapseWatch | None = None
         self._setup: RoutingSetup | None = None
         self._warmup, self._top_k = 0, 1
@@ -66,13 +67,14 @@ class MoLFRoutingCallback(TrainerCallback):
         flow = [i for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)]
         callbacks.insert(flow[0] + 1 if flow else 0, cb)
         cb._attached = True
-        _warn_unless_molf_trainer(trainer)
         return cb
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._counts, self._decisions, self._steps, self._seen = None, None, 0, None
         self._step_wins, self._watch = [], None
         opt, molf = find_molf_optimizer(optimizer), find_molf_model(model)
+        if molf is not None and opt is None:
+            self._warn_not_routed(args, optimizer, state)
         if opt is None or molf is None:
             return
         config = molf.molf_config
@@ -88,6 +90,22 @@ class MoLFRoutingCallback(TrainerCallback):
         )
         warmup = args.get_warmup_steps(state.max_steps) if state.max_steps else 0
         self._warmup, self._top_k = warmup, config.top_k
+
+    def _warn_not_routed(self, args, optimizer, state) -> None:
+        """Warn once (rank 0) that the Trainer trains a MoLF model with an optimizer that
+        is not MoLFAdamW (the one ``args.optim`` names): nothing is routed."""
+        if self._warned_optim or not state.is_world_process_zero:
+            return
+        self._warned_optim = True
+        optim = getattr(args.optim, "value", args.optim)
+        logger.warning(
+            "the model is a MoLF model but the Trainer trains it with %s (optim=%r), not "
+            "MoLFAdamW: every expert is updated at every step, nothing is routed. Use "
+            "MoLFTrainer, or Trainer(optimizer_cls_and_kwargs=(MoLFAdamWFactory, "
+            "molf_adamw_kwargs(args))), or Trainer(optimizers=(MoLFAdamW(model, ...), None))",
+            type(getattr(optimizer, "optimizer", optimizer)).__name__,
+            optim,
+        )
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         opt = find_molf_optimizer(optimizer)
@@ -168,21 +186,3 @@ class MoLFRoutingCallback(TrainerCallback):
                 "trackers; add it with MoLFRoutingCallback.attach(trainer) instead",
                 trackers,
             )
-
-
-def _warn_unless_molf_trainer(trainer: Trainer) -> None:
-    """Warn that ``trainer`` saves the MoLF state dict, not the merged model, unless it is
-    a :class:`~molf.integrations.hf.MoLFTrainerMixin`."""
-    # Imported here: the trainer module imports this one (its trainers attach the callback).
-    from molf.integrations.hf.trainer import MoLFTrainerMixin
-
-    if not isinstance(trainer, MoLFTrainerMixin):
-        logger.warning(
-            "%s is not a MoLF trainer: its save_model() and checkpoints hold the MoLF "
-            "state dict (q_proj.base_layer.weight, q_proj.lora_A.0, ...), which a plain "
-            "from_pretrained loads with those layers re-initialised. Use MoLFTrainer, or "
-            "class MyTrainer(MoLFTrainerMixin, %s), or save with "
-            "model.save_pretrained(path, state_dict=merged_state_dict(model))",
-            type(trainer).__name__,
-            type(trainer).__name__,
-        )

@@ -21,6 +21,23 @@ from molf.optim import MoLFAdamW
 _OPTIMIZER_KWARGS = tuple(inspect.signature(MoLFAdamW.__init__).parameters)[2:]
 
 
+def molf_adamw_kwargs(args: Any, **overrides: Any) -> dict[str, Any]:
+    """MoLFAdamW's keyword arguments from ``TrainingArguments`` ``args``: ``lr`` =
+    ``learning_rate``, ``weight_decay``, ``betas`` = ``(adam_beta1, adam_beta2)``, ``eps``
+    = ``adam_epsilon``, then ``overrides`` that are not ``None`` (e.g. ``lora_lr``). What
+    :class:`~molf.integrations.hf.MoLFTrainer` builds its optimizer with, and what to give
+    :class:`MoLFAdamWFactory` (which Trainer does not hand the arguments) so that it
+    follows them too: ``optimizer_cls_and_kwargs=(MoLFAdamWFactory,
+    molf_adamw_kwargs(args, lora_lr=1e-3))``."""
+    kwargs = {
+        "lr": args.learning_rate,
+        "weight_decay": args.weight_decay,
+        "betas": (args.adam_beta1, args.adam_beta2),
+        "eps": args.adam_epsilon,
+    }
+    return {**kwargs, **{k: v for k, v in overrides.items() if v is not None}}
+
+
 def guard_parameters(opt: MoLFAdamW) -> None:
     """Check at the first step that the optimizer still holds the parameter objects it
     was built from, on the device it was built on. MoLFAdamW maps each parameter to its
@@ -99,8 +116,11 @@ class MoLFAdamWFactory:
         Trainer(..., optimizer_cls_and_kwargs=(MoLFAdamWFactory, {"lr": 1e-4, "lora_lr": 1e-3}))
 
     The kwargs are MoLFAdamW's (``lr`` is required: Trainer does not pass
-    ``args.learning_rate`` this way). Trainer's own parameter groups and weight decay are
-    not used: MoLFAdamW makes its groups (see its docstring).
+    ``args.learning_rate`` this way, nor ``weight_decay``, ``adam_beta*`` or
+    ``adam_epsilon``, which otherwise take the defaults of :mod:`molf.defaults`, the same
+    as ``TrainingArguments``'): :func:`molf_adamw_kwargs` makes them from the
+    ``TrainingArguments``. Trainer's own parameter groups are not used: MoLFAdamW makes
+    its groups (see its docstring).
 
     transformers 5 (since it has optimizer factories) treats a class that is not a torch
     optimizer as a factory and calls ``MoLFAdamWFactory()(model, **kwargs)`` with the

@@ -5,18 +5,21 @@ merged model at the end and both the MoLF tensors and the merged weights in chec
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
+import logging
+from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 
 from molf.integrations.hf.callback import MoLFRoutingCallback
 from molf.integrations.hf.discovery import find_molf_model
-from molf.integrations.hf.optimizer import build_molf_adamw
+from molf.integrations.hf.optimizer import build_molf_adamw, molf_adamw_kwargs
 from molf.integrations.hf.saving import merged_state_dict
-from molf.model import molf_modules
+from molf.model import write_molf_config
+
+logger = logging.getLogger("molf")
 
 
 class MoLFTrainerMixin:
@@ -26,9 +29,10 @@ class MoLFTrainerMixin:
     - **Optimizer**: unless ``optimizers`` or ``optimizer_cls_and_kwargs`` is given,
       :class:`~molf.MoLFAdamW` with ``lr=args.learning_rate``,
       ``weight_decay=args.weight_decay``, ``betas=(args.adam_beta1, args.adam_beta2)``,
-      ``eps=args.adam_epsilon``, and this constructor's ``lora_lr`` and
-      ``lora_weight_decay`` (default: the same as the dense ones). ``args.optim`` is
-      not used. Trainer's scheduler scales every group alike.
+      ``eps=args.adam_epsilon`` (:func:`~molf.integrations.hf.molf_adamw_kwargs`), and
+      this constructor's ``lora_lr`` and ``lora_weight_decay`` (default: the same as the
+      dense ones). ``args.optim`` is not used: set to anything but its default, it is
+      warned about once. Trainer's scheduler scales every group alike.
     - **Routing logs**: a :class:`MoLFRoutingCallback` is attached (``routing_logs=False``
       to leave it out).
     - **Saving**: ``save_model()`` (and ``push_to_hub()``) writes the merged model,
@@ -52,26 +56,37 @@ class MoLFTrainerMixin:
         self.molf_lora_weight_decay = lora_weight_decay
         self._molf_final_save = False
         self._molf_pushing = False
+        self._molf_warned_optim = False
         super().__init__(*args, **kwargs)
         if routing_logs:
             MoLFRoutingCallback.attach(self)
 
     def create_optimizer(self, model: nn.Module | None = None):
         if self.optimizer is None and getattr(self, "optimizer_cls_and_kwargs", None) is None:
-            a = self.args
-            kwargs: dict[str, Any] = {
-                "lr": a.learning_rate,
-                "weight_decay": a.weight_decay,
-                "betas": (a.adam_beta1, a.adam_beta2),
-                "eps": a.adam_epsilon,
-            }
-            if self.molf_lora_lr is not None:
-                kwargs["lora_lr"] = self.molf_lora_lr
-            if self.molf_lora_weight_decay is not None:
-                kwargs["lora_weight_decay"] = self.molf_lora_weight_decay
+            self._warn_optim_unused()
+            kwargs = molf_adamw_kwargs(
+                self.args,
+                lora_lr=self.molf_lora_lr,
+                lora_weight_decay=self.molf_lora_weight_decay,
+            )
             self.optimizer = build_molf_adamw(self.model if model is None else model, kwargs)
             return self.optimizer
         return super().create_optimizer() if model is None else super().create_optimizer(model)
+
+    def _warn_optim_unused(self) -> None:
+        """Warn once when ``args.optim`` names an optimizer this trainer does not build."""
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if optim == _default_optim() or self._molf_warned_optim:
+            return
+        self._molf_warned_optim = True
+        logger.warning(
+            "TrainingArguments(optim=%r) is not used: %s trains with MoLFAdamW (lr, "
+            "weight_decay, adam_beta1/2 and adam_epsilon from the arguments). Leave optim "
+            "unset, or train with transformers.Trainer for %r without MoLF routing",
+            optim,
+            type(self).__name__,
+            optim,
+        )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         # Trainer's checkpoints call save_model(..., _internal_call=True); a final save
@@ -98,22 +113,13 @@ class MoLFTrainerMixin:
         state_dict = merged_state_dict(model, state_dict, keep_experts=not self._molf_final_save)
         super()._save(output_dir, state_dict=state_dict)
         if not self._molf_final_save:
-            path = os.path.join(output_dir or self.args.output_dir, "molf_config.json")
-            with open(path, "w") as f:
-                json.dump(model.molf_config.to_dict(), f, indent=2)
+            write_molf_config(model.molf_config, Path(output_dir or self.args.output_dir))
 
-    def _issue_warnings_after_load(self, load_result: Any) -> None:
-        # A checkpoint's merged weights (plain names) are unexpected keys for the MoLF
-        # model by design: do not warn about them.
-        model = find_molf_model(self.accelerator.unwrap_model(self.model))
-        if model is not None:
-            plain = {
-                f"{n}.{s}" if n else s for n, _ in molf_modules(model) for s in ("weight", "bias")
-            }
-            load_result.unexpected_keys[:] = [
-                k for k in load_result.unexpected_keys if k not in plain
-            ]
-        super()._issue_warnings_after_load(load_result)
+
+def _default_optim() -> str:
+    """``TrainingArguments``' default ``optim`` (it depends on the torch version)."""
+    field = next(f for f in dataclasses.fields(TrainingArguments) if f.name == "optim")
+    return str(getattr(field.default, "value", field.default))
 
 
 class MoLFTrainer(MoLFTrainerMixin, Trainer):
