@@ -7,9 +7,12 @@ from pathlib import Path
 import pytest
 
 from molf.errors import DataError, MolfError
-from molf.tasks import Example, get_task
-from molf.tasks.base import DataPath
+from molf.tasks import Example, TaskData, get_task
+from molf.tasks.base import NO_PROMPT, DataPath
+from molf.tasks.jsonl import ON_TRAIN_WARNING, JsonlOptions, prompt_key
+from molf.tasks.layouts import Fields
 from molf.tasks.scoring import completion_logprobs, generate
+from molf.tasks.sources import hash_fraction
 
 from .helpers import write_jsonl
 
@@ -20,12 +23,87 @@ PAIRS = [
 ]
 
 
-def test_a_file_is_both_train_and_eval(tmp_path: Path) -> None:
+ON_TRAIN = JsonlOptions(eval_on_train=True)
+MANY = [{"prompt": f"Question {i}?", "completion": f" answer {i}"} for i in range(400)]
+
+
+def load_on_train(path: Path, **kw) -> TaskData:
+    """The jsonl task's data with --eval-on-train (which warns)."""
+    with pytest.warns(UserWarning, match="--eval-on-train: evaluating on the training rows"):
+        return get_task("jsonl").load(str(path), options=ON_TRAIN, **kw)
+
+
+def test_a_file_is_cut_by_prompt_hash_into_train_val_and_test(tmp_path: Path) -> None:
+    """train h >= 0.1, val h < 0.05, test 0.05 <= h < 0.1 (h: the prompt's hash)."""
+    path = write_jsonl(tmp_path / "mine.jsonl", MANY)
+    val = get_task("jsonl").load(str(path), split="val")
+    test = get_task("jsonl").load(str(path), split="test")
+    assert val.train == test.train
+    train, vals, tests = set(val.train), set(val.eval), set(test.eval)
+    assert not (train & vals or train & tests or vals & tests)
+    assert len(train | vals | tests) == len(MANY)
+    assert all(hash_fraction(e.prompt) >= 0.1 for e in train)
+    assert all(hash_fraction(e.prompt) < 0.05 for e in vals)
+    assert all(0.05 <= hash_fraction(e.prompt) < 0.1 for e in tests)
+    assert 20 <= len(vals) + len(tests) <= 60  # about 10% of 400
+    assert test.evaluated == (
+        f"the test half of the held-out 10% of {path} (by prompt hash): {len(tests)} pairs"
+    )
+    assert val.evaluated.startswith(f"the val half of the held-out 10% of {path}")
+
+
+def test_the_split_ignores_seed_order_and_caps_and_keeps_a_prompt_on_one_side(
+    tmp_path: Path,
+) -> None:
+    rows = [*MANY, *({"prompt": r["prompt"].upper(), "completion": " other"} for r in MANY[:50])]
+    path = write_jsonl(tmp_path / "mine.jsonl", rows)
+    first = get_task("jsonl").load(str(path), seed=0)
+    again = get_task("jsonl").load(str(path), seed=7, max_train_samples=100)
+    shuffled = write_jsonl(tmp_path / "shuffled.jsonl", rows[::-1])
+    other = get_task("jsonl").load(str(shuffled), seed=3)
+    assert set(first.eval) == set(again.eval) == set(other.eval)
+    assert set(first.train) == set(other.train) and set(again.train) <= set(first.train)
+    held = {normalised(e.prompt) for e in first.eval}  # the hash normalises the case too
+    assert held and not held & {normalised(e.prompt) for e in first.train}
+
+
+def normalised(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def test_a_larger_val_size_holds_out_more_and_a_tiny_file_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    path = write_jsonl(tmp_path / "mine.jsonl", MANY)
+    small = get_task("jsonl").load(str(path))
+    large = get_task("jsonl").load(str(path), options=JsonlOptions(val_size=0.5))
+    assert len(small.eval) < len(large.eval) and set(large.train) < set(small.train)
+    assert "held-out 50%" in large.evaluated
+    tiny = write_jsonl(tmp_path / "tiny.jsonl", PAIRS)
+    with pytest.raises(MolfError, match=r"--val-size 0\.1 holds out no test rows of its 3.*"
+                       r"--eval-on-train for a smoke test"):  # fmt: skip
+        get_task("jsonl").load(str(tiny))
+    with pytest.raises(MolfError, match=r"--val-size must be in \(0, 1\), got 1"):
+        JsonlOptions(val_size=1)
+
+
+def test_eval_on_train_trains_and_evaluates_on_every_row_and_warns(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "mine.jsonl", PAIRS)
-    data = get_task("jsonl").load(str(path), seed=2)
-    expected = {Example(p["prompt"], p["completion"]) for p in PAIRS}
-    assert set(data.train) == set(data.eval) == expected
-    assert data.source == str(path)
+    for split in ("val", "test"):
+        data = load_on_train(path, split=split, seed=2)
+        expected = {Example(p["prompt"], p["completion"]) for p in PAIRS}
+        assert set(data.train) == set(data.eval) == expected
+        assert data.evaluated == "the training rows (--eval-on-train): 3 pairs"
+    assert "not how it does on rows it has not seen" in ON_TRAIN_WARNING
+    with pytest.raises(MolfError, match="split must be one of val, test"):
+        get_task("jsonl").load(str(path), split="dev")
+
+
+def test_the_prompt_key_of_each_kind_of_prompt() -> None:
+    chat = ({"role": "user", "content": "Hi"},)
+    assert prompt_key(Example("Tom", " ran")) == "Tom"
+    assert prompt_key(Example(NO_PROMPT, "Once upon a time")) == "Once upon a time"
+    assert prompt_key(Example(chat, "Hello")) == '[{"content": "Hi", "role": "user"}]'
 
 
 def test_a_directory_has_train_and_eval_files(tmp_path: Path) -> None:
@@ -34,6 +112,7 @@ def test_a_directory_has_train_and_eval_files(tmp_path: Path) -> None:
     data = get_task("jsonl").load(str(tmp_path), max_train_samples=1)
     assert len(data.train) == 1 and data.train[0].prompt in {"Once upon a time", "Tom"}
     assert data.eval == [Example("The sun", " was hot")]
+    assert data.evaluated == f"the rows of {tmp_path / 'eval.jsonl'}: 1 pairs"
 
 
 def test_val_split_reads_val_jsonl_and_test_split_eval_jsonl(tmp_path: Path) -> None:
@@ -53,14 +132,6 @@ def test_val_split_without_val_jsonl_is_an_error(tmp_path: Path) -> None:
     assert get_task("jsonl").load(str(tmp_path), split="test").eval
     with pytest.raises(MolfError, match="missing val.jsonl, which --eval-split val evaluates on"):
         get_task("jsonl").load(str(tmp_path), split="val")
-
-
-def test_a_file_is_train_and_eval_for_both_splits(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "mine.jsonl", PAIRS)
-    val, test = (get_task("jsonl").load(str(path), split=s) for s in ("val", "test"))
-    assert set(val.eval) == set(test.eval) == set(test.train) == set(val.train)
-    with pytest.raises(MolfError, match="split must be one of val, test"):
-        get_task("jsonl").load(str(path), split="dev")
 
 
 def test_a_directory_without_eval_jsonl_is_an_error(tmp_path: Path) -> None:
@@ -87,7 +158,7 @@ def test_chat_rows_in_both_shapes_become_conversation_prompts(tmp_path: Path) ->
         {"prompt": CHAT[:2], "completion": CHAT[2:]},  # TRL's conversational form
         PAIRS[0],
     ]
-    data = get_task("jsonl").load(str(write_jsonl(tmp_path / "chat.jsonl", rows)))
+    data = load_on_train(write_jsonl(tmp_path / "chat.jsonl", rows))
     conversation = Example(tuple(CHAT[:2]), "Paris")
     assert data.train.count(conversation) == 2
     assert Example(PAIRS[0]["prompt"], PAIRS[0]["completion"]) in data.train
@@ -106,7 +177,7 @@ def test_chat_rows_in_both_shapes_become_conversation_prompts(tmp_path: Path) ->
 def test_malformed_chat_rows_name_the_line_and_field(tmp_path: Path, bad, field) -> None:
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, bad])
     with pytest.raises(DataError, match=rf"chat\.jsonl:2: field '{field}'"):
-        get_task("jsonl").load(str(path))
+        get_task("jsonl").load(str(path), options=ON_TRAIN)
 
 
 def test_csv_and_parquet_files_are_read_through_datasets(tmp_path: Path) -> None:
@@ -121,14 +192,19 @@ def test_csv_and_parquet_files_are_read_through_datasets(tmp_path: Path) -> None
     pq.write_table(pa.Table.from_pylist(PAIRS), parquet)
     expected = [Example(p["prompt"], p["completion"]) for p in PAIRS]
     for path in (csv, parquet):
-        data = get_task("jsonl").load(str(path))
+        data = load_on_train(path)
         assert (
             sorted(data.train, key=str) == sorted(expected, key=str) == sorted(data.eval, key=str)
         )
     bad = tmp_path / "bad.csv"
     bad.write_text("question,answer\nx,y\n")
-    with pytest.raises(DataError, match=r"bad\.csv:1: field 'prompt'"):
+    with pytest.raises(DataError, match=r"bad\.csv:1: field '<row>': no accepted layout"):
         get_task("jsonl").load(str(bad))
+    with pytest.warns(UserWarning, match="--eval-on-train"):
+        mapped = get_task("jsonl").load(
+            str(bad), options=JsonlOptions(eval_on_train=True, fields=Fields("question", "answer"))
+        )
+    assert mapped.train == [Example("x", "y")]
 
 
 def test_a_dataset_layout_trains_on_train_and_evaluates_on_test_or_validation(
@@ -151,12 +227,17 @@ def test_a_dataset_layout_trains_on_train_and_evaluates_on_test_or_validation(
     assert test.eval == [Example(PAIRS[2]["prompt"], PAIRS[2]["completion"])]
     assert val.eval == [Example(PAIRS[1]["prompt"], PAIRS[1]["completion"])]
     assert "eval: test" in test.source and "eval: validation" in val.source
+    assert test.evaluated == f"the test split of {repo}: 1 pairs"
 
-    only_train = tmp_path / "only-train"
+    only_train = tmp_path / "only-train"  # no held-out split: its train split is cut
     only_train.mkdir()
-    pq.write_table(pa.Table.from_pylist(PAIRS), only_train / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(MANY), only_train / "train.parquet")
     data = get_task("jsonl").load(str(only_train))
-    assert len(data.eval) == len(data.train) == 3 and "eval: train" in data.source
+    vals = get_task("jsonl").load(str(only_train), split="val").eval
+    assert len(set(data.train) | set(data.eval) | set(vals)) == 400
+    assert len(data.train) + len(data.eval) + len(vals) == 400
+    assert "cut by prompt hash" in data.source
+    assert data.evaluated.startswith(f"the test half of the held-out 10% of {only_train}[train]")
 
 
 @pytest.mark.parametrize(
@@ -171,7 +252,7 @@ def test_a_dataset_layout_trains_on_train_and_evaluates_on_test_or_validation(
 def test_malformed_rows_name_file_line_and_field(tmp_path: Path, bad: object, field: str) -> None:
     path = write_jsonl(tmp_path / "mine.jsonl", [*PAIRS, bad])
     with pytest.raises(DataError, match=rf"mine\.jsonl:4: field '{field}'"):
-        get_task("jsonl").load(str(path))
+        get_task("jsonl").load(str(path), options=ON_TRAIN)
 
 
 def test_malformed_eval_file_is_named(tmp_path: Path) -> None:

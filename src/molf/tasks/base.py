@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 Prompt = str | tuple[dict[str, str], ...]  # text, or chat messages before the reply
+NO_PROMPT = ""  # a text row's prompt: its completion is plain text, the loss on every token
 
 
 @dataclass(frozen=True)
@@ -15,7 +16,9 @@ class Example:
     """One training pair. The loss is taken on the completion tokens only.
 
     ``prompt`` is text, or a conversation (``[{"role": ..., "content": ...}, ...]``,
-    rendered with the model's chat template) whose reply is ``completion``."""
+    rendered with the model's chat template) whose reply is ``completion``, or
+    :data:`NO_PROMPT` for a text row: ``completion`` is then plain text, never wrapped in
+    a chat template, with the loss on every token."""
 
     prompt: Prompt
     completion: str  # e.g. " English": a leading space where the text continues naturally
@@ -23,11 +26,17 @@ class Example:
 
 @dataclass
 class TaskData:
-    """What ``Task.load`` returns: training pairs, evaluation records and their origin."""
+    """What ``Task.load`` returns: training pairs, evaluation records, their origin and
+    which records are evaluated (for eval.json and the model card)."""
 
     train: list[Example]
     eval: list[Any]  # task-specific records, consumed by the same task's ``evaluate``
     source: str  # human-readable: the path or hub id the data came from
+    evaluated: str = ""  # e.g. "the test half of the held-out 10% of x.jsonl: 6 pairs"
+
+    def __post_init__(self) -> None:
+        if not self.evaluated:
+            self.evaluated = f"{len(self.eval)} evaluation records of {self.source}"
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,12 @@ Chat models: :func:`use_chat_template` marks a tokenizer that has a chat templat
 from then on every prompt is rendered as one user message of that template (training,
 scoring and generation alike), completions lose their leading whitespace (they start
 the assistant's turn) and training completions end with the template's end-of-turn
-token. An unmarked tokenizer keeps the plain-text behaviour.
+token. An unmarked tokenizer keeps the plain-text behaviour. ``--chat-template FILE``
+gives a tokenizer the template in a Jinja file (a model without one can then be used
+with chat data; the saved tokenizer keeps it).
+
+A text row (prompt :data:`~molf.tasks.base.NO_PROMPT`) is plain text whatever the
+tokenizer: never in a chat template, the loss on every token.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ from typing import Any
 import torch
 
 from molf.errors import MolfError
-from molf.tasks.base import Prompt
+from molf.tasks.base import NO_PROMPT, Prompt
 
 IGNORE_INDEX = -100  # label value that the loss (and scoring) skips
 CHAT_TEMPLATE_MODES = ("auto", "none")
 CHAT_ATTR = "molf_chat"  # the mark :func:`use_chat_template` sets on a tokenizer instance
+TEMPLATE_FILE_ATTR = "molf_chat_template_file"  # the --chat-template FILE a template came from
 _PROBE = "MOLFPROBEANSWER"  # assistant text used to find the end-of-turn token
 
 
@@ -43,23 +49,40 @@ class ChatFormat:
 def use_chat_template(tokenizer: Any, mode: str) -> bool:
     """Mark ``tokenizer`` so that prompts go through its chat template; True if they will.
 
-    ``mode`` is ``"auto"`` (use the template when ``tokenizer.chat_template`` is set)
-    or ``"none"`` (plain text; removes an earlier mark). The mark is the attribute
+    ``mode`` is ``"auto"`` (use the template when ``tokenizer.chat_template`` is set),
+    ``"none"`` (plain text; removes an earlier mark) or the path of a Jinja file, which
+    becomes ``tokenizer.chat_template`` and is used. The mark is the attribute
     ``tokenizer.molf_chat`` (a :class:`ChatFormat`); it lives on this instance only
     and is not saved with the tokenizer.
     """
     if mode not in CHAT_TEMPLATE_MODES:
-        raise MolfError(
-            f"--chat-template: unknown value {mode!r}; choose one of "
-            f"{', '.join(CHAT_TEMPLATE_MODES)}"
-        )
-    active = mode == "auto" and bool(getattr(tokenizer, "chat_template", None))
+        tokenizer.chat_template = read_chat_template(mode)
+        setattr(tokenizer, TEMPLATE_FILE_ATTR, mode)
+    active = mode != "none" and bool(getattr(tokenizer, "chat_template", None))
     if active:
         render_chat(tokenizer, [{"role": "user", "content": "hi"}])  # a broken one fails here
         setattr(tokenizer, CHAT_ATTR, ChatFormat(_end_of_turn_id(tokenizer)))
     elif hasattr(tokenizer, CHAT_ATTR):
         delattr(tokenizer, CHAT_ATTR)
     return active
+
+
+def read_chat_template(path: str) -> str:
+    """The Jinja text of the ``--chat-template`` file ``path``; a MolfError when it is
+    neither auto, none nor a readable, non-empty file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise MolfError(
+            f"--chat-template: {path!r} is neither one of {', '.join(CHAT_TEMPLATE_MODES)} "
+            "nor an existing file; pass auto, none or the path of a Jinja chat template"
+        )
+    try:
+        template = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MolfError(f"--chat-template {path}: cannot read it as UTF-8 text ({e})") from None
+    if not template.strip():
+        raise MolfError(f"--chat-template {path}: the file is empty; put a Jinja template in it")
+    return template
 
 
 def render_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> str:
@@ -86,6 +109,9 @@ def _template_where(tokenizer: Any, error: Exception) -> str:
     for frame, lineno in traceback.walk_tb(error.__traceback__):
         if frame.f_code.co_filename == "<template>":  # jinja maps frames to template lines
             line = lineno
+    given = getattr(tokenizer, TEMPLATE_FILE_ATTR, None)
+    if given is not None:
+        return f"{given}:{line}" if line else given
     directory = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
     if (directory / "chat_template.jinja").is_file():
         where = str(directory / "chat_template.jinja")
@@ -156,7 +182,11 @@ def encode_example(
     never dropped for it. A completion that alone reaches ``max_length`` is cut from the
     right, keeping one prompt token so that every kept completion token has a context
     to be predicted from.
+
+    A text row (``prompt`` :data:`~molf.tasks.base.NO_PROMPT`) is :func:`encode_text`.
     """
+    if prompt == NO_PROMPT:
+        return encode_text(tokenizer, completion, max_length, add_eos)
     head = prompt_ids(tokenizer, prompt)
     chat = chat_format(tokenizer)
     if chat is not None:
@@ -171,6 +201,21 @@ def encode_example(
         tail = tail[: max_length - 1]
         head = head[len(head) + len(tail) - max_length :]
     return {"input_ids": head + tail, "labels": [IGNORE_INDEX] * len(head) + tail}
+
+
+def encode_text(
+    tokenizer: Any, text: str, max_length: int | None = None, add_eos: bool = True
+) -> dict[str, list[int]]:
+    """A text row: ``text`` with the tokenizer's special tokens (BOS if it adds one), plus
+    EOS when ``add_eos``, cut from the right at ``max_length``; never in a chat template.
+    Every token is labelled but the first, which nothing before it predicts."""
+    if max_length is not None and max_length < 2:
+        raise MolfError(f"max_length must be at least 2, got {max_length}")
+    ids = list(tokenizer(text)["input_ids"])
+    if add_eos and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    ids = ids[:max_length]
+    return {"input_ids": ids, "labels": [IGNORE_INDEX] + ids[1:]}
 
 
 def collate(batch: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

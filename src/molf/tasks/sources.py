@@ -282,15 +282,19 @@ def limited_task_data(
     seed: int,
     to_example: Callable[[Any], Example] = lambda r: r,
     what: str = "questions",
+    evaluated: str | None = None,
 ) -> TaskData:
     """Train and eval records capped by the max_*_samples options (seeded), checked
-    non-empty, with the training records turned into :class:`Example` pairs."""
+    non-empty, with the training records turned into :class:`Example` pairs;
+    ``evaluated`` says which records ``evals`` are (``TaskData.evaluated`` adds their
+    number after the cap)."""
     train = take(train, max_train_samples, seed, "max_train_samples")
     evals = take(evals, max_eval_samples, EVAL_CAP_SEED, "max_eval_samples")
     return TaskData(
         [to_example(r) for r in nonempty(train, f"training {what}", source)],
         nonempty(evals, f"evaluation {what}", source),
         source,
+        f"{evaluated}: {len(evals)} {what}" if evaluated else "",
     )
 
 
