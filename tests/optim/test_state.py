@@ -166,7 +166,7 @@ def test_an_empty_state_for_a_parameter_is_accepted_as_torch_does():
             r"model or MoLF config \(lora_ranks, train_base, train_non_linear\)$",
         ),
         (  # the same number of groups, another one of them
-            dict(train_base=False, lora_ranks=(4, 8), lora_alphas=(8, 8)),
+            dict(train_base=False, train_non_linear=True, lora_ranks=(4, 8), lora_alphas=(8, 8)),
             r"group 0 is 'lora0' in the state, 'fft' here",
         ),
         (  # the same groups, more layers
