@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from molf.errors import MolfError
+from molf.tasks.base import NO_PROMPT
 from molf.tasks.encoding import (
     chat_format,
     collate,
@@ -177,3 +178,63 @@ def test_a_conversation_prompt_renders_every_turn_and_the_reply_is_labelled(
     prompt = [BOS, DOG, THE, CAT, EOT, RAN, SAT, EOT, DOG, A, DOG, EOT, RAN]
     assert out["input_ids"] == [*prompt, RAN, EOT]
     assert out["labels"] == [-100] * len(prompt) + [RAN, EOT]
+
+
+def test_a_text_row_stays_plain_text_under_a_chat_template(chat_tokenizer) -> None:
+    use_chat_template(chat_tokenizer, "auto")
+    out = encode_example(chat_tokenizer, NO_PROMPT, "the cat sat")
+    assert out["input_ids"] == [BOS, THE, CAT, SAT, EOS]  # no template, EOS not <eot>
+    assert out["labels"] == [-100, THE, CAT, SAT, EOS]
+    cut = encode_example(chat_tokenizer, NO_PROMPT, "the cat sat", max_length=3)
+    assert cut == {"input_ids": [BOS, THE, CAT], "labels": [-100, THE, CAT]}
+    scored = encode_example(chat_tokenizer, NO_PROMPT, "the cat", add_eos=False)
+    assert scored["labels"] == [-100, THE, CAT]
+
+
+JINJA = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+    "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_a_chat_template_file_gives_a_model_without_one_its_template(
+    tmp_path, tiny_model_dir
+) -> None:
+    from transformers import AutoTokenizer
+
+    template = tmp_path / "chat.jinja"
+    template.write_text(JINJA)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.chat_template is None
+    assert use_chat_template(tokenizer, "auto") is False
+    assert use_chat_template(tokenizer, str(template)) is True
+    assert tokenizer.chat_template == JINJA
+    conversation = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"})
+    out = encode_example(tokenizer, conversation, " Hello")
+    # the prompt: what the tokenizer itself renders from the same template
+    reference = AutoTokenizer.from_pretrained(tiny_model_dir)
+    reference.chat_template = template.read_text()
+    head = reference.apply_chat_template(
+        list(conversation), tokenize=True, add_generation_prompt=True
+    )["input_ids"]
+    tail = reference("Hello", add_special_tokens=False)["input_ids"] + [reference.eos_token_id]
+    assert out["input_ids"] == head + tail
+    assert out["labels"] == [-100] * len(head) + tail
+    # saved with the tokenizer, so the trained model keeps it
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template == JINJA
+
+
+def test_a_missing_empty_or_broken_template_file_is_one_clear_error(
+    tmp_path, word_tokenizer
+) -> None:
+    with pytest.raises(MolfError, match="'nope.jinja' is neither one of auto, none"):
+        use_chat_template(word_tokenizer, "nope.jinja")
+    empty = tmp_path / "empty.jinja"
+    empty.write_text("  \n")
+    with pytest.raises(MolfError, match="the file is empty"):
+        use_chat_template(word_tokenizer, str(empty))
+    broken = tmp_path / "broken.jinja"
+    broken.write_text("{{ bos_token }}\n{% if %}\n")
+    with pytest.raises(MolfError, match=rf"fails \({broken}:2: TemplateSyntaxError"):
+        use_chat_template(word_tokenizer, str(broken))

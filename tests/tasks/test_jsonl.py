@@ -303,3 +303,33 @@ def test_data_path_is_the_named_path_or_none_for_a_hub_dataset_id(
     (tmp_path / "owner" / "name").mkdir(parents=True)
     assert jsonl.data_path("owner/name") == DataPath(Path("owner/name"))  # a local copy
     assert jsonl.data_path(str(tmp_path / "pairs.jsonl")) == DataPath(tmp_path / "pairs.jsonl")
+
+
+def test_text_rows_are_scored_not_generated(tiny_model_dir) -> None:
+    """A text row has no prompt to generate from: its line has its log-prob and is tagged
+    mean_logprob; exact match is over the pairs, and absent when every row is text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    task = get_task("jsonl")
+    text_row = Example(NO_PROMPT, "Once upon a time there was a cat")
+    pair = Example("Tom", " ran")
+    predictions: list[dict] = []
+    metrics = task.evaluate(
+        model, tokenizer, [text_row, pair], max_new_tokens=3, predictions=predictions
+    )
+    scores = completion_logprobs(
+        model, tokenizer, [NO_PROMPT, "Tom"], [text_row.completion, " ran"]
+    )
+    assert metrics["mean_logprob"] == pytest.approx(sum(scores) / 2, abs=1e-6)
+    assert metrics["exact_match"] == float(predictions[1]["correct"])
+    assert predictions[0] == {
+        "prompt": NO_PROMPT,
+        "reference": text_row.completion,
+        "logprob": pytest.approx(scores[0], abs=1e-6),
+        "metric": "mean_logprob",
+    }
+    assert predictions[1]["output"] == generate(model, tokenizer, ["Tom"], 3)[0]
+    only_text = task.evaluate(model, tokenizer, [text_row], max_new_tokens=3)
+    assert only_text == {"mean_logprob": pytest.approx(scores[0], abs=1e-6)}

@@ -43,14 +43,16 @@ def choices() -> dict[str, tuple[str, ...]]:
         "report_to": REPORT_TO,
         "parallel": PARALLEL,
         "eval_split": EVAL_SPLITS,
-        "chat_template": CHAT_TEMPLATES,
     }
 
 
 # The flags of ``molf train --help``, by topic (every TrainArgs field in one group).
 FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     "model": ("model", "gguf_file", "dtype", "chat_template"),
-    "data": ("task", "data", "max_train_samples", "max_length"),
+    "data": (
+        "task", "data", "max_train_samples", "max_length", "val_size", "eval_on_train",
+        "prompt_field", "completion_field", "messages_field",
+    ),
     "training": (
         "method", "max_steps", "epochs", "batch_size", "grad_accum", "lr", "weight_decay",
         "scheduler", "warmup_ratio", "max_grad_norm", "seed", "gradient_checkpointing", "compile",
@@ -76,6 +78,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
 EVAL_SETTINGS = (
     "task", "data", "max_train_samples", "max_eval_samples", "eval_split", "seed",
     "max_length", "max_new_tokens", "chat_template", "dtype", "eval_batch_size",
+    "val_size", "eval_on_train", "prompt_field", "completion_field", "messages_field",
 )  # fmt: skip
 EVAL_FLAGS = ("model", "gguf_file", "output_dir", *EVAL_SETTINGS)
 
@@ -98,7 +101,8 @@ RECORDED_KEYS = frozenset(
 # Settings that name a file or directory: a leading ``~`` is the home directory whether
 # the value came from a flag (where the shell may not expand it: --output-dir=~/x) or
 # from YAML (where nothing else would).
-PATH_FIELDS = ("model", "data", "output_dir")
+PATH_FIELDS = ("model", "data", "output_dir", "chat_template")
+JSONL_ONLY = ("val_size", "eval_on_train", "prompt_field", "completion_field", "messages_field")
 MAX_SEED = 2**32 - 1  # numpy's limit; torch and random take more, but not the same range
 
 
@@ -170,10 +174,31 @@ class TrainArgs:
     )
     chat_template: str = _f(
         "auto",
-        "auto: wrap prompts in the tokenizer's chat template when it has one; used alike "
-        "for training and generation-based evaluation",
+        "auto: wrap prompts in the tokenizer's chat template when it has one; none: plain "
+        "text; or the path of a Jinja chat template file to use (and save with the model); "
+        "used alike for training and generation-based evaluation",
     )
     eval_before: bool = _f(True, "also evaluate before training")
+    val_size: float = _f(
+        0.1,
+        "jsonl task, one file: share of its rows held out for evaluation, by a hash of the "
+        "prompt (not --seed); --eval-split val takes the first half, test the second",
+    )
+    eval_on_train: bool = _f(
+        False,
+        "jsonl task: train on every row and evaluate on the same rows (a smoke test; warns)",
+    )
+    prompt_field: str | None = _f(
+        None, "jsonl task: the column holding the prompt (text or messages); default: prompt"
+    )
+    completion_field: str | None = _f(
+        None, "jsonl task: the column holding the completion; default: completion"
+    )
+    messages_field: str | None = _f(
+        None,
+        "jsonl task: the column holding a conversation (role/content or ShareGPT "
+        "from/value messages); default: messages",
+    )
     seed: int = _f(0, "seed for initialisation and data order")
     dtype: str = _f(
         "fp32",
@@ -304,6 +329,27 @@ class TrainArgs:
             raise MolfError("--save-steps must be >= 0")
         if self.push_to_hub and not self.save_model:
             raise MolfError("--push-to-hub uploads final/: drop --no-save-model")
+        self._validate_own_data()
+
+    def _validate_own_data(self) -> None:
+        """The jsonl task's settings: a share in (0, 1), a template mode or file, and
+        none of them with another task."""
+        if self.chat_template not in CHAT_TEMPLATES and not Path(self.chat_template).is_file():
+            raise MolfError(
+                f"--chat-template: {self.chat_template!r} is neither one of "
+                f"{', '.join(CHAT_TEMPLATES)} nor an existing file; pass auto, none or the "
+                "path of a Jinja chat template"
+            )
+        if not 0 < self.val_size < 1:
+            raise MolfError(f"--val-size must be in (0, 1), got {self.val_size}")
+        own = [
+            n for n in JSONL_ONLY if getattr(self, n) != TrainArgs.__dataclass_fields__[n].default
+        ]
+        if own and self.task != "jsonl":
+            flags = ", ".join("--" + n.replace("_", "-") for n in own)
+            raise MolfError(
+                f"{flags}: only the jsonl task reads them; drop them or use --task jsonl"
+            )
 
     @property
     def effective_lora_lr(self) -> float:

@@ -204,6 +204,7 @@ class TrainJob:
         self.stop.stage = "the evaluation before training"
         before = self._evaluate("before")
         self.results.update(before=before, baselines=self.task.baselines(self.data.eval))
+        self.results["evaluated"] = self.data.evaluated
         write_eval(self.run_dir.path, self.results)
         say(f"before training: {format_metrics(before)}")
 
@@ -347,6 +348,7 @@ class TrainJob:
         results = self.results
         results["after"] = self._evaluate("after")
         results["baselines"] = self.task.baselines(self.data.eval)
+        results["evaluated"] = self.data.evaluated
         results["train_seconds"] = self.train_seconds
         results["peak_memory_mb"] = peak_memory_mb(self.ctx.device)
         if skipped is not None:

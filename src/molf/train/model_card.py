@@ -85,7 +85,8 @@ def model_card(args: TrainArgs, base_model: str, results: dict[str, Any], run_di
         + ("" if lora_lr is None else f", LoRA learning rate {lora_lr:g}")
         + f"; {results.get('steps', '?')} steps of {args.batch_size * args.grad_accum} "
         f"examples per process; seed {args.seed}",
-        f"- data: {args.data or 'the hub dataset'} (evaluated on its {args.eval_split} split)",
+        f"- data: {args.data or 'the hub dataset'}; evaluated on "
+        + results.get("evaluated", f"its {args.eval_split} split"),
     ]
     routing = routing_summary(run_dir)
     if routing:
