@@ -232,9 +232,12 @@ def test_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_model_dir, me
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_chat_data_trains_on_the_reply_through_the_models_template(tmp_path, tiny_model_dir):
+def test_chat_data_trains_on_the_reply_through_the_models_template(
+    tmp_path, tiny_model_dir, capsys
+):
     """`{"messages": [...]}` rows with a model whose tokenizer has a chat template: the
-    run trains and evaluates, and the template's text reaches the predictions."""
+    run trains and evaluates (on its four training rows: --eval-on-train), and the
+    template's text reaches the predictions."""
     model = tmp_path / "chat-model"
     model.mkdir()
     for f in tiny_model_dir.iterdir():
@@ -259,6 +262,7 @@ def test_chat_data_trains_on_the_reply_through_the_models_template(tmp_path, tin
     out = train_run(
         tmp_path, "chat", "--model", str(model), "--task", "jsonl", "--data", str(data),
         "--method", "lora", "--lora-ranks", "4", "--lora-alphas", "8", "--max-new-tokens", "2",
+        "--eval-on-train",
     )  # fmt: skip
     assert yaml.safe_load((out / "config.yaml").read_text())["chat_template"] == "auto"
     predictions = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
@@ -267,9 +271,12 @@ def test_chat_data_trains_on_the_reply_through_the_models_template(tmp_path, tin
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert log and all(math.isfinite(x["loss"]) for x in log)
     # without the template the same data is refused with one clear line
+    capsys.readouterr()
     assert main(["train", "--output-dir", str(tmp_path / "runs" / "plain"), *QUICK,
                  "--model", str(model), "--task", "jsonl", "--data", str(data),
-                 "--chat-template", "none"]) == 2  # fmt: skip
+                 "--eval-on-train", "--chat-template", "none"]) == 2  # fmt: skip
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "needs the model's chat template" in line and "--chat-template none" in line, line
 
 
 def test_amp_bf16_keeps_every_small_update_that_pure_bf16_loses(tmp_path, tiny_model_dir, capsys):
