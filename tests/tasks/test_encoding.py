@@ -15,6 +15,8 @@ from molf.tasks.encoding import (
     prompt_ids,
     use_chat_template,
 )
+from molf.tasks.layouts import parse_pair_row
+from molf.tasks.sources import Origin
 
 # word ids in the word_tokenizer fixture
 BOS, EOS, THE, CAT, SAT, ON, A, MAT = 1, 2, 3, 4, 5, 6, 7, 8
@@ -209,8 +211,20 @@ def test_a_chat_template_file_gives_a_model_without_one_its_template(
     assert use_chat_template(tokenizer, "auto") is False
     assert use_chat_template(tokenizer, str(template)) is True
     assert tokenizer.chat_template == JINJA
-    conversation = ({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"})
-    out = encode_example(tokenizer, conversation, " Hello")
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello"},
+        ]
+    }
+    example = parse_pair_row(sharegpt, Origin("mine.jsonl", 1))
+    conversation, reply = example.prompt, example.completion
+    assert conversation == (
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+    )
+    out = encode_example(tokenizer, conversation, reply)
     # the prompt: what the tokenizer itself renders from the same template
     reference = AutoTokenizer.from_pretrained(tiny_model_dir)
     reference.chat_template = template.read_text()
