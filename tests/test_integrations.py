@@ -228,6 +228,8 @@ def test_merged_state_dict_is_merge_and_unload_without_merging():
     assert all(torch.equal(merged[k], reference[k]) for k in reference)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     both = merged_state_dict(model, keep_experts=True)
+    again = merged_state_dict(model, both)  # a dict merged before is left as it is
+    assert list(again) == list(both) and all(again[k] is both[k] for k in both)
     result = model.load_state_dict(both, strict=False)
     # The MoLF model's load hook drops the merged weights of layers whose MoLF tensors came
     # too (a checkpoint); loading the merged dict alone reports both sides.

@@ -37,6 +37,10 @@ class MoLFRoutingCallback(TrainerCallback):
     callbacks given to it, so add this one with :meth:`attach`, which puts it before
     them: the shares then reach the trackers and ``trainer.state.log_history`` in the
     same record as the loss. :class:`MoLFTrainer` attaches one itself.
+
+    At the start of training it warns once when the model is a MoLF model but the
+    Trainer's optimizer is not MoLFAdamW (the one ``args.optim`` names): nothing would be
+    routed.
     """
 
     def __init__(self) -> None:

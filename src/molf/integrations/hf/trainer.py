@@ -41,7 +41,11 @@ class MoLFTrainerMixin:
       (``save_steps``) hold the MoLF tensors, which ``train(resume_from_checkpoint=...)``
       restores exactly, and the merged weights under the plain names, so loading a
       checkpoint as a plain model gives the model trained so far; they also hold
-      ``molf_config.json`` (wrap a fresh model with that config to resume).
+      ``molf_config.json`` (wrap a fresh model with that config to resume). A model from
+      ``get_molf_model`` saves itself this way under any Trainer
+      (:class:`~molf.model.MergedSavePretrained`); the mixin decides final save or
+      checkpoint by the call rather than the directory name, and merges a MoLF model that
+      is not a ``PreTrainedModel`` too.
     """
 
     def __init__(
