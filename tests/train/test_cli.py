@@ -58,6 +58,7 @@ def test_jsonl_task_and_yaml_config(tmp_path, tiny_model_dir):
                 "method": "molf-e",
                 "max_steps": 2,
                 "lr": 0.5,
+                "eval_on_train": True,  # 6 rows: too few to hold some out reliably
             }
         )
     )

@@ -96,7 +96,7 @@ def test_training_prints_a_short_routing_summary(tmp_path, tiny_model_dir, capsy
         "train", "--model", str(tiny_model_dir), "--task", "jsonl", "--data", str(data),
         "--method", "molf", "--lora-ranks", "4", "--lora-alphas", "8", "--batch-size", "2",
         "--max-steps", "20", "--lr", "1e-3", "--output-dir", str(out), "--no-eval-before",
-        "--max-new-tokens", "2",
+        "--max-new-tokens", "2", "--eval-on-train",
     ]  # fmt: skip
     assert main(argv) == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[molf] routing")]

@@ -146,7 +146,11 @@ def run_eval(args: TrainArgs, write: bool) -> dict[str, float]:
         out.mkdir(parents=True, exist_ok=True)
     metrics = evaluate(task, model, tokenizer, data.eval, args, out, "after")
     if out is not None:
-        results = {"after": metrics, "baselines": task.baselines(data.eval)}
+        results = {
+            "after": metrics,
+            "baselines": task.baselines(data.eval),
+            "evaluated": data.evaluated,
+        }
         write_text_atomic(out / "eval.json", json.dumps(results, indent=2))
     return metrics
 
