@@ -217,6 +217,8 @@ def test_committed_summary_continues_without_run_dirs(tmp_path, facts, finished,
     summary = tmp_path / "committed" / "summary.csv"
     # as a checkout holds it: written by molf (the sweep replaces only its own files)
     write_text_atomic(summary, (finished[0] / "summary.csv").read_text())
+    outcomes = (finished[0] / "outcomes.jsonl").read_text()  # committed beside it
+    write_text_atomic(summary.parent / "outcomes.jsonl", outcomes)
     out = tmp_path / "later"
     cfg = _config(tmp_path, out, facts, summary=str(summary))
     assert main([str(cfg), "--dry-run"]) == 0

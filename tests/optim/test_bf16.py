@@ -10,8 +10,10 @@ from helpers import tiny_model
 from molf import MoLFAdamW, MoLFConfig, get_molf_model
 
 
-@pytest.mark.parametrize("train_base", [True, False])
-def test_bf16_training_learns(train_base):
+# MoLF-E trains only its LoRA experts (embeddings, norms and lm_head frozen by default):
+# on random tokens 25 steps lower its loss by about 9%, MoLF's by over 30%.
+@pytest.mark.parametrize(("train_base", "ratio"), [(True, 0.7), (False, 0.93)])
+def test_bf16_training_learns(train_base, ratio):
     model = tiny_model().to(torch.bfloat16)
     model = get_molf_model(
         model, MoLFConfig(lora_ranks=(4, 8), lora_alphas=(8, 8), train_base=train_base)
@@ -28,7 +30,7 @@ def test_bf16_training_learns(train_base):
         losses.append(loss.item())
     assert all(s["exp_avg"].dtype == torch.bfloat16 for s in opt.state.values())
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert losses[-1] < 0.7 * losses[0], losses
+    assert losses[-1] < ratio * losses[0], losses
 
 
 def test_float16_parameters_are_refused():

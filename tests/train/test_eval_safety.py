@@ -69,7 +69,8 @@ def test_eval_refuses_to_write_into_a_training_run(run, tmp_path, capsys):
     fresh = tmp_path / "ev"
     for _ in range(2):
         assert main(["eval", "--run", str(run), "--output-dir", str(fresh)]) == 0
-        assert json.loads((fresh / "eval.json").read_text()).keys() == {"after", "baselines"}
+        written = json.loads((fresh / "eval.json").read_text()).keys()
+        assert written == {"after", "baselines", "evaluated"}
     assert _record(run) == record
 
 
