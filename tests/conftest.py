@@ -18,8 +18,8 @@ import torch
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# fixtures that read the shared data (tests/tasks/conftest.py's data_root is one too)
-SHARED_DATA_FIXTURES = {"shared_data", "data_root"}
+# fixtures that read the shared data (tests/tasks/conftest.py's shared_data is one too)
+SHARED_DATA_FIXTURES = {"shared_data"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

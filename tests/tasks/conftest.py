@@ -1,13 +1,11 @@
-"""Fixtures for the task tests: the shared real data, a real tiny model, a word tokenizer."""
+"""Fixtures for the task tests: a real tiny model (stories260k, from the shared data), a
+word tokenizer."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="package", autouse=True)
@@ -23,24 +21,11 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
-def data_root() -> Path:
-    """``$MOLF_DATA_DIR`` (relative paths are taken from the repository root)."""
-    value = os.environ.get("MOLF_DATA_DIR")
-    if not value:
-        pytest.skip("MOLF_DATA_DIR is unset: set it to the shared data folder (../shared/data)")
-    path = Path(value)
-    path = path if path.is_absolute() else REPO_ROOT / path
-    if not path.is_dir():
-        pytest.skip(f"MOLF_DATA_DIR={value} is not a directory")
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny(data_root: Path):
+def tiny(stories: Path):
     """(model, tokenizer) of the real pretrained stories260k Llama, loaded offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = data_root / "models" / "stories260k"
+    path = stories
     model = AutoModelForCausalLM.from_pretrained(path)
     return model, AutoTokenizer.from_pretrained(path)
 

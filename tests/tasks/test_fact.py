@@ -162,18 +162,18 @@ def test_empty_file_is_an_error(tmp_path: Path) -> None:
         get_task("fact").load(str(write_json(tmp_path / "cf.json", [])))
 
 
-def test_real_counterfact_files(data_root: Path) -> None:
+def test_real_counterfact_files(shared_data: Path) -> None:
     task = get_task("fact")
-    val = task.load(str(data_root / "counterfact"), split="val")
-    test = task.load(str(data_root / "counterfact"), max_train_samples=50, max_eval_samples=20)
+    val = task.load(str(shared_data / "counterfact"), split="val")
+    test = task.load(str(shared_data / "counterfact"), max_train_samples=50, max_eval_samples=20)
     assert val.source.endswith("counterfact-val.json") and len(val.train) == 1919
     assert test.source.endswith("counterfact-edit.json")
     assert len(test.train) == 50 and len(test.eval) == 20
-    everything = task.load(str(data_root / "counterfact"), split="test")
+    everything = task.load(str(shared_data / "counterfact"), split="test")
     assert len(everything.train) == 10000
     assert not set(val.train) & set(everything.train)  # no edit is in both
     halves = [
-        task.load(str(data_root / "counterfact" / "counterfact-val.json"), split=s)
+        task.load(str(shared_data / "counterfact" / "counterfact-val.json"), split=s)
         for s in ("val", "test")
     ]
     assert [len(h.train) for h in halves] == [930, 989]

@@ -160,11 +160,11 @@ def test_directory_without_dev_jsonl_is_an_error(tmp_path: Path) -> None:
         get_task("med").load(str(tmp_path))
 
 
-def test_real_dev_file(data_root: Path) -> None:
+def test_real_dev_file(shared_data: Path) -> None:
     task = get_task("med")
-    val = task.load(str(data_root / "medmcqa"), split="val")
-    test = task.load(str(data_root / "medmcqa"), split="test")
-    rows = [json.loads(line) for line in (data_root / "medmcqa" / "dev.jsonl").open()]
+    val = task.load(str(shared_data / "medmcqa"), split="val")
+    test = task.load(str(shared_data / "medmcqa"), split="test")
+    rows = [json.loads(line) for line in (shared_data / "medmcqa" / "dev.jsonl").open()]
     counts = {p: sum(expected_part(r["question"]) == p for r in rows) for p in ("val", "test")}
     assert (len(val.train), len(val.eval), len(test.eval)) == (
         4183 - counts["val"] - counts["test"],

@@ -50,8 +50,8 @@ def test_query_literals_files_constants_under_their_columns() -> None:
 
 
 @pytest.fixture(scope="module")
-def real_schemas(data_root: Path) -> dict[str, SpiderSchema]:
-    return spider_schemas(read_rows(data_root / "spider" / "tables.json"))
+def real_schemas(shared_data: Path) -> dict[str, SpiderSchema]:
+    return spider_schemas(read_rows(shared_data / "spider" / "tables.json"))
 
 
 def fk_orphans(conn: sqlite3.Connection, schema: SpiderSchema, source: int, target: int) -> int:

@@ -78,8 +78,8 @@ def test_database_sides_need_three_databases() -> None:
         database_sides({"a": 5, "b": 9})
 
 
-def test_real_spider_database_sides(data_root: Path) -> None:
-    questions = json.loads((data_root / "spider" / "dev.json").read_text())
+def test_real_spider_database_sides(shared_data: Path) -> None:
+    questions = json.loads((shared_data / "spider" / "dev.json").read_text())
     counts = Counter(q["db_id"] for q in questions)
     sides = database_sides(counts)
     per_side = {s: [db for db in counts if sides[db] == s] for s in ("train", "val", "test")}

@@ -414,9 +414,9 @@ def test_spider_needs_tables_json(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def spider_loads(data_root: Path) -> dict:
+def spider_loads(shared_data: Path) -> dict:
     """The real Spider dev set loaded in both modes and both held-out splits."""
-    spider = data_root / "spider"
+    spider = shared_data / "spider"
     return {
         (mode, split): get_task("sql").load(f"{spider}{mode}", split=split)
         for mode in ("", "#by-question")
@@ -424,8 +424,8 @@ def spider_loads(data_root: Path) -> dict:
     }
 
 
-def test_real_spider_splits(data_root: Path, spider_loads: dict) -> None:
-    questions = json.loads((data_root / "spider" / "dev.json").read_text())
+def test_real_spider_splits(shared_data: Path, spider_loads: dict) -> None:
+    questions = json.loads((shared_data / "spider" / "dev.json").read_text())
     for mode in ("", "#by-question"):
         val, test = spider_loads[(mode, "val")], spider_loads[(mode, "test")]
         assert val.train == test.train
