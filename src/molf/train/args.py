@@ -64,6 +64,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "evaluation": (
         "max_eval_samples", "eval_batch_size", "max_new_tokens", "eval_split", "eval_before",
+        "eval_steps", "eval_metrics", "early_stopping_patience",
     ),
     "saving and resuming": (
         "output_dir", "save_steps", "save_total_limit", "save_model", "save_merged",
@@ -179,6 +180,19 @@ class TrainArgs:
         "used alike for training and generation-based evaluation",
     )
     eval_before: bool = _f(True, "also evaluate before training")
+    eval_steps: int = _f(
+        0,
+        "every N optimizer steps, the loss on the evaluated rows' pairs into train_log.jsonl "
+        "(eval_loss) and the trackers (eval/loss); 0 = never",
+    )
+    eval_metrics: bool = _f(
+        False, "with --eval-steps: the task's metrics at those steps too (eval_<metric>)"
+    )
+    early_stopping_patience: int = _f(
+        0,
+        "with --eval-steps: stop (a checkpoint, then the usual evaluation and save) once "
+        "the eval loss has not improved for K evaluations in a row; 0 = never",
+    )
     val_size: float = _f(
         0.1,
         "jsonl task, one file: share of its rows held out for evaluation, by a hash of the "
@@ -329,6 +343,10 @@ class TrainArgs:
             raise MolfError("--save-steps must be >= 0")
         if self.push_to_hub and not self.save_model:
             raise MolfError("--push-to-hub uploads final/: drop --no-save-model")
+        if min(self.eval_steps, self.early_stopping_patience) < 0:
+            raise MolfError("--eval-steps and --early-stopping-patience must be >= 0")
+        if not self.eval_steps and (self.eval_metrics or self.early_stopping_patience):
+            raise MolfError("--eval-metrics and --early-stopping-patience need --eval-steps N")
         self._validate_own_data()
 
     def _validate_own_data(self) -> None:
