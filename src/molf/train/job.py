@@ -383,7 +383,7 @@ class TrainJob:
         if args.save_model:
             self.stop.stage = "the final save"
             card = model_card(
-                args, ref.hub_id or ref.name, {**self.results, "steps": self.end}, run_dir
+                args, ref.hub_id or ref.name, {**self.results, "steps": self.end}, run_dir, ref
             )
             source = {"base_model": ref.name, "gguf_file": ref.gguf_file, "hub_id": ref.hub_id}
             final = save_final(self.model, self.tokenizer, args, run_dir, source, card)
