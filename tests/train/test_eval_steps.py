@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,30 @@ def test_the_card_names_the_gguf_the_weights_were_dequantized_from(tmp_path):
     assert yaml.safe_load(card.split("---")[1])["base_model"] == hub
     plain = model_card(TrainArgs(method="molf"), "x", {}, tmp_path, ModelRef("x", None, None))
     assert "GGUF" not in plain
+
+
+def test_the_fact_evaluation_shows_one_progress_bar_on_a_terminal(tiny_model_dir, monkeypatch):
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    master, replica = pty.openpty()
+    fcntl.ioctl(replica, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 120 columns
+    terminal = os.fdopen(replica, "w")
+    monkeypatch.setattr(sys, "stderr", terminal)  # tqdm's default file, a terminal now
+    task = get_task("fact")
+    records = task.load("builtin", max_eval_samples=4).eval
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    task.evaluate(model, AutoTokenizer.from_pretrained(tiny_model_dir), records, batch_size=2)
+    terminal.flush()
+    shown = b""
+    while select.select([master], [], [], 0.5)[0]:
+        shown += os.read(master, 65536)
+    terminal.close()
+    os.close(master)
+    text = shown.decode()
+    answers = 2 * 3 * len(records)  # a built-in edit: its prompt, a paraphrase, a neighbour
+    assert "evaluating" in text and f"{answers}/{answers}" in text
+    assert "scoring" not in text  # one bar for the whole evaluation
