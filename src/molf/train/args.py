@@ -17,13 +17,13 @@ from typing import Any
 from molf import defaults
 from molf.errors import MolfError
 from molf.train.method_names import METHOD_NAMES, default_train_non_linear
+from molf.train.setting_values import check_own_data, coerce
 from molf.yamlfile import load_yaml
 
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16", "amp-bf16")
 SAVE_DTYPES = ("fp32", "bf16")
 EVAL_SPLITS = ("val", "test")
-CHAT_TEMPLATES = ("auto", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 SCORES = ("epd", "pfn")
@@ -103,7 +103,6 @@ RECORDED_KEYS = frozenset(
 # the value came from a flag (where the shell may not expand it: --output-dir=~/x) or
 # from YAML (where nothing else would).
 PATH_FIELDS = ("model", "data", "output_dir", "chat_template")
-JSONL_ONLY = ("val_size", "eval_on_train", "prompt_field", "completion_field", "messages_field")
 MAX_SEED = 2**32 - 1  # numpy's limit; torch and random take more, but not the same range
 
 
@@ -347,27 +346,7 @@ class TrainArgs:
             raise MolfError("--eval-steps and --early-stopping-patience must be >= 0")
         if not self.eval_steps and (self.eval_metrics or self.early_stopping_patience):
             raise MolfError("--eval-metrics and --early-stopping-patience need --eval-steps N")
-        self._validate_own_data()
-
-    def _validate_own_data(self) -> None:
-        """The jsonl task's settings: a share in (0, 1), a template mode or file, and
-        none of them with another task."""
-        if self.chat_template not in CHAT_TEMPLATES and not Path(self.chat_template).is_file():
-            raise MolfError(
-                f"--chat-template: {self.chat_template!r} is neither one of "
-                f"{', '.join(CHAT_TEMPLATES)} nor an existing file; pass auto, none or the "
-                "path of a Jinja chat template"
-            )
-        if not 0 < self.val_size < 1:
-            raise MolfError(f"--val-size must be in (0, 1), got {self.val_size}")
-        own = [
-            n for n in JSONL_ONLY if getattr(self, n) != TrainArgs.__dataclass_fields__[n].default
-        ]
-        if own and self.task != "jsonl":
-            flags = ", ".join("--" + n.replace("_", "-") for n in own)
-            raise MolfError(
-                f"{flags}: only the jsonl task reads them; drop them or use --task jsonl"
-            )
+        check_own_data(self)
 
     @property
     def effective_lora_lr(self) -> float:
@@ -384,38 +363,6 @@ class TrainArgs:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Turn a YAML or flag value into the field's type, or say which field is wrong."""
-    flag = "--" + f.name.replace("_", "-")
-    if value is None:
-        return None
-    try:
-        if "list" in f.metadata:
-            items = value.split(",") if isinstance(value, str) else value
-            if isinstance(items, (int, float)):
-                items = [items]
-            return tuple(f.metadata["list"](x) for x in items)
-        kind = f.type if isinstance(f.type, str) else str(f.type)
-        if kind.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text in ("1", "true", "yes"):
-                return True
-            if text in ("0", "false", "no"):
-                return False
-            raise ValueError(value)
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(str(value)) if isinstance(value, str) else int(value)
-        if kind.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise MolfError(f"{flag}: cannot read {value!r} as {f.type}") from None
-
-
 def resolve_args(
     config_path: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None
 ) -> TrainArgs:
@@ -423,7 +370,7 @@ def resolve_args(
     command-line overrides into :class:`TrainArgs`; later ones win."""
     fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
     values: dict[str, Any] = {
-        name: _coerce(fields[name], value) for name, value in (base or {}).items()
+        name: coerce(fields[name], value) for name, value in (base or {}).items()
     }
     if config_path is not None:
         config_path = expand_path(config_path)
@@ -433,8 +380,8 @@ def resolve_args(
                 continue
             if name not in fields:
                 raise MolfError(f"--config: {config_path}: unknown setting {key!r}")
-            values[name] = _coerce(fields[name], value)
+            values[name] = coerce(fields[name], value)
     for name, value in overrides.items():
         if value is not None:
-            values[name] = _coerce(fields[name], value)
+            values[name] = coerce(fields[name], value)
     return TrainArgs(**values)
