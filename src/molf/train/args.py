@@ -338,15 +338,18 @@ class TrainArgs:
             raise MolfError("--resume and --overwrite exclude each other: pick one")
         if self.allow_changed_settings and not self.resume:
             raise MolfError("--allow-changed-settings applies only with --resume")
-        if self.save_steps < 0:
-            raise MolfError("--save-steps must be >= 0")
         if self.push_to_hub and not self.save_model:
             raise MolfError("--push-to-hub uploads final/: drop --no-save-model")
-        if min(self.eval_steps, self.early_stopping_patience) < 0:
-            raise MolfError("--eval-steps and --early-stopping-patience must be >= 0")
+        self._validate_steps()
+        check_own_data(self)
+
+    def _validate_steps(self) -> None:
+        """Counts of steps that may be 0 (never), and the settings --eval-steps enables."""
+        for name in ("save_steps", "eval_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise MolfError(f"--{name.replace('_', '-')} must be >= 0")
         if not self.eval_steps and (self.eval_metrics or self.early_stopping_patience):
             raise MolfError("--eval-metrics and --early-stopping-patience need --eval-steps N")
-        check_own_data(self)
 
     @property
     def effective_lora_lr(self) -> float:

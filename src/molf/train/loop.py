@@ -123,6 +123,7 @@ def train_loop(
     )
     summary_every = max(1, total_steps // 10)  # a routing line at most ~10 times a run
     next_summary = start_step + summary_every
+    done, early = start_step, False
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         loss, tokens = steps.accumulate(*batches.step(step))
@@ -143,11 +144,7 @@ def train_loop(
                 next_summary = done + summary_every
         bar.update(1)
         if early:
-            bar.close()
-            if ctx.dist.is_main:
-                tqdm.write(f"[molf] {ctx.evaluator.early.message()}")
-            steps.watch.finish()
-            return done
+            break
         stop = done < total_steps and _agreed(ctx.stop_requested(), ctx)
         if done < total_steps and (stop or (args.save_steps and done % args.save_steps == 0)):
             ctx.checkpoint(done)
@@ -155,8 +152,10 @@ def train_loop(
             bar.close()
             raise Interrupted(done, saved=True)
     bar.close()
+    if early and ctx.dist.is_main:
+        tqdm.write(f"[molf] {ctx.evaluator.early.message()}")
     steps.watch.finish()
-    return total_steps
+    return done
 
 
 class Steps:
