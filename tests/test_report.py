@@ -14,8 +14,9 @@ from PIL import Image
 from molf.cli import main
 from molf.errors import MolfError
 from molf.report import heatmap_rows, load_run, routing_matrix, share_series, write_report
-from molf.report.plots import _rolling
+from molf.report.plots import _rolling, plot_training
 from molf.report.routing import bin_columns
+from molf.report.runs import series
 from molf.report.tables import comparison_table, single_run_table, to_markdown
 from molf.routing_log import NONE, SEVERAL
 from molf.routing_stats import TYPE_ORDER, group_modules, layer_index, module_type
@@ -40,7 +41,8 @@ class Crash(Exception):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, shared_data) -> dict[str, Path]:
-    """Real runs on stories260k: one per method, and one killed after step 3."""
+    """Real runs on stories260k: one per method (molf with --eval-steps 2), and one
+    killed after step 3."""
     root = tmp_path_factory.mktemp("report")
     data = root / "pairs.jsonl"
     data.write_text(
@@ -54,7 +56,7 @@ def runs(tmp_path_factory, shared_data) -> dict[str, Path]:
     for method in METHODS:
         out[method] = root / "runs" / method
         argv = [*base, *QUICK, "--method", method, "--output-dir", str(out[method])]
-        assert main(argv) == 0
+        assert main([*argv, *(["--eval-steps", "2"] if method == "molf" else [])]) == 0
     # a run killed right after its checkpoint at step 3: logs up to 3, no "after"
     out["killed"] = root / "runs" / "killed"
     argv = [*base, *QUICK, "--method", "molf", "--output-dir", str(out["killed"])]
@@ -175,6 +177,21 @@ def test_report_of_every_method_writes_pngs_html_and_markdown(runs, tmp_path):
             assert marked == want, name
             assert [row[col] for row in table.rows] == [a[name] for a in afters]
     assert "**" in to_markdown(table) and "class='best'" in page
+
+
+def test_the_training_figure_draws_the_eval_loss(runs, tmp_path):
+    run = load_run(runs["molf"])
+    assert series(run, "eval_loss")[0] == [2, 4, 6]
+    bare = _copy(runs["molf"], tmp_path, "bare")
+    log = [
+        {k: v for k, v in r.items() if k != "eval_loss"}
+        for r in _jsonl(run.path / "train_log.jsonl")
+    ]
+    (bare / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    with Image.open(plot_training([run], tmp_path / "eval.png")) as drawn:
+        with Image.open(plot_training([load_run(bare, "molf")], tmp_path / "bare.png")) as plain:
+            assert np.asarray(drawn).shape == np.asarray(plain).shape
+            assert (np.asarray(drawn) != np.asarray(plain)).any()
 
 
 @pytest.mark.slow

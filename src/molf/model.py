@@ -363,11 +363,18 @@ def write_peft_adapter(model: nn.Module, directory: Path) -> None:
         modules_to_save=to_save or None,
         bias="none",
         task_type="CAUSAL_LM",
-        base_model_name_or_path=getattr(getattr(model, "config", None), "_name_or_path", None),
+        base_model_name_or_path=_base_model_name(model),
     )
     peft_config.save_pretrained(directory)
     save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
     write_molf_config(config, directory)
+
+
+def _base_model_name(model: nn.Module) -> str | None:
+    """The model's ``_name_or_path``, a local directory made absolute (so the adapter
+    loads from any working directory)."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    return os.path.abspath(name) if name and os.path.isdir(name) else name
 
 
 def _adapter_tensors(

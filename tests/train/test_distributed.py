@@ -61,6 +61,14 @@ def torchrun(args: list[str], nproc: int = 2, timeout: float = 240) -> subproces
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+EVAL = ["--eval-steps", "2", "--max-eval-samples", "5"]  # an odd count over 2 ranks
+
+
+def _eval_losses(run: Path) -> dict[int, float]:
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r}
+
+
 def _winners(run: Path) -> list:
     lines = [json.loads(x) for x in (run / "routing.jsonl").read_text().splitlines()]
     return [x["winners"] for x in lines[1:]]
@@ -97,6 +105,7 @@ def single(tmp_path_factory, tiny_model_dir):
                 "--batch-size",
                 "4",
                 *COMMON,
+                *EVAL,
             ]
         )
         == 0
@@ -119,11 +128,16 @@ def test_two_processes_route_and_train_like_one(tmp_path, tiny_model_dir, single
             mode,
             "--check-routing",
             *COMMON,
+            *EVAL,
         ]
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert _winners(out) == _winners(single)
     _assert_close(_weights(out), _weights(single))
+    # every rank's slice of the eval pairs (5: one rank pads), all-reduced: one process's loss
+    ours, one = _eval_losses(out), _eval_losses(single)
+    assert list(ours) == list(one) == [2, 4]
+    assert all(ours[s] == pytest.approx(one[s], rel=1e-4) for s in one), (ours, one)
     config = json.loads(json.dumps(__import__("yaml").safe_load((out / "config.yaml").read_text())))
     assert config["world_size"] == 2 and config["parallel_mode"] == mode
 

@@ -44,17 +44,23 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_training(runs: Sequence[Run], path: Path) -> Path:
-    """Loss over steps (one line per run) above the learning rate(s) over steps."""
+    """Loss over steps (one line per run; dashed with circles: its ``eval_loss`` of
+    ``--eval-steps``) above the learning rate(s) over steps."""
     plt = _pyplot()
     fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 5.5), sharex=True)
     for run in runs:
         steps, loss = series(run, "loss")
         (line,) = ax_loss.plot(steps, loss, label=run.label, marker="." if len(steps) < 30 else "")
+        eval_steps, eval_loss = series(run, "eval_loss")
+        if eval_steps:
+            ax_loss.plot(eval_steps, eval_loss, color=line.get_color(), linestyle="--",
+                         marker="o", markersize=4, label=f"{run.label} eval")  # fmt: skip
         for i, key in enumerate(lr_keys(run)):
             lr_steps, lr = series(run, key)
             label = run.label if key == "lr" else f"{run.label} {key}"
             ax_lr.plot(lr_steps, lr, color=line.get_color(), label=label, linestyle="-:--"[i % 3])
-    ax_loss.set_ylabel("training loss")
+    evaluated = len(ax_loss.get_lines()) > len(runs)
+    ax_loss.set_ylabel("training and eval loss" if evaluated else "training loss")
     ax_loss.set_title("Training loss and learning rate")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("optimizer step")

@@ -3,7 +3,7 @@ the task protocol."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,12 +27,15 @@ class Example:
 @dataclass
 class TaskData:
     """What ``Task.load`` returns: training pairs, evaluation records, their origin and
-    which records are evaluated (for eval.json and the model card)."""
+    which records are evaluated (for eval.json and the model card); and the evaluation
+    records as training pairs (``eval_examples``: what ``--eval-steps`` takes the loss
+    of, e.g. a question and its answer, an edit's prompt and its new answer)."""
 
     train: list[Example]
     eval: list[Any]  # task-specific records, consumed by the same task's ``evaluate``
     source: str  # human-readable: the path or hub id the data came from
     evaluated: str = ""  # e.g. "the test half of the held-out 10% of x.jsonl: 6 pairs"
+    eval_examples: list[Example] = field(default_factory=list)  # one per ``eval`` record
 
     def __post_init__(self) -> None:
         if not self.evaluated:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from molf.errors import MolfError
 from molf.tasks.base import DataPath, Example, TaskData
@@ -195,13 +196,12 @@ class FactTask:
         are (a subset of) the same injected edits. Caps pick the same edits whatever
         ``seed``, so every seed of a study trains and scores one set of edits."""
         records, source = fact_records(data, check_split(split))
-        edits = nonempty(
-            take(records, max_train_samples, EVAL_CAP_SEED, "max_train_samples"), "edits", source
-        )
+        capped = take(records, max_train_samples, EVAL_CAP_SEED, "max_train_samples")
+        edits = nonempty(capped, "edits", source)
         train = [Example(r.prompt, answer(r.target_new)) for r in edits]
-        return TaskData(
-            train, take(edits, max_eval_samples, EVAL_CAP_SEED, "max_eval_samples"), source
-        )
+        evals = take(edits, max_eval_samples, EVAL_CAP_SEED, "max_eval_samples")
+        pairs = [Example(r.prompt, answer(r.target_new)) for r in evals]
+        return TaskData(train, evals, source, eval_examples=pairs)
 
     def evaluate(
         self,
@@ -245,8 +245,9 @@ class FactTask:
             contests["specificity"] += [(p, answer(t), new) for p, t in r.neighbours]
         metrics: dict[str, float] = {}
         first_token: dict[str, float] = {}
+        bar = tqdm(total=2 * sum(map(len, contests.values())), desc="evaluating", disable=None)
         for name, items in contests.items():
-            scores = contest_scores(model, tokenizer, items, batch_size)
+            scores = contest_scores(model, tokenizer, items, batch_size, progress=bar)
             metrics[name] = share_preferred([s.wanted for s in scores], [s.other for s in scores])
             if name == "efficacy":
                 margin = mean([s.wanted - s.other for s in scores])
@@ -258,6 +259,7 @@ class FactTask:
                     _prediction(name, item, score)
                     for item, score in zip(items, scores, strict=True)
                 ]
+        bar.close()
         return {**metrics, **first_token, "efficacy_margin": margin}
 
     def baselines(self, records: list[FactRecord]) -> dict[str, float]:
@@ -282,6 +284,7 @@ def contest_scores(
     batch_size: int = 8,
     *,
     share_prefix: bool = True,
+    progress: Any = None,
 ) -> list[ContestScore]:
     """A :class:`ContestScore` per ``(prompt, wanted, other)``.
 
@@ -293,6 +296,7 @@ def contest_scores(
     answer's first token. ``share_prefix=False`` runs the evaluation as it was before
     (one right-padded row per answer, logits at every position: the baseline of
     ``benchmarks/b6_eval_scoring.py``); the scores are the same up to float rounding.
+    ``progress`` (a tqdm bar) advances by two per contest scored (prefix sharing only).
     """
     limit = context_length(model)
     encoded = [
@@ -312,6 +316,7 @@ def contest_scores(
         answers,
         batch_size,
         alternatives=[[rivals[i]] if i % 2 == 0 else [] for i in range(len(answers))],
+        progress=progress,
     )
     return [
         ContestScore(

@@ -96,6 +96,7 @@ def score_completions(
     *,
     alternatives: list[list[int]] | None = None,
     share_prefix: bool = True,
+    progress: Any = None,
 ) -> list[CompletionScore]:
     """A :class:`CompletionScore` per ``(prompt, completion)`` pair.
 
@@ -108,7 +109,8 @@ def score_completions(
     completions read from its row or its cached keys and values: :class:`_Scorer`);
     every score equals (up to float rounding) scoring the pair alone. Distinct prompts
     are batched ``batch_size`` at a time, shortest first. A progress bar shows on a
-    terminal (tqdm's ``disable=None``).
+    terminal (tqdm's ``disable=None``); ``progress``, a caller's bar over several calls,
+    is advanced by the number of pairs scored instead.
     """
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -124,9 +126,8 @@ def score_completions(
     scores: dict[int, CompletionScore] = {}
     run = _Scorer(model, pad_id, cached=share_prefix and _takes_cache(model))
     with inference(model):
-        for start in tqdm(
-            range(0, len(ordered), batch_size), desc="scoring", unit="batch", disable=None
-        ):
+        starts = range(0, len(ordered), batch_size)
+        for start in starts if progress else tqdm(starts, "scoring", unit="batch", disable=None):
             batch = ordered[start : start + batch_size]
             scores.update(
                 run(
@@ -134,6 +135,8 @@ def score_completions(
                     [[(i, tails[i], asked[i]) for i in members] for _, members in batch],
                 )
             )
+            if progress is not None:
+                progress.update(sum(len(members) for _, members in batch))
     return [scores[i] for i in range(len(prompts))]
 
 

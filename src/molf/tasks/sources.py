@@ -285,7 +285,8 @@ def limited_task_data(
     evaluated: str | None = None,
 ) -> TaskData:
     """Train and eval records capped by the max_*_samples options (seeded), checked
-    non-empty, with the training records turned into :class:`Example` pairs;
+    non-empty, with the training and evaluation records turned into :class:`Example`
+    pairs (``train``, ``eval_examples``);
     ``evaluated`` says which records ``evals`` are (``TaskData.evaluated`` adds their
     number after the cap)."""
     train = take(train, max_train_samples, seed, "max_train_samples")
@@ -295,6 +296,7 @@ def limited_task_data(
         nonempty(evals, f"evaluation {what}", source),
         source,
         f"{evaluated}: {len(evals)} {what}" if evaluated else "",
+        [to_example(r) for r in evals],
     )
 
 

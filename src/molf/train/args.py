@@ -17,13 +17,13 @@ from typing import Any
 from molf import defaults
 from molf.errors import MolfError
 from molf.train.method_names import METHOD_NAMES, default_train_non_linear
+from molf.train.setting_values import check_own_data, coerce
 from molf.yamlfile import load_yaml
 
 SCHEDULERS = ("cosine", "linear", "constant")
 DTYPES = ("fp32", "bf16", "amp-bf16")
 SAVE_DTYPES = ("fp32", "bf16")
 EVAL_SPLITS = ("val", "test")
-CHAT_TEMPLATES = ("auto", "none")
 REPORT_TO = ("none", "tensorboard", "wandb")
 PARALLEL = ("auto", "none", "ddp", "fsdp2")
 SCORES = ("epd", "pfn")
@@ -64,6 +64,7 @@ FLAG_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "evaluation": (
         "max_eval_samples", "eval_batch_size", "max_new_tokens", "eval_split", "eval_before",
+        "eval_steps", "eval_metrics", "early_stopping_patience",
     ),
     "saving and resuming": (
         "output_dir", "save_steps", "save_total_limit", "save_model", "save_merged",
@@ -102,7 +103,6 @@ RECORDED_KEYS = frozenset(
 # the value came from a flag (where the shell may not expand it: --output-dir=~/x) or
 # from YAML (where nothing else would).
 PATH_FIELDS = ("model", "data", "output_dir", "chat_template")
-JSONL_ONLY = ("val_size", "eval_on_train", "prompt_field", "completion_field", "messages_field")
 MAX_SEED = 2**32 - 1  # numpy's limit; torch and random take more, but not the same range
 
 
@@ -179,6 +179,19 @@ class TrainArgs:
         "used alike for training and generation-based evaluation",
     )
     eval_before: bool = _f(True, "also evaluate before training")
+    eval_steps: int = _f(
+        0,
+        "every N optimizer steps, the loss on the evaluated rows' pairs into train_log.jsonl "
+        "(eval_loss) and the trackers (eval/loss); 0 = never",
+    )
+    eval_metrics: bool = _f(
+        False, "with --eval-steps: the task's metrics at those steps too (eval_<metric>)"
+    )
+    early_stopping_patience: int = _f(
+        0,
+        "with --eval-steps: stop (a checkpoint, then the usual evaluation and save) once "
+        "the eval loss has not improved for K evaluations in a row; 0 = never",
+    )
     val_size: float = _f(
         0.1,
         "jsonl task, one file: share of its rows held out for evaluation, by a hash of the "
@@ -325,31 +338,18 @@ class TrainArgs:
             raise MolfError("--resume and --overwrite exclude each other: pick one")
         if self.allow_changed_settings and not self.resume:
             raise MolfError("--allow-changed-settings applies only with --resume")
-        if self.save_steps < 0:
-            raise MolfError("--save-steps must be >= 0")
         if self.push_to_hub and not self.save_model:
             raise MolfError("--push-to-hub uploads final/: drop --no-save-model")
-        self._validate_own_data()
+        self._validate_steps()
+        check_own_data(self)
 
-    def _validate_own_data(self) -> None:
-        """The jsonl task's settings: a share in (0, 1), a template mode or file, and
-        none of them with another task."""
-        if self.chat_template not in CHAT_TEMPLATES and not Path(self.chat_template).is_file():
-            raise MolfError(
-                f"--chat-template: {self.chat_template!r} is neither one of "
-                f"{', '.join(CHAT_TEMPLATES)} nor an existing file; pass auto, none or the "
-                "path of a Jinja chat template"
-            )
-        if not 0 < self.val_size < 1:
-            raise MolfError(f"--val-size must be in (0, 1), got {self.val_size}")
-        own = [
-            n for n in JSONL_ONLY if getattr(self, n) != TrainArgs.__dataclass_fields__[n].default
-        ]
-        if own and self.task != "jsonl":
-            flags = ", ".join("--" + n.replace("_", "-") for n in own)
-            raise MolfError(
-                f"{flags}: only the jsonl task reads them; drop them or use --task jsonl"
-            )
+    def _validate_steps(self) -> None:
+        """Counts of steps that may be 0 (never), and the settings --eval-steps enables."""
+        for name in ("save_steps", "eval_steps", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise MolfError(f"--{name.replace('_', '-')} must be >= 0")
+        if not self.eval_steps and (self.eval_metrics or self.early_stopping_patience):
+            raise MolfError("--eval-metrics and --early-stopping-patience need --eval-steps N")
 
     @property
     def effective_lora_lr(self) -> float:
@@ -366,38 +366,6 @@ class TrainArgs:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    """Turn a YAML or flag value into the field's type, or say which field is wrong."""
-    flag = "--" + f.name.replace("_", "-")
-    if value is None:
-        return None
-    try:
-        if "list" in f.metadata:
-            items = value.split(",") if isinstance(value, str) else value
-            if isinstance(items, (int, float)):
-                items = [items]
-            return tuple(f.metadata["list"](x) for x in items)
-        kind = f.type if isinstance(f.type, str) else str(f.type)
-        if kind.startswith("bool"):
-            if isinstance(value, bool):
-                return value
-            text = str(value).lower()
-            if text in ("1", "true", "yes"):
-                return True
-            if text in ("0", "false", "no"):
-                return False
-            raise ValueError(value)
-        if kind.startswith("int"):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError(value)
-            return int(str(value)) if isinstance(value, str) else int(value)
-        if kind.startswith("float"):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise MolfError(f"{flag}: cannot read {value!r} as {f.type}") from None
-
-
 def resolve_args(
     config_path: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None
 ) -> TrainArgs:
@@ -405,7 +373,7 @@ def resolve_args(
     command-line overrides into :class:`TrainArgs`; later ones win."""
     fields = {f.name: f for f in dataclasses.fields(TrainArgs)}
     values: dict[str, Any] = {
-        name: _coerce(fields[name], value) for name, value in (base or {}).items()
+        name: coerce(fields[name], value) for name, value in (base or {}).items()
     }
     if config_path is not None:
         config_path = expand_path(config_path)
@@ -415,8 +383,8 @@ def resolve_args(
                 continue
             if name not in fields:
                 raise MolfError(f"--config: {config_path}: unknown setting {key!r}")
-            values[name] = _coerce(fields[name], value)
+            values[name] = coerce(fields[name], value)
     for name, value in overrides.items():
         if value is not None:
-            values[name] = _coerce(fields[name], value)
+            values[name] = coerce(fields[name], value)
     return TrainArgs(**values)

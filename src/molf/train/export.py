@@ -9,6 +9,7 @@ casts the saved floating-point weights (``bf16`` halves an fp32 model);
 from __future__ import annotations
 
 import json
+import os
 import shlex
 from pathlib import Path
 
@@ -31,9 +32,9 @@ def save_final(
 ) -> Path:
     """``final/``: a merged HF model (fft, molf) or a PEFT adapter (lora, dora, adalora,
     molf-e), with the tokenizer and the model card ``card`` as README.md; ``final/merged``
-    too for adapters with --save-merged. An adapter names its base model by hub id when
-    one is known (the offline GGUF file is recorded in ``molf_run.json``). Weights are
-    written in ``--save-dtype`` (default: as trained)."""
+    too for adapters with --save-merged. An adapter names its base model as
+    :func:`adapter_base` says (the offline GGUF file is recorded in ``molf_run.json``).
+    Weights are written in ``--save-dtype`` (default: as trained)."""
     final = run_dir / "final"
     with atomic_directory(final) as tmp:
         merged = None
@@ -52,8 +53,7 @@ def save_final(
             merged.save_pretrained(tmp / "merged")
             tokenizer.save_pretrained(tmp / "merged")
         tokenizer.save_pretrained(tmp)
-        if base.get("hub_id"):
-            point_adapter_at(tmp, base["hub_id"])
+        point_adapter_at(tmp, adapter_base(base))
         (tmp / "molf_run.json").write_text(json.dumps({**base, "method": args.method}, indent=2))
         (tmp / "README.md").write_text(card)
         if args.save_dtype is not None:
@@ -61,6 +61,23 @@ def save_final(
                 if directory.is_dir():
                     cast_saved_weights(directory, DTYPES[args.save_dtype])
     return final
+
+
+def adapter_base(base: dict) -> str:
+    """An adapter's ``base_model_name_or_path``, which loads from any directory: the hub
+    id when the run knows one, else the model directory as an absolute path (for a GGUF
+    file, its dequantized copy in molf's model cache when there is one: a plain HF
+    directory)."""
+    if base.get("hub_id"):
+        return base["hub_id"]
+    path = Path(base["base_model"]).expanduser()
+    if base.get("gguf_file") and (path / base["gguf_file"]).is_file():
+        from molf.train.modeling import model_cache_entry
+
+        entry = model_cache_entry(path / base["gguf_file"])
+        if entry.is_dir():
+            return os.path.abspath(entry)
+    return os.path.abspath(path) if path.exists() else base["base_model"]
 
 
 def cast_saved_weights(directory: Path, dtype: torch.dtype) -> None:

@@ -44,6 +44,7 @@ from molf.train.distributed import (
     unwrap,
     wrap_model,
 )
+from molf.train.eval_steps import step_evaluator
 from molf.train.evaluation import evaluate, load_task
 from molf.train.export import push_command, push_final, save_final
 from molf.train.logs import RunLogger, format_metrics, peak_memory_mb, say
@@ -91,6 +92,8 @@ class TrainJob:
         # resumed run counts the killed attempt's time up to the checkpoint it resumed.
         self.seconds_before = 0.0
         self.started = time.perf_counter()
+        self.evaluator = None  # --eval-steps
+        self.early_state: dict[str, Any] = {}  # early stopping, from a checkpoint
 
     def run(self) -> dict[str, Any]:
         """setup, then train and finish under the run directory's lock (rank 0 holds it)."""
@@ -168,6 +171,7 @@ class TrainJob:
             ctx.world_size,
         )
         self.total = self.batches.plan.total_steps(args.max_steps, args.epochs)
+        self.end, self.max_length = self.total, max_length  # end: early stopping may cut it
 
     # -- train: the run directory is ours --------------------------------------------
 
@@ -192,11 +196,11 @@ class TrainJob:
             self.main,
         )
         self._loop()
-        if self.start < self.total:
+        if self.start < self.end:
             # Always resumable before the final evaluation and save: a failure there (full
             # disk, a crash, SIGTERM) is redone with --resume instead of costing training.
             self.stop.stage = "the checkpoint of the last step"
-            self.checkpoint(self.total)
+            self.checkpoint(self.end)
         self.stop.raise_if_requested()  # SIGTERM during the last step: stop, resumable
         return True
 
@@ -248,6 +252,8 @@ class TrainJob:
         training seconds so far."""
         seconds = self.seconds_before + time.perf_counter() - self.started
         extra = {**method_state(self.model, self.args), "train_seconds": seconds}
+        if self.evaluator is not None:
+            extra["early_stopping"] = self.evaluator.early.record()
         write_checkpoint(
             self.run_dir.path,
             step,
@@ -275,7 +281,9 @@ class TrainJob:
         load_method_state(self.model, args, extra)
         self.seconds_before = float(extra.get("train_seconds", 0.0))
         say(f"resumed from checkpoint-{self.start} (step {self.start} of {self.total})", self.main)
-        self.recorded = self.start == self.total and "after" in self.results
+        self.early_state = extra.get("early_stopping") or {}
+        self.end = self.early_state.get("stopped_at") or self.total
+        self.recorded = self.start == self.end and "after" in self.results
         model_was_saved = self.own.get("save_model", True) is not False
         if self.recorded and (run_dir.has_final or not (model_was_saved or args.save_model)):
             say(f"{run_dir.path} is already finished: nothing to do", self.main)
@@ -293,6 +301,10 @@ class TrainJob:
             self.run_dir.path, self.args.report_to, self.args.to_dict(), enabled=self.main
         )
         self.logger.truncate(self.start)
+        self.evaluator = step_evaluator(
+            self.args, self.task, self.data, self.tokenizer, self.max_length, self.ctx,
+            self.early_state,
+        )  # fmt: skip
         loop_ctx = LoopContext(
             run_dir=self.run_dir.path,
             device=self.ctx.device,
@@ -300,20 +312,16 @@ class TrainJob:
             dist=self.ctx,
             checkpoint=self.checkpoint,
             stop_requested=self.stop.requested,
+            evaluator=self.evaluator,
         )
         self.stop.stage, self.stop.between_steps = "training", True
         try:
             self.started = time.perf_counter()
-            train_loop(
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.batches,
-                self.args,
-                loop_ctx,
-                self.start,
-                self.total,
-            )
+            if self.start < self.end:  # else stopped early already
+                self.end = train_loop(
+                    self.model, self.optimizer, self.scheduler, self.batches, self.args,
+                    loop_ctx, self.start, self.total,
+                )  # fmt: skip
         finally:
             self.stop.between_steps = False
         self.train_seconds = self.seconds_before + time.perf_counter() - self.started
@@ -350,6 +358,8 @@ class TrainJob:
         results["baselines"] = self.task.baselines(self.data.eval)
         results["evaluated"] = self.data.evaluated
         results["train_seconds"] = self.train_seconds
+        if self.args.early_stopping_patience:  # self.evaluator: built by _loop
+            results["early_stopping"] = self.evaluator.early.record()
         results["peak_memory_mb"] = peak_memory_mb(self.ctx.device)
         if skipped is not None:
             results["skipped_steps"] = skipped
@@ -361,7 +371,7 @@ class TrainJob:
             self.args,
             self.ref,
             self.task.primary_metric,
-            self.total,
+            self.end,
             results,
         )
 
@@ -373,7 +383,7 @@ class TrainJob:
         if args.save_model:
             self.stop.stage = "the final save"
             card = model_card(
-                args, ref.hub_id or ref.name, {**self.results, "steps": self.total}, run_dir
+                args, ref.hub_id or ref.name, {**self.results, "steps": self.end}, run_dir, ref
             )
             source = {"base_model": ref.name, "gguf_file": ref.gguf_file, "hub_id": ref.hub_id}
             final = save_final(self.model, self.tokenizer, args, run_dir, source, card)

@@ -78,12 +78,15 @@ class RunLogger:
 
     def log_train(self, record: dict[str, Any]) -> None:
         """Append the record to ``train_log.jsonl``; trackers get its numbers as
-        ``train/<key>`` and the routing shares since the last call as ``routing/...``."""
+        ``train/<key>`` (``eval_<name>``: ``eval/<name>``) and the routing shares since
+        the last call as ``routing/...``."""
         if not self.enabled:
             return
         self._append("train_log.jsonl", record)
         scalars = {
-            f"train/{k}": v for k, v in record.items() if k != "step" and isinstance(v, float)
+            f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}": v
+            for k, v in record.items()
+            if k != "step" and isinstance(v, float)
         }
         if self.routing_window is not None:
             scalars.update(self.routing_window.scalars())

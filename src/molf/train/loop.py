@@ -28,7 +28,8 @@ from molf.tasks.encoding import IGNORE_INDEX
 from molf.train.args import TrainArgs
 from molf.train.data import Batches
 from molf.train.distributed import DistContext, all_reduce_sum, check_routing_agrees, unwrap
-from molf.train.logs import RunLogger
+from molf.train.eval_steps import StepEvaluator
+from molf.train.logs import RunLogger, format_metrics
 from molf.train.methods import after_optimizer_step, method_of
 
 
@@ -43,6 +44,7 @@ class LoopContext:
     dist: DistContext
     checkpoint: Callable[[int], None]  # saves a checkpoint after the given step
     stop_requested: Callable[[], bool] = lambda: False  # e.g. SIGTERM: checkpoint and stop
+    evaluator: StepEvaluator | None = None  # --eval-steps (None: off)
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
@@ -103,11 +105,13 @@ def train_loop(
     ctx: LoopContext,
     start_step: int,
     total_steps: int,
-) -> None:
-    """Run optimizer steps ``start_step .. total_steps - 1``.
+) -> int:
+    """Run optimizer steps ``start_step .. total_steps - 1``; returns the number of
+    steps done (fewer than ``total_steps`` when early stopping ends the run).
 
     The loss of a step is the sum of token losses over the whole global batch divided
-    by its number of target tokens, accumulated over micro-batches (and ranks).
+    by its number of target tokens, accumulated over micro-batches (and ranks). Every
+    ``--eval-steps`` step the evaluator's values join the step's record.
     """
     steps = Steps(model, optimizer, scheduler, args, ctx, total_steps)
     bar = tqdm(
@@ -119,14 +123,17 @@ def train_loop(
     )
     summary_every = max(1, total_steps // 10)  # a routing line at most ~10 times a run
     next_summary = start_step + summary_every
+    done, early = start_step, False
     for step in range(start_step, total_steps):
         t0 = time.perf_counter()
         loss, tokens = steps.accumulate(*batches.step(step))
         grad_norm = steps.update(step)
         done = step + 1
         steps.record_routing(done)
-        if done % args.logging_steps == 0 or done == total_steps:
-            record = steps.log(done, loss, tokens, grad_norm, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        evals, early = steps.evaluate(done)
+        if done % args.logging_steps == 0 or done == total_steps or evals:
+            record = steps.log(done, loss, tokens, grad_norm, seconds, evals)
             bar.set_postfix(
                 loss=f"{record['loss']:.4f}",
                 lr=f"{record['lr']:.2e}",
@@ -136,6 +143,8 @@ def train_loop(
                 steps.watch.summarize(ctx.logger.routing_total)
                 next_summary = done + summary_every
         bar.update(1)
+        if early:
+            break
         stop = done < total_steps and _agreed(ctx.stop_requested(), ctx)
         if done < total_steps and (stop or (args.save_steps and done % args.save_steps == 0)):
             ctx.checkpoint(done)
@@ -143,7 +152,10 @@ def train_loop(
             bar.close()
             raise Interrupted(done, saved=True)
     bar.close()
+    if early and ctx.dist.is_main:
+        tqdm.write(f"[molf] {ctx.evaluator.early.message()}")
     steps.watch.finish()
+    return done
 
 
 class Steps:
@@ -159,7 +171,7 @@ class Steps:
         total_steps: int,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.args, self.ctx = args, ctx
+        self.args, self.ctx, self.total_steps = args, ctx, total_steps
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.world = ctx.dist.world_size  # DDP and FSDP2 average gradients over ranks: undo
         model.train()
@@ -218,10 +230,28 @@ class Steps:
         wins, decisions = self.ctx.logger.log_routing(done, routing)
         self.watch.add(done, routing.experts, wins, decisions)
 
+    def evaluate(self, done: int) -> tuple[dict[str, float], bool]:
+        """The evaluator's values after step ``done`` when it is an ``--eval-steps``
+        step (every rank), and whether early stopping ends the run; ({}, False) else."""
+        evaluator = self.ctx.evaluator
+        if evaluator is None or done % self.args.eval_steps:
+            return {}, False
+        evals, early = evaluator(self.model, done, self.autocast, done == self.total_steps)
+        if self.ctx.dist.is_main:
+            tqdm.write(f"[molf] step {done}: {format_metrics(evals)}")
+        return evals, early
+
     def log(
-        self, done: int, loss: Tensor, tokens: Tensor, grad_norm: Tensor | None, seconds: float
+        self,
+        done: int,
+        loss: Tensor,
+        tokens: Tensor,
+        grad_norm: Tensor | None,
+        seconds: float,
+        evals: dict[str, float] | None = None,
     ) -> dict[str, float | None]:
-        """train_log.jsonl's record of the step (loss and tokens summed over ranks)."""
+        """train_log.jsonl's record of the step (loss and tokens summed over ranks), with
+        the step's evaluation (``eval_loss``, ``eval_<metric>``) when it has one."""
         loss, tokens = all_reduce_sum(torch.stack([loss, tokens]), self.ctx.dist).tolist()
         if grad_norm is not None and hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -233,6 +263,7 @@ class Steps:
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "tokens_per_s": tokens / seconds,
             "step_time": seconds,
+            **(evals or {}),
         }
         self.ctx.logger.log_train(record)
         return record

@@ -60,8 +60,24 @@ def _metrics_table(results: dict[str, Any]) -> list[str]:
     return rows
 
 
-def model_card(args: TrainArgs, base_model: str, results: dict[str, Any], run_dir: Path) -> str:
-    """The card's text (markdown with YAML front matter)."""
+def gguf_line(ref: Any) -> str | None:
+    """The card's line on weights dequantized from a GGUF file (``ref``: the run's
+    :class:`~molf.train.modeling.ModelRef`), None for other models."""
+    if ref is None or not ref.gguf_file:
+        return None
+    origin = f", a quantized export of {ref.hub_id}" if ref.hub_id else ""
+    return (
+        f"- base weights: dequantized to float from the GGUF file {ref.gguf_file} "
+        f"(in {ref.name}){origin}; training started from those weights, which differ "
+        "from the original model's by its quantization"
+    )
+
+
+def model_card(
+    args: TrainArgs, base_model: str, results: dict[str, Any], run_dir: Path, ref: Any = None
+) -> str:
+    """The card's text (markdown with YAML front matter); ``ref`` (the run's
+    :class:`~molf.train.modeling.ModelRef`) says when the weights came from a GGUF file."""
     method = method_of(args)
     adapter = method.adapter
     front = {
@@ -89,8 +105,7 @@ def model_card(args: TrainArgs, base_model: str, results: dict[str, Any], run_di
         + results.get("evaluated", f"its {args.eval_split} split"),
     ]
     routing = routing_summary(run_dir)
-    if routing:
-        lines.append(f"- routing: {routing}")
+    lines += [line for line in (gguf_line(ref), routing and f"- routing: {routing}") if line]
     lines += ["", "## Metrics", "", *_metrics_table(results), "", "## Load it", "", "```python"]
     if adapter:
         lines += [
@@ -108,8 +123,8 @@ def model_card(args: TrainArgs, base_model: str, results: dict[str, Any], run_di
 
 
 def point_adapter_at(final: Path, base_model: str) -> None:
-    """Make an adapter's ``base_model_name_or_path`` the base model's hub id (a local
-    package folder would not resolve on another machine)."""
+    """Make an adapter's ``base_model_name_or_path`` ``base_model`` (the hub id or an
+    absolute path: :func:`molf.train.export.adapter_base`)."""
     config = final / "adapter_config.json"
     if config.is_file():
         data = json.loads(config.read_text())

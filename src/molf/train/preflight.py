@@ -39,6 +39,12 @@ def preflight(args: TrainArgs, ctx: DistContext) -> tuple[list[str], dict[str, A
     check_tracker(args.report_to)
     check_hub_token(args.push_to_hub)
     check_method_settings(args)
+    if args.eval_metrics and ctx.mode == "fsdp2":
+        raise MolfError(
+            "--eval-metrics: the task's metrics need the whole model on one process, and "
+            "--parallel fsdp2 shards it; drop --eval-metrics (the eval loss of --eval-steps "
+            "works under FSDP2) or train with --parallel ddp"
+        )
     if args.dtype == "bf16":
         say(
             "warning: --dtype bf16 trains bf16 weights with no fp32 copy: an update smaller "
@@ -63,7 +69,7 @@ RESUME_FREE = {
     "resume", "overwrite", "allow_changed_settings", "output_dir", "report_to",
     "wandb_project", "wandb_run_name", "logging_steps", "save_steps", "save_total_limit",
     "save_model", "save_merged", "save_dtype", "push_to_hub", "eval_batch_size", "dist_timeout",
-    "check_routing", "parallel",
+    "check_routing", "parallel", "eval_metrics",
 }  # fmt: skip
 
 
