@@ -166,12 +166,13 @@ def results_markdown(
     for (model, task), groups in by_pair.items():
         pair = _Pair(sweep, groups, rows, choices, outcomes or {})
         metrics = pair.metrics()
+        header = ["method", "lr (chosen on val)", "n", *metrics, "95% CI", "train s"]
         lines += [
             "",
             f"## {model} / {task}",
             "",
-            "| method | lr (chosen on val) | n | " + " | ".join(metrics) + " | 95% CI | train s |",
-            "|---|---|---|" + "---|" * (len(metrics) + 1) + "---|",
+            "| " + " | ".join(header) + " |",
+            "|" + "---|" * len(header),
             *_method_rows(sweep, pair, metrics),
         ]
         differences = _difference_lines(pair)
