@@ -147,7 +147,12 @@ def test_results_md_gives_intervals_and_molf_minus_the_better_baseline(tmp_path,
     assert f"{lora.mean:.4f} [{lora.low:.4f}, {lora.high:.4f}]" in md
     assert method_interval(pooled["fft"]).mean < lora.mean  # lora is the better baseline
     diff = paired_difference(pooled["molf"], pooled["lora"])
-    assert f"- molf − lora: {diff.points()} points; the interval lies {diff.verdict()}" in md
+    reading = {"above": "lies above", "below": "lies below", "straddles": "straddles"}
+    assert f"- molf − lora: {diff.points()} points; the interval {reading[diff.verdict()]}" in md
+    kept = runner.outcomes.pop("stories/med/fft/lr1e-04/test-s1")  # a seed without outcomes
+    md = results_markdown(sweep, runner.rows, runner.choices, runner.outcomes)
+    assert "molf − lora" not in md and "- not yet: some of these methods' test cells" in md
+    runner.outcomes[kept["cell"]] = kept
     runner.outcomes["stories/med/fft/lr1e-04/test-s0"]["prompts"] = "other examples"
     md = results_markdown(sweep, runner.rows, runner.choices, runner.outcomes)
     assert "molf − lora" not in md  # not the same examples: nothing is paired

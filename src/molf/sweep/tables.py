@@ -107,26 +107,40 @@ def _method_rows(sweep: Sweep, pair: _Pair, metrics: list[str]) -> list[str]:
 
 
 def _difference_lines(pair: _Pair) -> list[str]:
-    """Each routed (MoLF) group minus the best other group on test, paired by example."""
-    from molf.train.methods import METHODS
-
+    """Each routed (MoLF) group minus the best other group on test, paired by example;
+    only when every one of them has the outcomes of all its finished seeds."""
     if not pair.comparable():
         return []
-    pooled = {g.key: pair.pooled(g) for g in pair.groups}
-    scored = [g for g in pair.groups if pooled[g.key]]
-    routed = [g for g in scored if METHODS[g.settings["method"]].routed]
-    others = [g for g in scored if not METHODS[g.settings["method"]].routed]
-    if not others:
+    pooled = {g.key: pair.pooled(g) for g in pair.groups if pair.rows.get(g.key)}
+    routed = [g for g in pair.groups if g.key in pooled and _routed(g)]
+    others = [g for g in pair.groups if g.key in pooled and not _routed(g)]
+    if not routed or not others:
         return []
+    if not all(pooled[g.key] for g in [*routed, *others]):
+        return ["- not yet: some of these methods' test cells ran before outcomes were kept"]
     best = max(others, key=lambda g: method_interval(pooled[g.key]).mean)
     lines = []
     for g in routed:
         diff = paired_difference(pooled[g.key], pooled[best.key])
-        lines.append(
-            f"- {g.method} − {best.method}: {diff.points()} points; the interval lies "
-            f"{diff.verdict()} {100 * MARGIN:+.1f} points"
-        )
+        lines.append(f"- {g.method} − {best.method}: {diff.points()} points; {_reading(diff)}")
     return lines
+
+
+def _routed(group: Group) -> bool:
+    from molf.train.methods import METHODS
+
+    return METHODS[group.settings["method"]].routed
+
+
+def _reading(diff: Interval) -> str:
+    """How the interval of a difference reads against the margin."""
+    where = diff.verdict()
+    margin = f"{100 * MARGIN:+.1f} points"
+    return (
+        f"the interval straddles {margin}"
+        if where == "straddles"
+        else (f"the interval lies {where} {margin}")
+    )
 
 
 def _val_lines(sweep: Sweep, choices: dict[str, Any]) -> list[str]:
