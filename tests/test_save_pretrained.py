@@ -230,3 +230,29 @@ def test_merge_and_unload_restores_the_class_save_pretrained():
     merge_and_unload(model)
     assert "save_pretrained" not in vars(model)
     assert model.save_pretrained.__func__ is type(model).save_pretrained
+
+
+def test_save_pretrained_merges_through_activation_checkpoint_wrappers(tmp_path):
+    """torch's checkpoint_wrapper (what accelerate and FSDP insert for activation
+    checkpointing) adds a segment to module names that state_dict keys do not carry."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        apply_activation_checkpointing,
+    )
+
+    model = _train(_molf())
+    layers = type(model.model.layers[0])
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, layers))
+    names = [n for n, _ in molf_modules(model)]
+    assert all("_checkpoint_wrapped_module" in n for n in names)  # the renamed paths
+    model.save_pretrained(tmp_path / "merged")
+    assert _assert_loads_as(model, tmp_path / "merged") < ATOL
+
+
+def test_a_layer_under_a_name_it_cannot_be_found_by_is_refused(tmp_path):
+    from molf import MolfError
+    from molf.model import merged_state
+
+    model = _molf()
+    renamed = {k.replace("layers.0.", "blocks.0."): v for k, v in model.state_dict().items()}
+    with pytest.raises(MolfError, match="blocks.0.self_attn.q_proj.lora_A.0 belongs to no"):
+        merged_state(model, renamed)

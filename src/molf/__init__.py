@@ -3,7 +3,8 @@
 from molf.config import MoLFConfig
 from molf.errors import DataError, MolfError
 from molf.layer import MoLFLinear
-from molf.model import export_peft_adapter, get_molf_model, merge_and_unload, molf_modules
+from molf.adapter_export import export_peft_adapter
+from molf.model import get_molf_model, merge_and_unload, molf_modules
 from molf.optim import MoLFAdamW, Routing
 
 __all__ = [

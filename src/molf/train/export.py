@@ -18,7 +18,8 @@ from torch import nn
 
 from molf.atomic import atomic_directory
 from molf.errors import MolfError
-from molf.model import merge_and_unload, write_peft_adapter
+from molf.adapter_export import write_peft_adapter
+from molf.model import merge_and_unload
 from molf.train.args import TrainArgs
 from molf.train.methods import method_of
 from molf.train.model_card import point_adapter_at
