@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from molf.errors import MolfError
 from molf.tasks import Example, TaskData
 from molf.tasks.encoding import IGNORE_INDEX, collate, encode_example, ensure_pad_token
 from molf.tasks.scoring import inference
@@ -34,7 +33,7 @@ from molf.train.evaluation import evaluate
 @dataclass
 class EarlyStopping:
     """The best eval loss so far and the evaluations since; ``stopped_at`` is the step
-    at which ``patience`` evaluations in a row did not improve on it (0: never)."""
+    at which ``patience`` evaluations in a row did not improve on it (None: never)."""
 
     patience: int
     best_eval_loss: float = math.inf
@@ -163,8 +162,6 @@ def step_evaluator(
     stopping restored from a checkpoint's ``state`` (:meth:`EarlyStopping.record`)."""
     if not args.eval_steps:
         return None
-    if not data.eval_examples:
-        raise MolfError(f"--eval-steps: the task {args.task} gives no evaluation pairs")
 
     def metrics(model: nn.Module) -> dict[str, float]:
         return evaluate(task, model, tokenizer, data.eval, args, None, "step")

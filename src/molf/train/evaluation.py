@@ -20,7 +20,8 @@ from molf.train.logs import parse_record
 
 def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
     """The task named by ``--task`` and its data: the training examples and the
-    ``--eval-split`` records, capped by the sample limits."""
+    ``--eval-split`` records, capped by the sample limits (a MolfError when
+    ``--eval-steps`` asks for evaluation pairs the task does not give)."""
     task = get_task(args.task)
     data = task.load(
         args.data,
@@ -30,6 +31,8 @@ def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
         split=args.eval_split,
         **({"options": jsonl_options(args)} if args.task == "jsonl" else {}),
     )
+    if args.eval_steps and not data.eval_examples:
+        raise MolfError(f"--eval-steps: the task {args.task} gives no evaluation pairs")
     return task, data
 
 

@@ -16,8 +16,7 @@ and one row appended to ``results.csv`` in the parent of the run directory.
   ``final/`` and the upload.
 
 Under torchrun every rank trains its slice of each global batch; rank 0 alone evaluates
-and writes logs, routing, results and the final model.
-"""
+and writes the logs, routing, results and final model."""
 
 from __future__ import annotations
 
@@ -100,11 +99,8 @@ class TrainJob:
         self.setup()
         barrier(self.ctx)
         args = self.args
-        lock = (
-            start_run_dir(self.run_dir.path, resume=args.resume, overwrite=args.overwrite)
-            if self.main
-            else None
-        )
+        path, resume, overwrite = self.run_dir.path, args.resume, args.overwrite
+        lock = start_run_dir(path, resume=resume, overwrite=overwrite) if self.main else None
         try:
             if self.train():
                 self.finish()
@@ -227,6 +223,7 @@ class TrainJob:
         from transformers import get_scheduler
 
         args = self.args
+        self.stop.stage = "the setup of training"
         if args.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -270,6 +267,7 @@ class TrainJob:
         complete and its model saved, or not wanted). A run whose record is complete and
         only lacks its model is finished by saving it, without re-evaluating."""
         args, run_dir = self.args, self.run_dir
+        self.stop.stage = "the resume"
         self.start, extra = load_latest_checkpoint(
             run_dir.path,
             self.model,

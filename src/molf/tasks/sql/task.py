@@ -229,7 +229,7 @@ def spider_records(rows: list[Row], schemas: Mapping[str, SpiderSchema]) -> list
 def with_variants(
     records: list[SqlRecord], every: list[SqlRecord], schemas: Mapping[str, SpiderSchema]
 ) -> list[SqlRecord]:
-    """``records`` with the generated rows of their database (``sql_populate``), drawn
+    """``records`` with the generated rows of their database (:mod:`molf.tasks.sql.populate`), drawn
     with the literals of the gold queries of ``every`` record on that database."""
     scripts: dict[str, tuple[str, ...]] = {}
     for db_id in sorted({r.db_id for r in records if r.db_id is not None}):
