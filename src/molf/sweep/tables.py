@@ -57,9 +57,12 @@ class _Pair:
             self.outcomes[g.key] = [outcomes[c.name] for c in done if c.name in outcomes]
 
     def pooled(self, group: Group) -> list[str] | None:
-        """The group's outcome strings when every finished seed has one."""
+        """The group's outcome strings when every finished seed has one, all of the same
+        examples."""
         found = self.outcomes.get(group.key, [])
         if not found or len(found) != len(self.rows[group.key]):
+            return None
+        if len({o["prompts"] for o in found}) != 1:
             return None
         return [o["correct"] for o in found]
 
@@ -84,7 +87,6 @@ class _Pair:
 
 
 def _method_rows(sweep: Sweep, pair: _Pair, metrics: list[str]) -> list[str]:
-    ci = pair.comparable()
     lines = []
     for g in pair.groups:
         if g.key not in pair.chosen:
@@ -92,7 +94,7 @@ def _method_rows(sweep: Sweep, pair: _Pair, metrics: list[str]) -> list[str]:
             continue
         rs = pair.rows[g.key]
         cols = [_mean_std([number(r.get(m)) for r in rs if r.get(m)]) for m in metrics]
-        outcomes = pair.pooled(g) if ci else None
+        outcomes = pair.pooled(g)
         cols.append(_interval_text(method_interval(outcomes) if outcomes else None))
         train = [number(r.get("train_seconds")) for r in rs]
         chosen = _point_text(pair.chosen[g.key])
@@ -170,9 +172,11 @@ def results_markdown(
         f"# Sweep results ({sweep.path.name})",
         "",
         "Test split; mean ± sample standard deviation over seeds (n = finished seeds), and "
-        "the primary metric's 95% bootstrap interval over examples (seeds together); each "
-        f"method's lr was chosen on the val split (seed {sweep.select_seed}; "
-        "`selection.json`), never on test.",
+        "the primary metric's 95% bootstrap interval over examples (an example's seeds "
+        "together; the trained models are held fixed, so the interval leaves out how "
+        "training itself varies from seed to seed); each method's lr was chosen on the val "
+        f"split (seed {sweep.select_seed}; `selection.json`), never on test; the best other "
+        "method of a difference is the one best on test.",
     ]
     by_pair: dict[tuple[str, str], list[Group]] = {}
     for g in sweep.groups:
