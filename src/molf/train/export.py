@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from molf.adapter_export import write_peft_adapter
 from molf.atomic import atomic_directory
 from molf.errors import MolfError
-from molf.adapter_export import write_peft_adapter
 from molf.model import merge_and_unload
 from molf.train.args import TrainArgs
 from molf.train.methods import method_of
