@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from molf.atomic import atomic_directory, write_text_atomic
+from molf.routing_log import routing_matrix
 from molf.sweep import main
 from molf.sweep.grid import format_lr
 
@@ -169,6 +170,12 @@ def test_each_finished_cell_keeps_its_per_example_outcomes(finished):
         assert bits.count("1") / len(bits) == pytest.approx(metric)  # the same examples
     prompts = {o["prompts"] for n, o in outcomes.items() if n.endswith("test-s0")}
     assert len(prompts) == 1  # every method scored the same test edits
+    for name, outcome in outcomes.items():  # molf cells keep where they routed
+        if "/molf/" in name:
+            counts = routing_matrix(out / name).counts()
+            assert outcome["routing"]["all"] == [round(float(v), 4) for v in counts.expert_shares()]
+        else:
+            assert "routing" not in outcome
 
 
 def test_killed_sweep_resumes_to_the_same_numbers(tmp_path, facts, finished):

@@ -92,3 +92,42 @@ def test_a_cells_outcome_keeps_the_primary_metrics_after_lines_in_order(tmp_path
     path.write_text("not json\n")
     with pytest.raises(MolfError, match="outcomes.jsonl:1"):
         read_outcomes(path)
+
+
+def test_a_routed_cells_outcome_keeps_its_routing_shares(tmp_path):
+    modules = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+    rng = random.Random(2)
+    steps = []
+    for step in range(1, 24):
+        winners = [[rng.randrange(2)] for _ in modules]
+        scores = [[rng.random(), rng.random()] for _ in modules]
+        if step == 1:
+            scores = [[0.0, 0.0] for _ in modules]  # warm-up: lr 0, no decision
+        steps.append({"step": step, "winners": winners, "scores": scores})
+    header = {"modules": modules, "experts": ["fft", "lora0"]}
+    (tmp_path / "routing.jsonl").write_text("".join(json.dumps(x) + "\n" for x in [header, *steps]))
+    (tmp_path / "predictions.jsonl").write_text(
+        json.dumps({"stage": "after", "prompt": "p", "correct": True}) + "\n"
+    )
+    (tmp_path / "eval.json").write_text("{}")
+    routing = cell_outcome("c", tmp_path, "accuracy")["routing"]
+
+    def slow(lines, keep=lambda m: True):  # wins over decided module-steps, by hand
+        wins, decided = [0, 0], 0
+        for line in lines:
+            for m, (won, scores) in enumerate(zip(line["winners"], line["scores"])):
+                if keep(m) and any(scores):
+                    decided += 1
+                    for e in won:
+                        wins[e] += 1
+        return [round(w / max(1, decided), 4) for w in wins]
+
+    assert routing["experts"] == ["fft", "lora0"]
+    assert routing["all"] == slow(steps)
+    assert routing["by_type"] == {
+        "q_proj": slow(steps, lambda m: m == 0),
+        "down_proj": slow(steps, lambda m: m == 1),
+    }
+    assert len(routing["by_tenth"]) == 10
+    assert routing["by_tenth"][-1] == slow(steps[-2:])  # 23 steps: the last tenth has 2
+    assert cell_outcome("c", tmp_path / "..", "accuracy") is None  # no predictions there

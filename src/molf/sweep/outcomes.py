@@ -11,6 +11,12 @@ finished cell,
 the task evaluated them (``1``: won, ``0``: lost); ``prompts`` fingerprints the
 examples' prompts in that order, so two cells are paired only when they scored the
 same examples in the same order.
+
+A cell that logged routing (molf, molf-e) also keeps where its optimizer routed, from
+``routing.jsonl`` (decided module-steps only, as :class:`~molf.routing_stats.RoutingCounts`
+counts them): ``"routing": {"experts": [...], "all": [share per expert], "by_type":
+{type: [...]}, "by_tenth": [[...] per tenth of the logged steps]}``, so the routing of
+the study's cells can be compared (across N, say) once their run directories are gone.
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from molf.atomic import write_text_atomic
 from molf.errors import MolfError
+from molf.routing_stats import RoutingCounts
 
-Outcome = dict[str, str]
+Outcome = dict[str, Any]
 
 
 def cell_outcome(cell: str, run_dir: Path, metric: str) -> Outcome | None:
@@ -45,7 +54,39 @@ def cell_outcome(cell: str, run_dir: Path, metric: str) -> Outcome | None:
     if not correct:
         return None
     digest = hashlib.sha256("\0".join(prompts).encode()).hexdigest()[:16]
-    return {"cell": cell, "metric": metric, "prompts": digest, "correct": "".join(correct)}
+    out = {"cell": cell, "metric": metric, "prompts": digest, "correct": "".join(correct)}
+    routing = routing_summary(run_dir)
+    return {**out, "routing": routing} if routing else out
+
+
+def routing_summary(run_dir: Path) -> dict[str, Any] | None:
+    """Each expert's share of the decided module-steps of ``run_dir``'s routing log:
+    overall, per module type and per tenth of the logged steps (None without a log)."""
+    from molf.routing_log import routing_matrix
+
+    if not (run_dir / "routing.jsonl").is_file():
+        return None
+    matrix = routing_matrix(run_dir)
+    if not matrix.steps.size:
+        return None
+    counts = matrix.counts()
+
+    def shares(values: np.ndarray) -> list[float]:
+        return [round(float(v), 4) for v in values]
+
+    tenths = np.array_split(np.arange(matrix.steps.size), min(10, matrix.steps.size))
+    by_tenth = []
+    for part in tenths:
+        chunk = RoutingCounts(matrix.modules, matrix.experts)
+        for s in part:
+            chunk.add(int(matrix.steps[s]), matrix.selected[:, s], matrix.scores[:, s])
+        by_tenth.append(shares(chunk.expert_shares()))
+    return {
+        "experts": matrix.experts,
+        "all": shares(counts.expert_shares()),
+        "by_type": {t: shares(v) for t, v in counts.type_shares().items()},
+        "by_tenth": by_tenth,
+    }
 
 
 def read_outcomes(path: Path) -> dict[str, Outcome]:
@@ -58,8 +99,10 @@ def read_outcomes(path: Path) -> dict[str, Outcome]:
             continue
         try:
             row = json.loads(line)
-            out[str(row["cell"])] = {k: str(v) for k, v in row.items()}
-        except (ValueError, KeyError, TypeError):
+            if not isinstance(row.get("correct"), str) or not isinstance(row.get("prompts"), str):
+                raise ValueError
+            out[str(row["cell"])] = row
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise MolfError(
                 f"{path}:{number}: not an outcome line; restore it or delete the line "
                 "(its cell's intervals are then left out)"
