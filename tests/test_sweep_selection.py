@@ -137,12 +137,21 @@ def test_results_md_gives_intervals_and_molf_minus_the_better_baseline(tmp_path,
                 "test_accuracy": str(bits.count("1") / 60),
             }
             runner.outcomes[cell.name] = {"cell": cell.name, "prompts": "p", "correct": bits}
+            if group.method == "molf":  # where it routed: fft 0.2 / 0.3 by seed
+                fft = 0.2 + 0.1 * cell.seed
+                runner.outcomes[cell.name]["routing"] = {
+                    "experts": ["fft", "lora0"],
+                    "all": [fft, 1 - fft],
+                    "by_type": {"q_proj": [fft / 2, 1 - fft / 2], "down_proj": [fft, 1 - fft]},
+                }
     runner.walk()
     md = results_markdown(sweep, runner.rows, runner.choices, runner.outcomes)
     pooled = {
         g.method: [runner.outcomes[c.name]["correct"] for c in sweep.stage2(g, g.points[0])]
         for g in sweep.groups
     }
+    assert "| molf | fft | 2 | 0.250 | 0.125 | 0.250 |" in md  # means over the two seeds
+    assert "| molf | lora0 | 2 | 0.750 | 0.875 | 0.750 |" in md
     lora = method_interval(pooled["lora"])
     assert f"{lora.mean:.4f} [{lora.low:.4f}, {lora.high:.4f}]" in md
     assert method_interval(pooled["fft"]).mean < lora.mean  # lora is the better baseline

@@ -4,7 +4,9 @@ results.md: per model and task, each method at its chosen lr on test (mean ± sa
 std over seeds, and the primary metric's 95% bootstrap interval over examples, seeds
 together); then, per model and task, each MoLF method (a routed one) minus the better
 of the other methods on the same examples, with its paired interval read against -1.5
-points (:mod:`molf.sweep.stats`); then the val tables the lrs were chosen from.
+points (:mod:`molf.sweep.stats`); then where the routed methods' optimizer routed
+(each expert's share per module type, from the outcomes); then the val tables the lrs
+were chosen from.
 """
 
 from __future__ import annotations
@@ -197,7 +199,40 @@ def results_markdown(
         if differences:
             lines += ["", "MoLF minus the best other method, paired by example (95% CI):"]
             lines += ["", *differences]
+        lines += _routing_lines(pair)
     return "\n".join(lines + _val_lines(sweep, choices)) + "\n"
+
+
+def _routing_lines(pair: _Pair) -> list[str]:
+    """Per routed group with routing in its outcomes: each expert's share of the decided
+    layer-steps, overall and per module type, mean over its seeds."""
+    table: list[tuple[str, str, int, float, dict[str, float]]] = []
+    types: list[str] = []
+    for g in pair.groups:
+        found = [o["routing"] for o in pair.outcomes.get(g.key, []) if "routing" in o]
+        if not found:
+            continue
+        for e, expert in enumerate(found[0]["experts"]):
+            by_type = {
+                t: statistics.fmean(r["by_type"][t][e] for r in found if t in r["by_type"])
+                for t in found[0]["by_type"]
+            }
+            types += [t for t in by_type if t not in types]
+            overall = statistics.fmean(r["all"][e] for r in found)
+            table.append((g.method, expert, len(found), overall, by_type))
+    if not table:
+        return []
+    lines = [
+        "",
+        "Routing: each expert's share of the decided layer-steps (test cells, mean over seeds):",
+        "",
+        "| method | expert | n | all | " + " | ".join(types) + " |",
+        "|" + "---|" * (len(types) + 4),
+    ]
+    for method, expert, n, overall, by_type in table:
+        cells = [f"{by_type[t]:.3f}" if t in by_type else "" for t in types]
+        lines.append(f"| {method} | {expert} | {n} | {overall:.3f} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def selection_json(sweep: Sweep, choices: dict[str, Any]) -> str:
