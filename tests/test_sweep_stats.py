@@ -92,6 +92,9 @@ def test_a_cells_outcome_keeps_the_primary_metrics_after_lines_in_order(tmp_path
     path.write_text("not json\n")
     with pytest.raises(MolfError, match="outcomes.jsonl:1"):
         read_outcomes(path)
+    path.write_text(json.dumps({**got, "routing": "{'experts': ['fft']}"}) + "\n")
+    with pytest.raises(MolfError, match="outcomes.jsonl:1"):  # a str where a mapping goes
+        read_outcomes(path)
 
 
 def test_a_routed_cells_outcome_keeps_its_routing_shares(tmp_path):

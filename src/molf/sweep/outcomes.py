@@ -101,6 +101,8 @@ def read_outcomes(path: Path) -> dict[str, Outcome]:
             row = json.loads(line)
             if not isinstance(row.get("correct"), str) or not isinstance(row.get("prompts"), str):
                 raise ValueError
+            if not isinstance(row.get("routing", {}), dict):
+                raise ValueError
             out[str(row["cell"])] = row
         except (ValueError, KeyError, TypeError, AttributeError):
             raise MolfError(
