@@ -142,3 +142,29 @@ def write_fact_file(path: Path, n: int) -> Path:
     ]
     path.write_text(json.dumps(records))
     return path
+
+
+def token_rows(n: int = 16, seq: int = 12) -> list[dict[str, torch.Tensor]]:
+    """``n`` rows of random token ids (labels = inputs) over :data:`TINY`'s vocabulary:
+    a Trainer dataset for the tiny models."""
+    ids = torch.randint(0, TINY["vocab_size"], (n, seq), generator=torch.Generator().manual_seed(1))
+    return [{"input_ids": x, "labels": x.clone()} for x in ids]
+
+
+def cpu_training_arguments(out: Path | str, **overrides):
+    """TrainingArguments for a few quiet CPU steps of a tiny model (``overrides`` win)."""
+    from transformers import TrainingArguments
+
+    kw = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=4,
+        learning_rate=1e-2,
+        save_strategy="no",
+        logging_steps=100,
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return TrainingArguments(**{**kw, **overrides})

@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import cpu_training_arguments, tiny_model, token_rows
 from transformers import Trainer, TrainingArguments
 
 from molf import MoLFAdamW, MoLFConfig, defaults, get_molf_model
@@ -25,29 +25,7 @@ from molf.train.args import TrainArgs
 from molf.train.methods import METHODS, molf_config
 
 CFG = MoLFConfig(lora_ranks=(4,), lora_alphas=(8,))
-VOCAB = 96  # helpers.TINY
 LORA_LR = 2e-2
-
-
-def _data(n: int = 16, seq: int = 12) -> list[dict[str, torch.Tensor]]:
-    ids = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(1))
-    return [{"input_ids": x, "labels": x.clone()} for x in ids]
-
-
-def _args(out, **overrides) -> TrainingArguments:
-    kw = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        save_strategy="no",
-        logging_steps=100,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return TrainingArguments(**{**kw, **overrides})
 
 
 def _training_arguments_default(name: str):
@@ -79,18 +57,21 @@ def _run(route: str, out, args: TrainingArguments, explicit: bool) -> torch.nn.M
     kw = molf_adamw_kwargs(args, lora_lr=LORA_LR) if explicit else {"lr": 1e-2, "lora_lr": LORA_LR}
     if route == "molfadamw":
         trainer = Trainer(
-            model=model, args=args, train_dataset=_data(), optimizers=(MoLFAdamW(model, **kw), None)
+            model=model,
+            args=args,
+            train_dataset=token_rows(),
+            optimizers=(MoLFAdamW(model, **kw), None),
         )
     elif route == "factory":
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=_data(),
+            train_dataset=token_rows(),
             optimizer_cls_and_kwargs=(MoLFAdamWFactory, kw),
         )
     else:
         trainer = MoLFTrainer(
-            model=model, args=args, train_dataset=_data(), lora_lr=LORA_LR, routing_logs=False
+            model=model, args=args, train_dataset=token_rows(), lora_lr=LORA_LR, routing_logs=False
         )
     trainer.train()
     return model
@@ -107,7 +88,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     ids=["defaults", "set-in-arguments"],
 )
 def test_the_same_run_three_ways_gives_the_same_weights(overrides, tmp_path):
-    args = _args(tmp_path, **overrides)
+    args = cpu_training_arguments(tmp_path, **overrides)
     explicit = bool(overrides)  # set in the arguments: MoLFAdamW and the factory take them
     runs = {r: _run(r, tmp_path, args, explicit) for r in ("molfadamw", "factory", "trainer")}
     assert _same_weights(runs["molfadamw"], runs["factory"])
@@ -115,12 +96,14 @@ def test_the_same_run_three_ways_gives_the_same_weights(overrides, tmp_path):
     if not overrides:  # the old MoLFAdamW default (0.01) is another run: the test can tell
         model = get_molf_model(tiny_model(), CFG)
         opt = MoLFAdamW(model, lr=1e-2, lora_lr=LORA_LR, weight_decay=0.01)
-        Trainer(model=model, args=args, train_dataset=_data(), optimizers=(opt, None)).train()
+        Trainer(model=model, args=args, train_dataset=token_rows(), optimizers=(opt, None)).train()
         assert not _same_weights(model, runs["trainer"])
 
 
 def test_molf_adamw_kwargs_maps_training_arguments(tmp_path):
-    args = _args(tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6)
+    args = cpu_training_arguments(
+        tmp_path, weight_decay=0.1, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6
+    )
     assert molf_adamw_kwargs(args, lora_lr=1e-3, lora_weight_decay=None) == {
         "lr": 1e-2,
         "weight_decay": 0.1,
@@ -160,7 +143,9 @@ def test_molf_e_freezes_non_linear_parameters_by_default_like_the_cli():
 def test_molf_trainer_warns_once_that_args_optim_is_not_used(tmp_path, caplog):
     model = get_molf_model(tiny_model(), CFG)
     trainer = MoLFTrainer(
-        model=model, args=_args(tmp_path, optim="adafactor"), train_dataset=_data()
+        model=model,
+        args=cpu_training_arguments(tmp_path, optim="adafactor"),
+        train_dataset=token_rows(),
     )
     with caplog.at_level("WARNING", logger="molf"):
         trainer.create_optimizer()
@@ -170,13 +155,17 @@ def test_molf_trainer_warns_once_that_args_optim_is_not_used(tmp_path, caplog):
     assert isinstance(trainer.optimizer, MoLFAdamW)
     caplog.clear()
     with caplog.at_level("WARNING", logger="molf"):
-        MoLFTrainer(model=model, args=_args(tmp_path), train_dataset=_data()).create_optimizer()
+        MoLFTrainer(
+            model=model, args=cpu_training_arguments(tmp_path), train_dataset=token_rows()
+        ).create_optimizer()
     assert "is not used" not in caplog.text  # the default optim: nothing to say
 
 
 def test_trainer_with_an_unrouted_optimizer_for_a_molf_model_warns_once(tmp_path, caplog):
     model = get_molf_model(tiny_model(), CFG)
-    trainer = Trainer(model=model, args=_args(tmp_path, max_steps=2), train_dataset=_data())
+    trainer = Trainer(
+        model=model, args=cpu_training_arguments(tmp_path, max_steps=2), train_dataset=token_rows()
+    )
     with caplog.at_level("WARNING", logger="molf"):
         MoLFRoutingCallback.attach(trainer)
         trainer.train()

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_model, tiny_tokenizer
+from helpers import cpu_training_arguments, tiny_model, tiny_tokenizer, token_rows
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
@@ -31,26 +31,9 @@ def _molf(cfg: MoLFConfig = MOLF, **overrides) -> torch.nn.Module:
     return get_molf_model(tiny_model(**overrides), cfg)
 
 
-def _data(n: int = 16, seq: int = 12) -> list[dict[str, torch.Tensor]]:
-    ids = torch.randint(0, VOCAB, (n, seq), generator=torch.Generator().manual_seed(1))
-    return [{"input_ids": x, "labels": x.clone()} for x in ids]
-
-
 def _args(out, **overrides) -> TrainingArguments:
-    kw = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=4,
-        learning_rate=1e-2,
-        save_strategy="steps",
-        save_steps=2,
-        logging_steps=100,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return TrainingArguments(**{**kw, **overrides})
+    """Checkpoints every 2 of the 4 steps."""
+    return cpu_training_arguments(out, **{"save_strategy": "steps", "save_steps": 2, **overrides})
 
 
 def _plain_trainer(model: torch.nn.Module, out, **overrides) -> Trainer:
@@ -58,7 +41,10 @@ def _plain_trainer(model: torch.nn.Module, out, **overrides) -> Trainer:
     in a custom optimizer."""
     opt = MoLFAdamW(model, lr=1e-2, lora_lr=2e-2)
     return Trainer(
-        model=model, args=_args(out, **overrides), train_dataset=_data(), optimizers=(opt, None)
+        model=model,
+        args=_args(out, **overrides),
+        train_dataset=token_rows(),
+        optimizers=(opt, None),
     )
 
 
@@ -86,7 +72,7 @@ def _assert_loads_as(model: torch.nn.Module, directory, vocab: int = VOCAB) -> f
 
 def _train(model: torch.nn.Module, steps: int = 3) -> torch.nn.Module:
     opt = MoLFAdamW(model, lr=1e-2, lora_lr=2e-2)
-    batch = torch.stack([d["input_ids"] for d in _data(4)])
+    batch = torch.stack([d["input_ids"] for d in token_rows(4)])
     for _ in range(steps):
         model(batch, labels=batch).loss.backward()
         opt.step()
@@ -171,7 +157,7 @@ def test_accelerate_unwrapped_save_pretrained(tmp_path):
         accelerator = Accelerator(cpu=True)
         model = _molf()
         model, opt = accelerator.prepare(model, MoLFAdamW(model, lr=1e-2, lora_lr=2e-2))
-        batch = torch.stack([d["input_ids"] for d in _data(4)])
+        batch = torch.stack([d["input_ids"] for d in token_rows(4)])
         for _ in range(2):
             accelerator.backward(model(batch, labels=batch).loss)
             opt.step()
