@@ -33,7 +33,7 @@ from molf.errors import MolfError
 from molf.ownership import is_internal
 from molf.sweep import inputs as inputs_mod
 from molf.sweep import main
-from molf.sweep.inputs import data_hash, model_hash, model_identity
+from molf.sweep.inputs import data_hash, model_hash, model_identity, template_hash
 from molf.sweep.process import LOCK_FILE, SweepLock
 from molf.sweep.results import read_summary, write_summary
 
@@ -226,6 +226,39 @@ def test_changed_data_or_model_makes_finished_results_stale(world, capsys):
     assert "other model" in _one_line_error(capsys)
     (world / "model" / "weights.bin").write_bytes(b"\0" * 1000)
     assert main([str(cfg)]) == 0 and _attempts(world) == 1  # restored: done again
+
+
+@pytest.mark.slow
+def test_a_chat_template_file_is_identified_by_its_content_not_its_path(world, capsys):
+    template = world / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    settings = {"max_steps": 2, "save_model": False, "chat_template": str(template)}
+    cfg = _config(world, settings=settings)
+    assert main([str(cfg)]) == 0, capsys.readouterr()
+    row = read_summary(world / "out" / "summary.csv")[CELL]
+    assert row["template_hash"] == template_hash(str(template))
+
+    moved = world / "moved.jinja"  # the same template elsewhere: still done
+    moved.write_text(template.read_text())
+    elsewhere = {**settings, "chat_template": str(moved)}
+    assert main([str(_config(world, name="moved", settings=elsewhere))]) == 0
+    assert _attempts(world) == 1
+
+    template.write_text("{{ messages[0]['content'] }}")  # other template, same path
+    assert main([str(cfg)]) == 2
+    err = _one_line_error(capsys)
+    assert CELL in err and "other chat template" in err and "template_hash" in err
+    assert _attempts(world) == 1
+
+
+def test_template_hash_is_none_for_the_named_templates(tmp_path):
+    assert template_hash("auto") is None and template_hash("none") is None
+    a, b = tmp_path / "a.jinja", tmp_path / "b.jinja"
+    a.write_text("{{ x }}")
+    b.write_text("{{ x }}")
+    assert template_hash(str(a)) == template_hash(str(b))
+    b.write_text("{{ y }}")
+    assert template_hash(str(a)) != template_hash(str(b))
 
 
 @pytest.mark.slow

@@ -81,16 +81,18 @@ def check_run_dir(cell: Cell, args: Any, expected: str, inputs: Row) -> dict[str
 
 
 def check_inputs(cell: Cell, args: Any, found: dict[str, Any], now: Row, where: str) -> None:
-    """Refuse a result whose data or model content differs from what the cell reads now
-    (``found`` without a hash: made before hashes were recorded, accepted)."""
+    """Refuse a result whose data, model or chat template content differs from what the
+    cell reads now (``found`` without a hash: made before hashes were recorded,
+    accepted)."""
     for column, what, value in (
         ("data_hash", "data", args.data or "the task's hub dataset"),
         ("model_hash", "model", args.model or "the default model"),
+        ("template_hash", "chat template", args.chat_template),
     ):
-        if found.get(column) and found[column] != now[column]:
+        if found.get(column) and found[column] != now.get(column):
             raise MolfError(
                 f"{cell.name}: {where} was made with other {what} than {value} holds now "
-                f"({column} {found[column]}, now {now[column]}); restore the {what}, or "
+                f"({column} {found[column]}, now {now.get(column)}); restore the {what}, or "
                 "delete that run (or row) to redo it"
             )
 

@@ -1,4 +1,4 @@
-"""What a cell reads: content fingerprints of its data and its model.
+"""What a cell reads: content fingerprints of its data, its model and its chat template.
 
 The settings hash (:func:`molf.sweep.results.fingerprint`) leaves out ``data`` and
 ``model``, whose values are machine-specific paths (``${MOLF_DATA_DIR}/...``). The
@@ -15,7 +15,8 @@ sweep identifies them by content instead, the same on every machine and checkout
 - no data: the task's hub dataset;
 - a packaged short name (``smollm2-135m``): the name and its package's version (or
   the hub id it falls back to when the package is missing); a hub id: the id; a local
-  model directory: its fingerprint, or only its GGUF file's with ``gguf_file``.
+  model directory: its fingerprint, or only its GGUF file's with ``gguf_file``;
+- a ``--chat-template`` file: its bytes (``auto`` and ``none`` are plain settings).
 
 File hashes are cached per (path, size, mtime) within a process, so the many cells
 that share one dataset hash it once.
@@ -178,3 +179,13 @@ def data_hash(data: str | None) -> str:
 def model_hash(model: str | None, gguf_file: str | None) -> str:
     """The summary's ``model_hash``: a short content hash of a cell's model."""
     return _short(model_identity(model, gguf_file))
+
+
+def template_hash(chat_template: str) -> str | None:
+    """The summary's ``template_hash``: a short content hash of a ``--chat-template``
+    file; None for ``auto`` and ``none`` (the settings hash holds those)."""
+    from molf.train.setting_values import CHAT_TEMPLATES
+
+    if chat_template in CHAT_TEMPLATES:
+        return None
+    return _short(path_identity(Path(chat_template)))

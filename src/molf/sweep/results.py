@@ -49,10 +49,12 @@ TAIL = (
 # from the current one is stale. Rows written before these columns existed lack them
 # and are accepted: the committed studies ran on exactly this shared data and these
 # packaged models; the columns are filled in when the summary is next rewritten.
-INPUT_COLUMNS = ("data_hash", "model_hash")
+# ``template_hash`` is there only for a cell with a --chat-template file.
+INPUT_COLUMNS = ("data_hash", "model_hash", "template_hash")
 # Settings that do not change a cell's numbers (where files go, logging, evaluation
 # batching) or that name machine-specific paths (model, gguf_file, data: the
-# data_hash and model_hash columns identify them by content).
+# data_hash and model_hash columns identify them by content; a chat_template file
+# counts as "file", its template_hash column holds its content).
 NOT_FINGERPRINTED = frozenset(
     {
         "output_dir",
@@ -101,12 +103,16 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
     Only values that differ from TrainArgs' defaults count, so adding a new field with
     a default later does not make earlier results look stale."""
+    from molf.train.setting_values import CHAT_TEMPLATES
+
     defaults = _defaults()
     kept = {
         k: settings[k]
         for k in sorted(defaults)
         if k not in NOT_FINGERPRINTED and k in settings and settings[k] != defaults[k]
     }
+    if kept.get("chat_template") not in (None, *CHAT_TEMPLATES):
+        kept["chat_template"] = "file"  # a machine-specific path: template_hash has it
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -150,14 +156,17 @@ def base_row(cell: Cell, args: Any, status: str) -> Row:
 
 
 def input_hashes(args: Any) -> Row:
-    """A cell's ``data_hash`` and ``model_hash`` (content, not paths: the same on every
-    machine that holds the same data and model)."""
-    from molf.sweep.inputs import data_hash, model_hash
+    """A cell's ``data_hash``, ``model_hash`` and, with a --chat-template file,
+    ``template_hash`` (content, not paths: the same on every machine that holds the
+    same files)."""
+    from molf.sweep.inputs import data_hash, model_hash, template_hash
 
-    return {
+    hashes = {
         "data_hash": data_hash(args.data),
         "model_hash": model_hash(args.model, args.gguf_file),
     }
+    template = template_hash(args.chat_template)
+    return hashes if template is None else {**hashes, "template_hash": template}
 
 
 def read_summary(path: Path) -> dict[str, Row]:

@@ -162,7 +162,8 @@ class Runner:
         where = f"its row in {self.sweep.summary}"
         check_same(cell, row.get("settings_hash"), expected, where)
         check_inputs(cell, args, row, inputs, where)
-        self.rows[cell.name] = {**row, **{k: inputs[k] for k in INPUT_COLUMNS if not row.get(k)}}
+        filled = {k: inputs[k] for k in INPUT_COLUMNS if not row.get(k) and k in inputs}
+        self.rows[cell.name] = {**row, **filled}
         return True
 
     def estimate(self, cell: Cell, args: Any) -> str:
