@@ -9,8 +9,7 @@ import pytest
 from molf.errors import DataError, MolfError
 from molf.tasks import Example, TaskData, get_task
 from molf.tasks.base import NO_PROMPT, DataPath
-from molf.tasks.jsonl import ON_TRAIN_WARNING, JsonlOptions, prompt_key
-from molf.tasks.layouts import Fields
+from molf.tasks.jsonl import ON_TRAIN_WARNING, prompt_key
 from molf.tasks.scoring import completion_logprobs, generate
 from molf.tasks.sources import hash_fraction
 
@@ -23,14 +22,13 @@ PAIRS = [
 ]
 
 
-ON_TRAIN = JsonlOptions(eval_on_train=True)
 MANY = [{"prompt": f"Question {i}?", "completion": f" answer {i}"} for i in range(400)]
 
 
 def load_on_train(path: Path, **kw) -> TaskData:
     """The jsonl task's data with --eval-on-train (which warns)."""
     with pytest.warns(UserWarning, match="--eval-on-train: evaluating on the training rows"):
-        return get_task("jsonl").load(str(path), options=ON_TRAIN, **kw)
+        return get_task("jsonl").load(str(path), eval_on_train=True, **kw)
 
 
 def test_a_file_is_cut_by_prompt_hash_into_train_val_and_test(tmp_path: Path) -> None:
@@ -76,7 +74,7 @@ def test_a_larger_val_size_holds_out_more_and_a_tiny_file_says_what_to_do(
 ) -> None:
     path = write_jsonl(tmp_path / "mine.jsonl", MANY)
     small = get_task("jsonl").load(str(path))
-    large = get_task("jsonl").load(str(path), options=JsonlOptions(val_size=0.5))
+    large = get_task("jsonl").load(str(path), val_size=0.5)
     assert len(small.eval) < len(large.eval) and set(large.train) < set(small.train)
     assert "held-out 50%" in large.evaluated
     tiny = write_jsonl(tmp_path / "tiny.jsonl", PAIRS)
@@ -84,7 +82,7 @@ def test_a_larger_val_size_holds_out_more_and_a_tiny_file_says_what_to_do(
                        r"--eval-on-train for a smoke test"):  # fmt: skip
         get_task("jsonl").load(str(tiny))
     with pytest.raises(MolfError, match=r"--val-size must be in \(0, 1\), got 1"):
-        JsonlOptions(val_size=1)
+        get_task("jsonl").load(str(tiny), val_size=1)
 
 
 def test_eval_on_train_trains_and_evaluates_on_every_row_and_warns(tmp_path: Path) -> None:
@@ -177,7 +175,7 @@ def test_chat_rows_in_both_shapes_become_conversation_prompts(tmp_path: Path) ->
 def test_malformed_chat_rows_name_the_line_and_field(tmp_path: Path, bad, field) -> None:
     path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}, bad])
     with pytest.raises(DataError, match=rf"chat\.jsonl:2: field '{field}'"):
-        get_task("jsonl").load(str(path), options=ON_TRAIN)
+        get_task("jsonl").load(str(path), eval_on_train=True)
 
 
 def test_csv_and_parquet_files_are_read_through_datasets(tmp_path: Path) -> None:
@@ -202,7 +200,7 @@ def test_csv_and_parquet_files_are_read_through_datasets(tmp_path: Path) -> None
         get_task("jsonl").load(str(bad))
     with pytest.warns(UserWarning, match="--eval-on-train"):
         mapped = get_task("jsonl").load(
-            str(bad), options=JsonlOptions(eval_on_train=True, fields=Fields("question", "answer"))
+            str(bad), eval_on_train=True, prompt_field="question", completion_field="answer"
         )
     assert mapped.train == [Example("x", "y")]
 
@@ -252,7 +250,7 @@ def test_a_dataset_layout_trains_on_train_and_evaluates_on_test_or_validation(
 def test_malformed_rows_name_file_line_and_field(tmp_path: Path, bad: object, field: str) -> None:
     path = write_jsonl(tmp_path / "mine.jsonl", [*PAIRS, bad])
     with pytest.raises(DataError, match=rf"mine\.jsonl:4: field '{field}'"):
-        get_task("jsonl").load(str(path), options=ON_TRAIN)
+        get_task("jsonl").load(str(path), eval_on_train=True)
 
 
 def test_malformed_eval_file_is_named(tmp_path: Path) -> None:

@@ -12,7 +12,6 @@ from molf.errors import DataError
 from molf.tasks import Example, get_task
 from molf.tasks.base import NO_PROMPT
 from molf.tasks.encoding import encode_example
-from molf.tasks.jsonl import JsonlOptions
 from molf.tasks.layouts import Fields, layout_examples, parse_pair_row
 from molf.tasks.sources import Origin
 
@@ -119,9 +118,9 @@ def test_one_file_may_mix_layouts_and_the_task_maps_columns(tmp_path: Path) -> N
         {"q": "Tom", "a": " ran"},
     ]
     path = write_jsonl(tmp_path / "mixed.jsonl", rows)
-    options = JsonlOptions(eval_on_train=True, fields=Fields(prompt="q", completion="a"))
+    mapping = {"prompt_field": "q", "completion_field": "a"}
     with pytest.warns(UserWarning, match="--eval-on-train"):
-        data = get_task("jsonl").load(str(path), options=options)
+        data = get_task("jsonl").load(str(path), eval_on_train=True, **mapping)
     expected = [
         Example(NO_PROMPT, "Once upon a time"),
         Example("Add\n2 and 2", "\n4"),

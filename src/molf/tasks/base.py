@@ -56,6 +56,7 @@ class Task(Protocol):
     name: str
     primary_metric: str  # the key of evaluate()'s dict that results tables lead with
     max_new_tokens: int  # default generation length for this task's generation metrics
+    settings: tuple[str, ...]  # TrainArgs fields only this task reads: load()'s keywords
 
     def load(
         self,
@@ -65,6 +66,7 @@ class Task(Protocol):
         max_eval_samples: int | None = None,
         seed: int = 0,
         split: str = "test",  # "val" or "test": which held-out records to evaluate on
+        **settings: Any,  # the values of the fields named by ``settings``
     ) -> TaskData: ...
 
     def data_path(self, data: str) -> DataPath:

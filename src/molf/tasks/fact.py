@@ -177,6 +177,7 @@ class FactTask:
 
     name = "fact"
     primary_metric = "efficacy"
+    settings = ()  # no settings of its own
     max_new_tokens = 16
 
     def data_path(self, data: str) -> DataPath:

@@ -74,6 +74,21 @@ class JsonlOptions:
         if not 0 < self.val_size < 1:
             raise MolfError(f"--val-size must be in (0, 1), got {self.val_size}")
 
+    @classmethod
+    def of(
+        cls,
+        val_size: float = VAL_SIZE,
+        eval_on_train: bool = False,
+        prompt_field: str | None = None,
+        completion_field: str | None = None,
+        messages_field: str | None = None,
+    ) -> JsonlOptions:
+        """The options from the task's settings (a field left None keeps its key)."""
+        named = {"prompt": prompt_field, "completion": completion_field}
+        named["messages"] = messages_field
+        fields = Fields(**{k: v for k, v in named.items() if v})
+        return cls(val_size, eval_on_train, fields)
+
 
 @dataclass(frozen=True)
 class Pairs:
@@ -197,6 +212,7 @@ class JsonlTask:
     name = "jsonl"
     primary_metric = "exact_match"
     max_new_tokens = 64
+    settings = ("val_size", "eval_on_train", "prompt_field", "completion_field", "messages_field")
 
     def data_path(self, data: str) -> DataPath:
         """The file or directory ``data`` names; none for a hub dataset id."""
@@ -211,13 +227,20 @@ class JsonlTask:
         max_eval_samples: int | None = None,
         seed: int = 0,
         split: str = "test",
-        options: JsonlOptions | None = None,
+        val_size: float = VAL_SIZE,
+        eval_on_train: bool = False,
+        prompt_field: str | None = None,
+        completion_field: str | None = None,
+        messages_field: str | None = None,
     ) -> TaskData:
         """Pairs from a file (cut by prompt hash), a directory (train.jsonl, and
         eval.jsonl for the "test" split or val.jsonl for "val"), or a hub dataset (see
-        the module); ``options`` as :class:`JsonlOptions`'s defaults when None."""
+        the module). The keywords after ``split`` are the task's :attr:`settings`
+        (``--val-size``, ``--eval-on-train``, ``--prompt-field``, ...)."""
         check_split(split)
-        options = options or JsonlOptions()
+        options = JsonlOptions.of(
+            val_size, eval_on_train, prompt_field, completion_field, messages_field
+        )
         if _is_dataset(data):
             pairs, source = dataset_pairs(str(data), split, options)
         else:

@@ -171,6 +171,7 @@ class MedTask:
 
     name = "med"
     primary_metric = "accuracy"
+    settings = ()  # no settings of its own
     max_new_tokens = 16
 
     def data_path(self, data: str) -> DataPath:

@@ -12,8 +12,6 @@ from molf.atomic import write_text_atomic
 from molf.errors import MolfError
 from molf.ownership import claim
 from molf.tasks import TaskData, get_task
-from molf.tasks.jsonl import JsonlOptions
-from molf.tasks.layouts import Fields
 from molf.train.args import TrainArgs
 from molf.train.logs import parse_record
 
@@ -29,21 +27,11 @@ def load_task(args: TrainArgs) -> tuple[Any, TaskData]:
         max_eval_samples=args.max_eval_samples,
         seed=args.seed,
         split=args.eval_split,
-        **({"options": jsonl_options(args)} if args.task == "jsonl" else {}),
+        **{name: getattr(args, name) for name in task.settings},
     )
     if args.eval_steps and not data.eval_examples:
         raise MolfError(f"--eval-steps: the task {args.task} gives no evaluation pairs")
     return task, data
-
-
-def jsonl_options(args: TrainArgs) -> JsonlOptions:
-    """The jsonl task's split and column mapping from ``args`` (unset fields: defaults)."""
-    fields = {
-        name: getattr(args, f"{name}_field")
-        for name in ("prompt", "completion", "messages")
-        if getattr(args, f"{name}_field")
-    }
-    return JsonlOptions(args.val_size, args.eval_on_train, Fields(**fields))
 
 
 def evaluate(

@@ -1,6 +1,6 @@
 """A setting's value from YAML or a flag, as its :class:`~molf.train.args.TrainArgs`
 field's type (``list`` metadata: a comma-separated list of that type), and the checks of
-the settings for one's own data (``--chat-template``, the jsonl task's)."""
+the settings for one's own data (``--chat-template``, a task's own settings)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from molf.errors import MolfError
+from molf.tasks import TASK_NAMES, get_task
 
 CHAT_TEMPLATES = ("auto", "none")
-JSONL_ONLY = ("val_size", "eval_on_train", "prompt_field", "completion_field", "messages_field")
 
 
 def coerce(f: dataclasses.Field, value: Any) -> Any:
@@ -48,8 +48,8 @@ def coerce(f: dataclasses.Field, value: Any) -> Any:
 
 def check_own_data(args: Any) -> None:
     """The :class:`~molf.train.args.TrainArgs` settings for one's own data: a template mode
-    or file, a ``--val-size`` share in (0, 1), and no jsonl-task setting with another
-    task (MolfError otherwise)."""
+    or file, a ``--val-size`` share in (0, 1), and no setting of one task's own
+    (:attr:`~molf.tasks.Task.settings`) with another task (MolfError otherwise)."""
     if args.chat_template not in CHAT_TEMPLATES and not Path(args.chat_template).is_file():
         raise MolfError(
             f"--chat-template: {args.chat_template!r} is neither one of "
@@ -59,7 +59,10 @@ def check_own_data(args: Any) -> None:
     if not 0 < args.val_size < 1:
         raise MolfError(f"--val-size must be in (0, 1), got {args.val_size}")
     defaults = {f.name: f.default for f in dataclasses.fields(args)}
-    own = [n for n in JSONL_ONLY if getattr(args, n) != defaults[n]]
-    if own and args.task != "jsonl":
-        flags = ", ".join("--" + n.replace("_", "-") for n in own)
-        raise MolfError(f"{flags}: only the jsonl task reads them; drop them or use --task jsonl")
+    for name in TASK_NAMES:
+        own = [n for n in get_task(name).settings if getattr(args, n) != defaults[n]]
+        if own and args.task != name:
+            flags = ", ".join("--" + n.replace("_", "-") for n in own)
+            raise MolfError(
+                f"{flags}: only the {name} task reads them; drop them or use --task {name}"
+            )

@@ -248,6 +248,7 @@ class SqlTask:
 
     name = "sql"
     primary_metric = "exact_match"
+    settings = ()  # no settings of its own
     max_new_tokens = 256
 
     def data_path(self, data: str) -> DataPath:
