@@ -57,14 +57,14 @@ def test_the_registry_has_one_strategy_per_name_in_the_same_order():
     assert method_of(TrainArgs(method="dora")) is METHODS["dora"]
 
 
-# name: (class, routed, peft, trains_base, adapter, adds_to_loss, default_train_non_linear)
+# name: (class, routed, peft, trains_base, adapter, adds_to_loss)
 FIELDS = {
-    "fft": (FullFineTuning, False, False, True, False, False, False),
-    "lora": (PeftAdapter, False, True, False, True, False, False),
-    "dora": (PeftAdapter, False, True, False, True, False, False),
-    "adalora": (AdaLora, False, True, False, True, True, False),
-    "molf": (MoLF, True, False, True, False, False, True),
-    "molf-e": (MoLFEfficient, True, False, False, True, False, False),
+    "fft": (FullFineTuning, False, False, True, False, False),
+    "lora": (PeftAdapter, False, True, False, True, False),
+    "dora": (PeftAdapter, False, True, False, True, False),
+    "adalora": (AdaLora, False, True, False, True, True),
+    "molf": (MoLF, True, False, True, False, False),
+    "molf-e": (MoLFEfficient, True, False, False, True, False),
 }
 
 
@@ -78,7 +78,6 @@ def test_fields(name):
         m.trains_base,
         m.adapter,
         m.adds_to_loss,
-        m.default_train_non_linear,
     )
     assert got == FIELDS[name]
 

@@ -28,7 +28,6 @@ from molf.config import MoLFConfig
 from molf.errors import MolfError
 from molf.model import get_molf_model
 from molf.optim import MoLFAdamW
-from molf.train import method_names
 from molf.train.args import TrainArgs
 
 
@@ -51,11 +50,6 @@ class TrainingMethod(ABC):
     trains_base: bool = False
     adapter: bool = False
     adds_to_loss: bool = False
-
-    @property
-    def default_train_non_linear(self) -> bool:
-        """Whether embeddings, norms and lm_head train when --train-non-linear is unset."""
-        return method_names.default_train_non_linear(self.name)
 
     @abstractmethod
     def describe(self, args: TrainArgs) -> str:
