@@ -74,21 +74,6 @@ class JsonlOptions:
         if not 0 < self.val_size < 1:
             raise MolfError(f"--val-size must be in (0, 1), got {self.val_size}")
 
-    @classmethod
-    def of(
-        cls,
-        val_size: float = VAL_SIZE,
-        eval_on_train: bool = False,
-        prompt_field: str | None = None,
-        completion_field: str | None = None,
-        messages_field: str | None = None,
-    ) -> JsonlOptions:
-        """The options from the task's settings (a field left None keeps its key)."""
-        named = {"prompt": prompt_field, "completion": completion_field}
-        named["messages"] = messages_field
-        fields = Fields(**{k: v for k, v in named.items() if v})
-        return cls(val_size, eval_on_train, fields)
-
 
 @dataclass(frozen=True)
 class Pairs:
@@ -238,9 +223,9 @@ class JsonlTask:
         the module). The keywords after ``split`` are the task's :attr:`settings`
         (``--val-size``, ``--eval-on-train``, ``--prompt-field``, ...)."""
         check_split(split)
-        options = JsonlOptions.of(
-            val_size, eval_on_train, prompt_field, completion_field, messages_field
-        )
+        named = {"prompt": prompt_field, "completion": completion_field}
+        fields = Fields(**{k: v for k, v in {**named, "messages": messages_field}.items() if v})
+        options = JsonlOptions(val_size, eval_on_train, fields)
         if _is_dataset(data):
             pairs, source = dataset_pairs(str(data), split, options)
         else:
