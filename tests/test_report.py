@@ -15,7 +15,7 @@ from molf.cli import main
 from molf.errors import MolfError
 from molf.report import heatmap_rows, load_run, routing_matrix, share_series, write_report
 from molf.report.plots import _rolling, plot_training
-from molf.report.routing import bin_columns
+from molf.report.routing import bin_columns, first_expert_share
 from molf.report.runs import series
 from molf.report.tables import comparison_table, single_run_table, to_markdown
 from molf.routing_log import NONE, SEVERAL
@@ -129,6 +129,12 @@ def test_routing_matrix_equals_routing_jsonl(runs, method):
         for line in steps
     ]
     np.testing.assert_allclose(share_series(m)["down_proj"], expected)
+    # share of all layers that decided (some score not 0) choosing expert 0, by hand
+    first = []
+    for line in steps:
+        made = [i for i, scores in enumerate(line["scores"]) if any(x != 0 for x in scores)]
+        first.append(sum(0 in line["winners"][i] for i in made) / len(made))
+    np.testing.assert_allclose(first_expert_share(m), first)
 
 
 def test_winner_codes_and_binning_of_long_runs():
@@ -157,6 +163,7 @@ def test_report_of_every_method_writes_pngs_html_and_markdown(runs, tmp_path):
         "shares-molf.png",
         "routing-molf-e.png",
         "shares-molf-e.png",
+        "routing-across-runs.png",  # two routed runs: their first expert's share together
     }  # no routing figures for fft and lora
     for name in images:
         with Image.open(out / name) as img:

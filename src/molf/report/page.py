@@ -11,12 +11,18 @@ from pathlib import Path
 from molf.atomic import write_text_atomic
 from molf.errors import MolfError
 from molf.ownership import refuse_foreign
-from molf.report.plots import plot_routing_heatmap, plot_routing_shares, plot_training
+from molf.report.plots import (
+    plot_routing_across_runs,
+    plot_routing_heatmap,
+    plot_routing_shares,
+    plot_training,
+)
 from molf.report.runs import Run, load_run
 from molf.report.tables import metrics_tables, to_html, to_markdown
 from molf.routing_log import RoutingMatrix, routing_matrix
 from molf.routing_stats import LoraExpert, RoutingSetup, collapse_warning
 
+ACROSS_RUNS = "routing-across-runs.png"  # with two or more routed runs
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 1em auto; padding: 0 1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -75,7 +81,7 @@ def report_files(routed: Sequence[tuple[Run, str, RoutingMatrix]]) -> list[str]:
     names = ["index.html", "summary.md", "training.png"]
     for _, slug, _ in routed:
         names += [f"routing-{slug}.png", f"shares-{slug}.png"]
-    return names
+    return names + ([ACROSS_RUNS] if len(routed) > 1 else [])
 
 
 def draw_figures(
@@ -88,6 +94,10 @@ def draw_figures(
         shares = plot_routing_shares(matrix, run.label, out / f"shares-{slug}.png")
         figures.append(Figure(heat.name, f"{run.label} ({run.method}): winning expert"))
         figures.append(Figure(shares.name, f"{run.label} ({run.method}): routing shares"))
+    if len(routed) > 1:
+        pairs = [(run.label, matrix) for run, _, matrix in routed]
+        across = plot_routing_across_runs(pairs, out / ACROSS_RUNS)
+        figures.append(Figure(across.name, "Routing across runs: the first expert's share"))
     return figures
 
 

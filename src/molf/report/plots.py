@@ -10,7 +10,7 @@ import numpy as np
 
 from molf.atomic import atomic_file
 from molf.errors import MolfError
-from molf.report.routing import bin_columns, heatmap_rows, share_series
+from molf.report.routing import bin_columns, first_expert_share, heatmap_rows, share_series
 from molf.report.runs import Run, lr_keys, series
 from molf.routing_log import NONE, SEVERAL, TIE, RoutingMatrix
 
@@ -155,5 +155,27 @@ def plot_routing_shares(matrix: RoutingMatrix, title: str, path: Path) -> Path:
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     smooth = f", rolling mean of {window} steps" if window > 1 else ""
     fig.suptitle(f"Share of layers choosing each expert, per module type: {title}{smooth}")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_routing_across_runs(routed: Sequence[tuple[str, RoutingMatrix]], path: Path) -> Path:
+    """One line per routed run: the share of its layers choosing its first expert (molf's
+    ``fft``), over the fraction of training done, so runs of different lengths (e.g.
+    more or fewer training examples) line up; rolling mean over ~1/25 of each run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for label, matrix in routed:
+        steps = matrix.steps.astype(float)
+        window = max(1, len(steps) // 25)
+        share = _rolling(first_expert_share(matrix), window)
+        ax.plot(steps / max(steps[-1], 1.0), share, label=f"{label} ({matrix.experts[0]})",
+                marker="." if len(steps) < 30 else "", linewidth=1.2)  # fmt: skip
+    ax.set_xlabel("fraction of training")
+    ax.set_ylabel("share of layers")
+    ax.set_ylim(-0.03, 1.03)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    ax.set_title("Share of layers choosing each run's first expert, over training")
     fig.tight_layout()
     return _save(fig, path)

@@ -30,6 +30,15 @@ def share_series(matrix: RoutingMatrix) -> dict[str, np.ndarray]:
     return out
 
 
+def first_expert_share(matrix: RoutingMatrix) -> np.ndarray:
+    """float [steps]: the share of all decided layers that selected expert 0 (molf's
+    ``fft``, molf-e's first LoRA) at each step; NaN where no layer decided."""
+    made = matrix.decided
+    wins = (matrix.selected[:, :, 0] & made).sum(0)
+    n = made.sum(0)
+    return np.where(n > 0, wins / np.maximum(n, 1), np.nan)
+
+
 def bin_columns(codes: np.ndarray, max_columns: int) -> tuple[np.ndarray, int]:
     """Shrink int ``[rows, steps]`` codes to at most ``max_columns`` columns, each the most
     frequent code over its run of consecutive steps; returns the codes and steps per column."""
