@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_model
+from helpers import cpu_training_arguments, tiny_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
 from molf import MoLFAdamW, MoLFConfig, MolfError, get_molf_model, merge_and_unload, molf_modules
 from molf.integrations.hf import (
@@ -37,21 +37,10 @@ def _data(n=16, seq=12, seed=1):
 
 
 def _args(out, **overrides):
-    kw = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        learning_rate=1e-2,
-        weight_decay=0.01,
-        logging_steps=2,
-        save_strategy="steps",
-        save_steps=3,
-        report_to="none",
-        use_cpu=True,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return TrainingArguments(**{**kw, **overrides})
+    """helpers.cpu_training_arguments with this file's schedule: 6 steps, weight decay,
+    a checkpoint every 3 steps."""
+    kw = dict(max_steps=6, weight_decay=0.01, logging_steps=2, save_strategy="steps")
+    return cpu_training_arguments(out, **{**kw, "save_steps": 3, **overrides})
 
 
 def _logits(model, ids):
