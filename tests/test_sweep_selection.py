@@ -115,7 +115,9 @@ def test_select_with_must_name_another_task(tmp_path, shared_data, select_with, 
         _two_task_sweep(tmp_path, shared_data, select_with=select_with)
 
 
-def test_results_md_gives_intervals_and_molf_minus_the_better_baseline(tmp_path, shared_data):
+def test_results_md_gives_intervals_molf_minus_the_better_baseline_and_fft_minus_lora(
+    tmp_path, shared_data
+):
     cfg = {
         "output_dir": str(tmp_path / "runs"),
         "models": {"stories": {"model": str(shared_data / "models" / "stories260k")}},
@@ -158,6 +160,10 @@ def test_results_md_gives_intervals_and_molf_minus_the_better_baseline(tmp_path,
     diff = paired_difference(pooled["molf"], pooled["lora"])
     reading = {"above": "lies above", "below": "lies below", "straddles": "straddles"}
     assert f"- molf − lora: {diff.points()} points; the interval {reading[diff.verdict()]}" in md
+    fft_minus_lora = paired_difference(pooled["fft"], pooled["lora"])
+    assert fft_minus_lora.high < 0  # lora wins by 20 points on 60 examples x 2 seeds
+    assert f"- fft − lora: {fft_minus_lora.points()} points; the interval lies below 0" in md
+    assert "- fft − molf" not in md and "- lora − " not in md  # only FFT minus adapters
     kept = runner.outcomes.pop("stories/med/fft/lr1e-04/test-s1")  # a seed without outcomes
     md = results_markdown(sweep, runner.rows, runner.choices, runner.outcomes)
     assert "molf − lora" not in md and "- not yet: some of these methods' test cells" in md
@@ -165,3 +171,4 @@ def test_results_md_gives_intervals_and_molf_minus_the_better_baseline(tmp_path,
     runner.outcomes["stories/med/fft/lr1e-04/test-s0"]["prompts"] = "other examples"
     md = results_markdown(sweep, runner.rows, runner.choices, runner.outcomes)
     assert "molf − lora" not in md  # not the same examples: nothing is paired
+    assert "fft − lora" not in md

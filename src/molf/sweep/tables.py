@@ -4,7 +4,8 @@ results.md: per model and task, each method at its chosen lr on test (mean ± sa
 std over seeds, and the primary metric's 95% bootstrap interval over examples, seeds
 together); then, per model and task, each MoLF method (a routed one) minus the better
 of the other methods on the same examples, with its paired interval read against -1.5
-points (:mod:`molf.sweep.stats`); then where the routed methods' optimizer routed
+points (:mod:`molf.sweep.stats`), and FFT minus each PEFT adapter method, read against
+0 (which of the two wins); then where the routed methods' optimizer routed
 (each expert's share per module type, from the outcomes); then the val tables the lrs
 were chosen from.
 """
@@ -14,12 +15,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from molf.sweep.grid import Group, LrPoint, Sweep, format_lr
 from molf.sweep.outcomes import Outcome
 from molf.sweep.results import Row, number
 from molf.sweep.stats import MARGIN, Interval, method_interval, paired_difference
+
+if TYPE_CHECKING:
+    from molf.train.methods import TrainingMethod
 
 
 def _mean_std(values: list[float]) -> str:
@@ -110,14 +114,24 @@ def _method_rows(sweep: Sweep, pair: _Pair, metrics: list[str]) -> list[str]:
     return lines
 
 
+def _paired_groups(pair: _Pair) -> tuple[dict[str, list[str]], list[Group]] | None:
+    """Each finished group's pooled outcomes, and the groups; None when the groups did
+    not score the same examples in one order (nothing can be paired)."""
+    if not pair.comparable():
+        return None
+    pooled = {g.key: pair.pooled(g) for g in pair.groups if pair.rows.get(g.key)}
+    return pooled, [g for g in pair.groups if g.key in pooled]
+
+
 def _difference_lines(pair: _Pair) -> list[str]:
     """Each routed (MoLF) group minus the best other group on test, paired by example;
     only when every one of them has the outcomes of all its finished seeds."""
-    if not pair.comparable():
+    found = _paired_groups(pair)
+    if found is None:
         return []
-    pooled = {g.key: pair.pooled(g) for g in pair.groups if pair.rows.get(g.key)}
-    routed = [g for g in pair.groups if g.key in pooled and _routed(g)]
-    others = [g for g in pair.groups if g.key in pooled and not _routed(g)]
+    pooled, groups = found
+    routed = [g for g in groups if _routed(g)]
+    others = [g for g in groups if not _routed(g)]
     if not routed or not others:
         return []
     if not all(pooled[g.key] for g in [*routed, *others]):
@@ -130,16 +144,39 @@ def _difference_lines(pair: _Pair) -> list[str]:
     return lines
 
 
-def _routed(group: Group) -> bool:
+def _fft_lines(pair: _Pair) -> list[str]:
+    """The paper's other question, which of FFT and LoRA wins: each FFT group minus each
+    adapter group (LoRA, DoRA, AdaLoRA; not routed), paired by example, read against 0."""
+    found = _paired_groups(pair)
+    if found is None:
+        return []
+    pooled, groups = found
+    dense = [g for g in groups if _kind(g).trains_base and not _kind(g).routed and pooled[g.key]]
+    adapters = [g for g in groups if _kind(g).peft and pooled[g.key]]
+    lines = []
+    for a in dense:
+        for b in adapters:
+            diff = paired_difference(pooled[a.key], pooled[b.key])
+            lines.append(
+                f"- {a.method} − {b.method}: {diff.points()} points; {_reading(diff, 0.0)}"
+            )
+    return lines
+
+
+def _kind(group: Group) -> TrainingMethod:
     from molf.train.methods import METHODS
 
-    return METHODS[group.settings["method"]].routed
+    return METHODS[group.settings["method"]]
 
 
-def _reading(diff: Interval) -> str:
-    """How the interval of a difference reads against the margin."""
-    where = diff.verdict()
-    margin = f"{100 * MARGIN:+.1f} points"
+def _routed(group: Group) -> bool:
+    return _kind(group).routed
+
+
+def _reading(diff: Interval, margin: float = MARGIN) -> str:
+    """How the interval of a difference reads against ``margin`` (a share)."""
+    where = diff.verdict(margin)
+    margin = f"{100 * margin:+.1f} points" if margin else "0"
     return (
         f"the interval straddles {margin}"
         if where == "straddles"
@@ -199,6 +236,10 @@ def results_markdown(
         if differences:
             lines += ["", "MoLF minus the best other method, paired by example (95% CI):"]
             lines += ["", *differences]
+        fft_differences = _fft_lines(pair)
+        if fft_differences:
+            lines += ["", "FFT minus each adapter method, paired by example (95% CI):"]
+            lines += ["", *fft_differences]
         lines += _routing_lines(pair)
     return "\n".join(lines + _val_lines(sweep, choices)) + "\n"
 
