@@ -14,6 +14,7 @@ from PIL import Image
 from molf.cli import main
 from molf.errors import MolfError
 from molf.report import heatmap_rows, load_run, routing_matrix, share_series, write_report
+from molf.report.page import choosing
 from molf.report.plots import _rolling, plot_training
 from molf.report.routing import bin_columns, first_expert_share
 from molf.report.runs import series
@@ -184,6 +185,31 @@ def test_report_of_every_method_writes_pngs_html_and_markdown(runs, tmp_path):
             assert marked == want, name
             assert [row[col] for row in table.rows] == [a[name] for a in afters]
     assert "**" in to_markdown(table) and "class='best'" in page
+
+
+@pytest.mark.slow
+def test_the_figure_across_runs_leaves_out_runs_that_update_every_expert(
+    runs, tmp_path, shared_data
+):
+    """MoLF-E at top-2 of 2 experts updates both every step: nothing is chosen, so its
+    first expert's share (1 throughout) stays out of the figure across runs."""
+    every = tmp_path / "runs" / "molf-e-top2"
+    base = ["train", "--model", str(shared_data / "models" / "stories260k")]
+    data = runs["lora"].parent.parent / "pairs.jsonl"
+    argv = [*base, "--data", str(data), *QUICK, "--method", "molf-e", "--top-k", "2"]
+    assert main([*argv, "--output-dir", str(every)]) == 0
+    matrix = routing_matrix(every)
+    assert (first_expert_share(matrix) == 1).all()  # both experts every step
+    routed = [
+        (load_run(d), d.name, routing_matrix(d)) for d in (runs["molf"], runs["molf-e"], every)
+    ]
+    assert [slug for _, slug, _ in choosing(routed)] == ["molf", "molf-e"]
+    out = tmp_path / "rep"
+    write_report([runs["molf"], every], out)
+    assert not (out / "routing-across-runs.png").exists()  # one run that chooses
+    assert (out / "routing-molf-e-top2.png").is_file()  # its own figures stay
+    write_report([runs["molf"], runs["molf-e"], every], out)
+    assert (out / "routing-across-runs.png").is_file()
 
 
 def test_the_training_figure_draws_the_eval_loss(runs, tmp_path):

@@ -22,7 +22,7 @@ from molf.report.tables import metrics_tables, to_html, to_markdown
 from molf.routing_log import RoutingMatrix, routing_matrix
 from molf.routing_stats import LoraExpert, RoutingSetup, collapse_warning
 
-ACROSS_RUNS = "routing-across-runs.png"  # with two or more routed runs
+ACROSS_RUNS = "routing-across-runs.png"  # with two or more runs that choose (see choosing)
 STYLE = """
 body { font-family: sans-serif; max-width: 1100px; margin: 1em auto; padding: 0 1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
@@ -81,7 +81,17 @@ def report_files(routed: Sequence[tuple[Run, str, RoutingMatrix]]) -> list[str]:
     names = ["index.html", "summary.md", "training.png"]
     for _, slug, _ in routed:
         names += [f"routing-{slug}.png", f"shares-{slug}.png"]
-    return names + ([ACROSS_RUNS] if len(routed) > 1 else [])
+    return names + ([ACROSS_RUNS] if len(choosing(routed)) > 1 else [])
+
+
+def choosing(
+    routed: Sequence[tuple[Run, str, RoutingMatrix]],
+) -> list[tuple[Run, str, RoutingMatrix]]:
+    """The routed runs whose optimizer chooses among their experts (top-k below their
+    number); with top-k of every expert (MoLF-E's top-2 of 2) all are updated every
+    step and the first expert's share is 1 throughout, so the figure across runs
+    leaves them out."""
+    return [r for r in routed if int(r[0].config.get("top_k") or 1) < len(r[2].experts)]
 
 
 def draw_figures(
@@ -94,8 +104,8 @@ def draw_figures(
         shares = plot_routing_shares(matrix, run.label, out / f"shares-{slug}.png")
         figures.append(Figure(heat.name, f"{run.label} ({run.method}): winning expert"))
         figures.append(Figure(shares.name, f"{run.label} ({run.method}): routing shares"))
-    if len(routed) > 1:
-        pairs = [(run.label, matrix) for run, _, matrix in routed]
+    if len(choosing(routed)) > 1:
+        pairs = [(run.label, matrix) for run, _, matrix in choosing(routed)]
         across = plot_routing_across_runs(pairs, out / ACROSS_RUNS)
         figures.append(Figure(across.name, "Routing across runs: the first expert's share"))
     return figures
