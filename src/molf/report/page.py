@@ -104,8 +104,9 @@ def draw_figures(
         shares = plot_routing_shares(matrix, run.label, out / f"shares-{slug}.png")
         figures.append(Figure(heat.name, f"{run.label} ({run.method}): winning expert"))
         figures.append(Figure(shares.name, f"{run.label} ({run.method}): routing shares"))
-    if len(choosing(routed)) > 1:
-        pairs = [(run.label, matrix) for run, _, matrix in choosing(routed)]
+    across_runs = choosing(routed)
+    if len(across_runs) > 1:
+        pairs = [(run.label, matrix) for run, _, matrix in across_runs]
         across = plot_routing_across_runs(pairs, out / ACROSS_RUNS)
         figures.append(Figure(across.name, "Routing across runs: the first expert's share"))
     return figures

@@ -176,11 +176,11 @@ def _routed(group: Group) -> bool:
 def _reading(diff: Interval, margin: float = MARGIN) -> str:
     """How the interval of a difference reads against ``margin`` (a share)."""
     where = diff.verdict(margin)
-    margin = f"{100 * margin:+.1f} points" if margin else "0"
+    line = f"{100 * margin:+.1f} points" if margin else "0"
     return (
-        f"the interval straddles {margin}"
+        f"the interval straddles {line}"
         if where == "straddles"
-        else (f"the interval lies {where} {margin}")
+        else f"the interval lies {where} {line}"
     )
 
 
